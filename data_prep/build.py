@@ -1,0 +1,267 @@
+"""``build``: h5ad files → ``DIR/{manifest.json, vocab.tsv, zarr/<dataset>.zarr, mds/<split>/}``.
+
+Steps: open and validate every input (``data_prep.source``), build or load the gene vocabulary and
+map each dataset (refusing one whose match ratio is below ``min_match``), stream QC-passing cells
+into per-dataset Zarr v3 stores, assign splits (``data_prep.split``), write MDS shards from the Zarr
+stores (``data_prep.mds``), write the manifest.
+
+Idempotent: the manifest records a fingerprint of the inputs' content hashes (xxh3-128), the
+options and the given vocabulary; a re-run with the same fingerprint does nothing.
+Atomic: everything is written into ``DIR.tmp-<random>`` beside ``DIR``; on success an existing
+``DIR`` is renamed aside, the new one renamed into place and the old one deleted. A failure removes
+the temporary dir and leaves any finished corpus untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xxhash
+from tqdm.auto import tqdm
+
+from data_prep.split import SPLITS, assign_splits
+from data_prep.source import QCStats, Source, SourceError
+from data_prep.vocab import GeneVocab, read_symbol_table, var_gene_ids, var_symbols
+from data_prep.zarr_store import ZarrDatasetWriter
+
+FORMAT_VERSION = 1
+UNKNOWN = "unknown"
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    vocab: str | None = None
+    symbol_table: str | None = None
+    min_genes: int = 200
+    min_match: float = 0.5
+    split_by: str = "donor"
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    seed: int = 0
+    workers: int = 1
+    cell_type_key: str = "cell_type"
+    donor_key: str = "donor_id"
+    chunk_cells: int = 20_000
+    cells_per_part: int = 100_000
+    force: bool = False
+
+    def fingerprint_fields(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("workers", "force", "chunk_cells", "vocab", "symbol_table"):
+            d.pop(k)
+        return d
+
+
+def file_xxh3(path: str, chunk: int = 1 << 24) -> str:
+    """xxh3-128 of a file's bytes (fast content hash used for idempotency)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fingerprint(input_hashes: list[str], opts: BuildOptions, vocab_hash: str | None, table_hash: str | None) -> str:
+    payload = {"format": FORMAT_VERSION, "inputs": input_hashes, "options": opts.fingerprint_fields(),
+               "vocab": vocab_hash, "symbol_table": table_hash}
+    return xxhash.xxh3_128(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _dataset_names(paths: list[str]) -> list[str]:
+    names, seen = [], {}
+    for p in paths:
+        stem = Path(p).name.removesuffix(".h5ad")
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        names.append(stem if n == 0 else f"{stem}-{n}")
+    return names
+
+
+def _labels(col: pd.Series | None, n: int) -> np.ndarray:
+    if col is None:
+        return np.full(n, UNKNOWN, dtype=object)
+    return np.asarray(col.astype(str).replace({"nan": UNKNOWN}), dtype=object)
+
+
+def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=print) -> dict:
+    """Build the corpus at ``out``; returns the manifest (existing one when up to date)."""
+    opts = opts or BuildOptions()
+    if not inputs:
+        raise ValueError("no input files")
+    if opts.min_genes < 1:
+        raise ValueError(f"min_genes must be ≥ 1 (MDS cannot store empty cells), got {opts.min_genes}")
+    if not 0 <= opts.min_match <= 1:
+        raise ValueError(f"min_match must lie in [0, 1], got {opts.min_match}")
+    t0 = time.perf_counter()
+    out = os.path.abspath(out)
+    inputs = [os.path.abspath(p) for p in inputs]
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise SourceError(f"{p}: no such file")
+    input_hashes = [file_xxh3(p) for p in inputs]
+    vocab_hash = file_xxh3(opts.vocab) if opts.vocab else None
+    table_hash = file_xxh3(opts.symbol_table) if opts.symbol_table else None
+    fp = _fingerprint(input_hashes, opts, vocab_hash, table_hash)
+    manifest_path = os.path.join(out, "manifest.json")
+    if not opts.force and os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            old = json.load(f)
+        if old.get("fingerprint") == fp:
+            log(f"{out}: up to date (fingerprint {fp[:12]}), nothing to do")
+            old["skipped"] = True
+            return old
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    sources: list[Source] = []
+    try:
+        manifest = _build_into(tmp, inputs, input_hashes, opts, sources, log)
+        manifest["fingerprint"] = fp
+        manifest["seconds"] = round(time.perf_counter() - t0, 3)
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for s in sources:
+            s.close()
+    return manifest
+
+
+def _swap_into_place(tmp: str, out: str) -> None:
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: list, log) -> dict:
+    names = _dataset_names(inputs)
+    for p in inputs:
+        sources.append(Source(p))
+    table = read_symbol_table(opts.symbol_table) if opts.symbol_table else None
+
+    # Vocabulary and per-dataset gene mapping.
+    if opts.vocab:
+        vocab = GeneVocab.load(opts.vocab)
+        vocab_origin = os.path.abspath(opts.vocab)
+    else:
+        vocab = GeneVocab.from_vars([s.var for s in sources], symbol_table=table)
+        vocab_origin = "built from inputs"
+    vocab_sha = vocab.save(os.path.join(tmp, "vocab.tsv"))
+    mappings, datasets = [], []
+    for name, src, h in zip(names, sources, input_hashes):
+        ids, id_source = var_gene_ids(src.var)
+        vid = vocab.map_var(src.var, symbol_table=table)
+        n_mapped = int((vid >= 0).sum())
+        ratio = n_mapped / max(len(vid), 1)
+        mapped = vid[vid >= 0]
+        rec = {"name": name, "path": src.path, "xxh3_128": h, "count_source": src.count_source,
+               "gene_key": id_source or f"symbols ({var_symbols(src.var)[1]})", "n_genes": len(vid),
+               "n_genes_mapped": n_mapped, "match_ratio": round(ratio, 6),
+               "n_genes_duplicate": int(len(mapped) - len(np.unique(mapped)))}
+        log(f"{name}: {src.n_obs} cells × {len(vid)} genes, counts in {src.count_source}, "
+            f"{n_mapped}/{len(vid)} genes mapped ({ratio:.1%}) via {rec['gene_key']}")
+        if ratio < opts.min_match:
+            raise SourceError(f"{src.path}: only {n_mapped}/{len(vid)} genes ({ratio:.1%}) map to the vocabulary "
+                              f"(threshold --min-match {opts.min_match:.0%}); gene IDs looked up via {rec['gene_key']}")
+        mappings.append(vid)
+        datasets.append(rec)
+
+    # Zarr stores, chunk by chunk.
+    os.makedirs(os.path.join(tmp, "zarr"))
+    total = sum(s.n_obs for s in sources)
+    cell_types, donors, kept_rows = [], [], []
+    with tqdm(total=total, desc="zarr", unit="cell", unit_scale=True, leave=False) as bar:
+        for name, src, vid, rec in zip(names, sources, mappings, datasets):
+            store = os.path.join(tmp, "zarr", f"{name}.zarr")
+            writer = ZarrDatasetWriter(store, src.var.shape[0])
+            stats = QCStats()
+            rows = []
+            done = 0
+            for r, block in src.chunks(opts.min_genes, opts.chunk_cells, stats):
+                writer.append(block)
+                rows.append(r)
+                bar.update(stats.cells_in - done)
+                done = stats.cells_in
+            bar.update(stats.cells_in - done)
+            rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+            obs = src.obs.iloc[rows].copy()
+            obs["source_row"] = rows
+            var = src.var.copy()
+            var["vocab_id"] = vid
+            writer.finish(obs, var)
+            rec.update(dataclasses.asdict(stats), zarr=f"zarr/{name}.zarr", nnz=int(writer.nnz))
+            cell_types.append(_labels(src.obs[opts.cell_type_key] if opts.cell_type_key in src.obs else None,
+                                      src.n_obs)[rows])
+            rec["has_cell_type"] = opts.cell_type_key in src.obs.columns
+            rec["has_donor"] = opts.donor_key in src.obs.columns
+            donors.append(np.asarray([f"{name}/{d}" for d in _labels(
+                src.obs[opts.donor_key] if opts.donor_key in src.obs else None, src.n_obs)[rows]], dtype=object))
+            kept_rows.append(len(rows))
+            log(f"{name}: kept {stats.cells_out}/{stats.cells_in} cells (dropped {stats.dropped_min_genes} "
+                f"with < {opts.min_genes} genes, {stats.dropped_not_primary} not primary)")
+
+    # Labels and split.
+    all_ct = np.concatenate(cell_types) if cell_types else np.zeros(0, dtype=object)
+    all_donor = np.concatenate(donors) if donors else np.zeros(0, dtype=object)
+    ds_of_cell = np.repeat(np.arange(len(names)), kept_rows)
+    if len(all_ct) == 0:
+        raise SourceError("no cell passed QC in any input (check --min-genes)")
+    ct_names, ct_codes = np.unique(all_ct.astype(str), return_inverse=True)
+    donor_names, donor_codes = np.unique(all_donor.astype(str), return_inverse=True)
+    groups = {"dataset": np.asarray(names, dtype=object)[ds_of_cell], "donor": all_donor,
+              "cell": all_donor}[opts.split_by] if opts.split_by in ("dataset", "donor", "cell") else None
+    if groups is None:
+        raise ValueError(f"split_by must be dataset, donor or cell, got {opts.split_by!r}")
+    split_codes, split_info = assign_splits(groups, split_by=opts.split_by, val_frac=opts.val_frac,
+                                            test_frac=opts.test_frac, seed=opts.seed)
+
+    # MDS shards from the Zarr stores.
+    from data_prep.mds import Task, write_mds  # imports streaming
+
+    tasks, offset = [], 0
+    for d, (name, vid, n) in enumerate(zip(names, mappings, kept_rows)):
+        for start in range(0, n, opts.cells_per_part):
+            stop = min(start + opts.cells_per_part, n)
+            sl = slice(offset + start, offset + stop)
+            tasks.append(Task(part=len(tasks), store=os.path.join(tmp, "zarr", f"{name}.zarr"), dataset=d,
+                              start=start, stop=stop, vocab_ids=vid, split=split_codes[sl],
+                              cell_type=ct_codes[sl], donor=donor_codes[sl], cell_id0=offset + start))
+        offset += n
+    with tqdm(total=offset, desc="mds", unit="cell", unit_scale=True, leave=False) as bar:
+        mds = write_mds(tasks, os.path.join(tmp, "mds"), opts.workers, progress=bar.update)
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "options": dataclasses.asdict(opts),
+        "vocab": {"path": "vocab.tsv", "sha256": vocab_sha, "size": len(vocab), "origin": vocab_origin},
+        "datasets": datasets,
+        "labels": {"cell_type": ct_names.tolist(), "dataset": list(names), "donor": donor_names.tolist(),
+                   "cell_type_key": opts.cell_type_key, "donor_key": opts.donor_key},
+        "cell_id": "global row over the datasets' zarr stores in dataset order (dataset offset + zarr row)",
+        "split": split_info,
+        "mds": {"columns": {"genes": "ndarray:int32", "counts": "ndarray:int32", "dataset": "int",
+                            "cell_type": "int", "donor": "int", "cell_id": "int"},
+                "n_cells": mds["written"], "shards": mds["shards"],
+                "dropped_no_mapped_genes": mds["no_mapped_genes"]},
+        "totals": {"cells_in": int(sum(r["cells_in"] for r in datasets)),
+                   "cells_out": int(sum(r["cells_out"] for r in datasets)),
+                   "cells_in_mds": int(sum(mds["written"].values()))},
+    }

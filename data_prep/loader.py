@@ -1,0 +1,86 @@
+"""Stream MDS cell shards to training: ``StreamingDataset`` + load-time tokenisation + packed batches.
+
+Each rank builds its own loader; mosaicml-streaming reads ``RANK``/``WORLD_SIZE``/``LOCAL_WORLD_SIZE``
+from the torch.distributed environment and gives every rank a disjoint slice of the global
+``py1e``-shuffled order. ``num_canonical_nodes`` is pinned (default 1) so the sample order does not
+depend on the number of physical nodes, and ``StreamingDataLoader.state_dict()`` /
+``load_state_dict()`` resume mid-epoch with neither overlap nor gap. The gene-sampling epoch passed
+to the tokenizer is the dataset's epoch, so resumed runs see the same tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from data_prep._torchvision_shim import ensure_importable
+
+ensure_importable()
+
+from streaming import StreamingDataLoader, StreamingDataset  # noqa: E402
+
+from data_prep.tokenize import CellTokenizer, pack_batch  # noqa: E402
+
+SPLITS = ("train", "val", "test")
+
+
+class TokenizedCellDataset(StreamingDataset):
+    """``StreamingDataset`` whose samples are tokenised cells (dicts from ``CellTokenizer`` + labels)."""
+
+    def __init__(self, *, tokenizer: CellTokenizer, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.tokenizer = tokenizer
+        self._epoch = 0
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._epoch = epoch  # runs in every worker at the start of its epoch
+        return epoch, sample_in_epoch
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict:
+        s = super().get_item(sample_id, retry)
+        out = self.tokenizer(s["genes"], s["counts"], cell_id=int(s["cell_id"]), epoch=self._epoch)
+        for key in ("cell_type", "dataset", "donor", "cell_id"):
+            out[key] = int(s[key])
+        return out
+
+
+def resolve_split_dir(mds: str, split: str) -> str:
+    """``mds`` may be the corpus dir (holding ``mds/``) or the MDS root itself; returns ``…/mds/<split>``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    mds = os.fspath(mds)
+    if "://" not in mds and os.path.isdir(os.path.join(mds, "mds")) and not os.path.isdir(os.path.join(mds, split)):
+        mds = os.path.join(mds, "mds")
+    return mds.rstrip("/") + "/" + split
+
+
+def build_loader(mds: str, split: str, *, tokenizer: CellTokenizer, batch_size: int, local: str | None = None,
+                 shuffle: bool = True, seed: int = 0, num_workers: int = 0, num_canonical_nodes: int = 1,
+                 shuffle_block_size: int | None = None, drop_last: bool = False, predownload: int | None = None,
+                 cache_limit: str | int | None = None, persistent_workers: bool | None = None,
+                 **dataset_kwargs: Any) -> StreamingDataLoader:
+    """A resumable ``StreamingDataLoader`` of packed varlen batches (see ``pack_batch``) for this rank.
+
+    ``mds``: corpus dir, MDS root, or a remote URL/path of the MDS root. With ``local=None`` the
+    shards are read in place; otherwise ``mds`` is the remote and ``local`` the cache root (each split
+    gets ``local/<split>``). ``batch_size`` is cells per rank per step.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    remote_split = resolve_split_dir(mds, split)
+    if local is None:
+        if "://" in remote_split:
+            raise ValueError(f"a remote MDS path ({remote_split}) needs a local cache dir: pass local=")
+        if not os.path.isfile(os.path.join(remote_split, "index.json")):
+            raise FileNotFoundError(f"no MDS index at {remote_split}/index.json (was the corpus built?)")
+        kw = {"local": remote_split}
+    else:
+        kw = {"remote": remote_split, "local": os.path.join(os.fspath(local), split)}
+    dataset = TokenizedCellDataset(
+        tokenizer=tokenizer, shuffle=shuffle, shuffle_seed=seed, shuffle_algo="py1e",
+        num_canonical_nodes=num_canonical_nodes, shuffle_block_size=shuffle_block_size,
+        batch_size=batch_size, predownload=predownload, cache_limit=cache_limit, **kw, **dataset_kwargs)
+    return StreamingDataLoader(
+        dataset, batch_size=batch_size, collate_fn=pack_batch, num_workers=num_workers, drop_last=drop_last,
+        persistent_workers=bool(num_workers) if persistent_workers is None else persistent_workers)

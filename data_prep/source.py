@@ -1,0 +1,156 @@
+"""Open one h5ad out-of-core, pick its raw-count matrix and stream validated, QC-filtered row chunks.
+
+Counts must be finite, ≥ 0 and integral: a value is accepted when ``|x − round(x)| ≤ COUNT_TOL``
+(1e-3, for counts stored as float) and stored rounded as int32. ``X`` is used when it holds counts;
+otherwise ``raw.X`` when that does; a file with neither (normalised / log / scaled data) is refused.
+The choice is made on the first ``PROBE_CELLS`` cells; every later chunk is checked again, so a
+file that turns bad half way is refused with the row where it does.
+
+QC per cell: dropped when it has fewer than ``min_genes`` expressed genes (count > 0) or when
+``obs['is_primary_data']`` exists and is False. Both are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+COUNT_TOL = 1e-3
+PROBE_CELLS = 2000
+INT32_MAX = np.iinfo(np.int32).max
+
+
+class SourceError(ValueError):
+    """An input file that cannot be used as a raw-count dataset."""
+
+
+@dataclasses.dataclass
+class QCStats:
+    cells_in: int = 0
+    cells_out: int = 0
+    dropped_min_genes: int = 0
+    dropped_not_primary: int = 0
+
+
+def _as_csr(block) -> sp.csr_matrix:
+    if sp.issparse(block):
+        return sp.csr_matrix(block)
+    return sp.csr_matrix(np.asarray(block))
+
+
+def count_problem(values: np.ndarray) -> str | None:
+    """Why ``values`` are not raw counts (None when they are)."""
+    v = np.asarray(values)
+    if v.size == 0:
+        return None
+    if np.issubdtype(v.dtype, np.integer):
+        return f"negative values (min {v.min()})" if v.min() < 0 else None
+    if not np.isfinite(v).all():
+        return "NaN or infinite values"
+    if v.min() < 0:
+        return f"negative values (min {v.min():.4g})"
+    off = np.abs(v - np.round(v))
+    if off.max() > COUNT_TOL:
+        i = int(off.argmax())
+        return f"non-integer values (e.g. {v[i]:.6g}; tolerance {COUNT_TOL})"
+    if v.max() > INT32_MAX:
+        return f"counts above int32 range (max {v.max():.4g})"
+    return None
+
+
+class Source:
+    """A backed h5ad with the matrix that holds its raw counts."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise SourceError(f"{self.path}: no such file")
+        try:
+            self.adata = ad.read_h5ad(self.path, backed="r")
+            self.obs = self.adata.obs
+            self.var = self.adata.var
+        except Exception as e:  # h5py/anndata raise many types for damaged files
+            raise SourceError(f"{self.path}: cannot read as h5ad (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from e
+        self.n_obs = self.adata.n_obs
+        self.matrix, self.count_source = self._choose_matrix()
+        if self.count_source == "raw.X":
+            self.var = self.adata.raw.var
+
+    def _probe(self, matrix) -> str | None:
+        try:
+            block = _as_csr(matrix[: min(PROBE_CELLS, self.n_obs)])
+        except Exception as e:
+            raise SourceError(f"{self.path}: cannot read the count matrix (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from e
+        return count_problem(block.data)
+
+    def _choose_matrix(self):
+        if self.adata.X is None:
+            raise SourceError(f"{self.path}: has no X matrix")
+        x_problem = self._probe(self.adata.X)
+        if x_problem is None:
+            return self.adata.X, "X"
+        raw = self.adata.raw
+        if raw is not None:
+            raw_problem = self._probe(raw.X)
+            if raw_problem is None:
+                return raw.X, "raw.X"
+            raise SourceError(
+                f"{self.path}: no raw counts: X has {x_problem} and raw.X has {raw_problem} "
+                "(looks normalised/log-transformed/scaled). Provide the file with raw integer counts.")
+        raise SourceError(
+            f"{self.path}: no raw counts: X has {x_problem} and there is no raw.X "
+            "(looks normalised/log-transformed/scaled). Provide the file with raw integer counts.")
+
+    def keep_mask_obs(self) -> np.ndarray:
+        """Cells that pass the metadata part of QC (``is_primary_data``)."""
+        if "is_primary_data" in self.obs.columns:
+            col = self.obs["is_primary_data"]
+            return np.asarray(col.astype(str).str.lower().isin(["true", "1"]), dtype=bool)
+        return np.ones(self.n_obs, dtype=bool)
+
+    def chunks(self, min_genes: int, chunk_cells: int, stats: QCStats) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """Yield ``(kept_row_indices, csr int32 counts of kept rows)``, validating every chunk."""
+        primary = self.keep_mask_obs()
+        for start in range(0, self.n_obs, chunk_cells):
+            stop = min(start + chunk_cells, self.n_obs)
+            try:
+                block = _as_csr(self.matrix[start:stop])
+            except Exception as e:
+                raise SourceError(f"{self.path}: cannot read rows {start}:{stop} (corrupt or truncated?): "
+                                  f"{type(e).__name__}: {e}") from e
+            problem = count_problem(block.data)
+            if problem is not None:
+                raise SourceError(f"{self.path} ({self.count_source}), rows {start}:{stop}: {problem}")
+            data = np.round(block.data).astype(np.int32) if block.data.dtype.kind == "f" \
+                else block.data.astype(np.int32)
+            block = sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
+            block.eliminate_zeros()
+            n_expr = np.diff(block.indptr)
+            prim = primary[start:stop]
+            enough = n_expr >= min_genes
+            keep = prim & enough
+            stats.cells_in += stop - start
+            stats.dropped_not_primary += int((~prim).sum())
+            stats.dropped_min_genes += int((prim & ~enough).sum())
+            stats.cells_out += int(keep.sum())
+            rows = np.flatnonzero(keep)
+            if len(rows):
+                yield rows + start, block[rows]
+
+    def close(self) -> None:
+        try:
+            self.adata.file.close()
+        except Exception:
+            pass
+
+
+def column_or_none(obs: pd.DataFrame, key: str | None) -> pd.Series | None:
+    return obs[key] if key and key in obs.columns else None

@@ -1,0 +1,175 @@
+"""Gene vocabulary keyed on Ensembl gene IDs.
+
+Vocabulary id ``g`` (0 … n−1) is the row of ``vocab.tsv`` (columns ``gene_id``, ``symbol``; the
+symbol may be empty). IDs are normalised by dropping the version suffix (``ENSG00000141510.17`` →
+``ENSG00000141510``). A dataset's genes are mapped:
+
+1. by Ensembl ID, taken from ``var_names`` when most of them look like Ensembl IDs, else from the
+   first of the columns ``gene_ids``, ``gene_id``, ``ensembl_id``, ``feature_id`` that exists;
+2. only when the file has no IDs at all: by symbol (``var_names`` or ``feature_name`` /
+   ``gene_symbols`` / ``gene_name``) through the vocabulary's own symbols, extended by an optional
+   ``symbol → ID`` table (e.g. GENCODE's, see :func:`read_symbol_table`). A symbol naming several IDs
+   is ambiguous and stays unmapped.
+
+Unknown genes map to −1. Several source genes may map to the same vocabulary id (duplicate IDs, two
+versions of one ID); the MDS writer sums their counts per cell (see ``data_prep.mds``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "feature_id")
+SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_name", "gene_symbol")
+UNMAPPED = -1
+
+
+def normalize_ids(ids) -> np.ndarray:
+    """Strip Ensembl version suffixes; non-Ensembl strings are returned unchanged."""
+    s = pd.Index(ids).astype(str)
+    return np.asarray(s.str.replace(r"^(ENS[A-Z]*G\d+)\.\d+$", r"\1", regex=True), dtype=object)
+
+
+def _looks_ensembl(values) -> float:
+    s = pd.Index(values).astype(str)
+    return float(s.str.match(ENSEMBL_RE.pattern).mean()) if len(s) else 0.0
+
+
+def var_gene_ids(var: pd.DataFrame) -> tuple[np.ndarray | None, str]:
+    """Normalised Ensembl IDs of ``var`` and where they came from, or ``(None, "")`` when absent."""
+    if _looks_ensembl(var.index) >= 0.5:
+        return normalize_ids(var.index), "var_names"
+    for col in ID_COLUMNS:
+        if col in var.columns and _looks_ensembl(var[col]) >= 0.5:
+            return normalize_ids(var[col]), col
+    return None, ""
+
+
+def var_symbols(var: pd.DataFrame) -> tuple[np.ndarray, str]:
+    """Gene symbols of ``var``: a symbol column if there is one, else ``var_names``."""
+    for col in SYMBOL_COLUMNS:
+        if col in var.columns:
+            return np.asarray(pd.Index(var[col]).astype(str), dtype=object), col
+    return np.asarray(var.index.astype(str), dtype=object), "var_names"
+
+
+def read_symbol_table(path: str | os.PathLike) -> dict[str, str]:
+    """Read a ``symbol → Ensembl ID`` table (CSV/TSV with an ID column and a symbol column).
+
+    Column names are matched loosely (``gene_id``/``Gene_ID``/``ensembl_id`` and
+    ``gene_name``/``Gene_Name``/``symbol``), so GENCODE's ``GENCODEv44_Gene_id2name.csv`` (shipped by
+    the optional ``celltypist`` package) works as is. Symbols naming several IDs are left out.
+    """
+    df = pd.read_csv(path, sep=None, engine="python", dtype=str)
+    cols = {c.lower(): c for c in df.columns}
+    id_col = next((cols[c] for c in ("gene_id", "ensembl_id", "gene_ids", "id") if c in cols), None)
+    sym_col = next((cols[c] for c in ("gene_name", "symbol", "gene_symbol", "name") if c in cols), None)
+    if id_col is None or sym_col is None:
+        raise ValueError(f"symbol table {path}: need an ID column and a symbol column, found {list(df.columns)}")
+    df = df[[id_col, sym_col]].dropna()
+    df[id_col] = normalize_ids(df[id_col])
+    df = df.drop_duplicates()
+    unique = df.groupby(sym_col)[id_col].transform("nunique") == 1
+    return dict(zip(df.loc[unique, sym_col], df.loc[unique, id_col]))
+
+
+class GeneVocab:
+    """Ordered Ensembl-ID vocabulary with optional symbols; id = position."""
+
+    def __init__(self, gene_ids, symbols=None):
+        ids = normalize_ids(gene_ids)
+        if len(ids) == 0:
+            raise ValueError("empty gene vocabulary")
+        if pd.Index(ids).has_duplicates:
+            dup = pd.Index(ids)[pd.Index(ids).duplicated()][:5].tolist()
+            raise ValueError(f"gene vocabulary has duplicate IDs, e.g. {dup}")
+        self.gene_ids = ids
+        syms = [""] * len(ids) if symbols is None else ["" if pd.isna(s) else str(s) for s in symbols]
+        self.symbols = np.asarray(syms, dtype=object)
+        self._index = pd.Index(self.gene_ids)
+        sym = pd.Series(np.arange(len(ids)), index=self.symbols)
+        sym = sym[sym.index != ""]
+        counts = sym.index.value_counts()
+        self._symbol_to_id = sym[~sym.index.isin(counts.index[counts > 1])].to_dict()
+
+    def __len__(self) -> int:
+        return len(self.gene_ids)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GeneVocab) and np.array_equal(self.gene_ids, other.gene_ids)
+
+    @classmethod
+    def from_vars(cls, vars_: list[pd.DataFrame], symbol_table: dict[str, str] | None = None) -> GeneVocab:
+        """Union of the Ensembl IDs of several datasets' ``var``, sorted by ID (deterministic).
+
+        Symbol-only datasets contribute the IDs their symbols map to through ``symbol_table``;
+        symbols are recorded where a dataset has both.
+        """
+        id_sym: dict[str, str] = {}
+        for var in vars_:
+            ids, _ = var_gene_ids(var)
+            syms, _ = var_symbols(var)
+            if ids is None:
+                if symbol_table:
+                    for s in syms:
+                        if s in symbol_table:
+                            id_sym.setdefault(symbol_table[s], s)
+                continue
+            for i, s in zip(ids, syms):
+                if ENSEMBL_RE.match(i) and (i not in id_sym or not id_sym[i]):
+                    id_sym[i] = "" if s == i else s
+        if not id_sym:
+            raise ValueError("no Ensembl gene IDs found in any dataset (and no symbol table to map symbols)")
+        order = sorted(id_sym)
+        return cls(order, [id_sym[i] for i in order])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GeneVocab:
+        """Read ``vocab.tsv`` (header ``gene_id<TAB>symbol``)."""
+        try:
+            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read gene vocabulary {path}: {e}") from e
+        if "gene_id" not in df.columns:
+            raise ValueError(f"gene vocabulary {path}: missing 'gene_id' column (found {list(df.columns)})")
+        return cls(df["gene_id"].to_numpy(), df["symbol"].to_numpy() if "symbol" in df.columns else None)
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write ``vocab.tsv`` atomically; returns its SHA-256."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        pd.DataFrame({"gene_id": self.gene_ids, "symbol": self.symbols}).to_csv(tmp, sep="\t", index=False)
+        os.replace(tmp, path)
+        return file_sha256(path)
+
+    def map_var(self, var: pd.DataFrame, symbol_table: dict[str, str] | None = None) -> np.ndarray:
+        """Vocabulary id of each row of ``var`` (int32, −1 = unmapped); see the module docstring."""
+        ids, _ = var_gene_ids(var)
+        if ids is None:
+            syms, _ = var_symbols(var)
+            out = pd.Series(syms).map(self._symbol_to_id).fillna(UNMAPPED).to_numpy(dtype=np.int64)
+            if symbol_table:
+                via = self._index.get_indexer(pd.Series(syms).map(symbol_table).fillna("").to_numpy())
+                out = np.where(out >= 0, out, via)
+            return out.astype(np.int32)
+        return self._index.get_indexer(ids).astype(np.int32)
+
+    def sha256(self) -> str:
+        """Hash of the vocabulary content (IDs in order)."""
+        return hashlib.sha256("\n".join(self.gene_ids).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
