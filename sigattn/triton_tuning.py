@@ -1,0 +1,100 @@
+"""Launch configurations for the Triton kernels: a bounded autotune set per head-dim tile, or one fixed config.
+
+Environment switches (read at call time):
+  SIGATTN_NO_AUTOTUNE=1    use the fixed config below (no first-call tuning cost).
+  SIGATTN_FAST_SIGMOID=0   use the accurate sigmoid 1/(1+2^t) instead of ½+½·tanh.approx (bf16/fp16 only use it).
+  SIGATTN_DETERMINISTIC=1  backward computes dQ in its own Q-parallel pass (no fp32 atomics, bitwise reproducible);
+                           also on when ``torch.are_deterministic_algorithms_enabled()``.
+Autotune results are cached in-process per key (head-dim tile, dtype, causal, power-of-two bucket of the
+sequence length) and on disk by Triton where the installed version supports ``cache_results``.
+"""
+
+import inspect
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "", "false", "no")
+
+
+def no_autotune() -> bool:
+    return INTERPRET or _flag("SIGATTN_NO_AUTOTUNE")
+
+
+def fast_sigmoid(dtype: torch.dtype) -> bool:
+    return (not INTERPRET) and dtype in (torch.bfloat16, torch.float16) and _flag("SIGATTN_FAST_SIGMOID", "1")
+
+
+def deterministic() -> bool:
+    return _flag("SIGATTN_DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
+
+
+def seq_bucket(n: int) -> int:
+    """Autotune key for the sequence length: next power of two, clamped to [64, 16384]."""
+    return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 16384)
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages). Forward: q tile BLOCK_M, k/v tiles BLOCK_N (BLOCK_M % BLOCK_N == 0).
+FWD_CONFIGS = {
+    "small": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 4)],
+    "large": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(32, 32, 4, 2)],
+}
+# Backward K/V-parallel: k/v tile BLOCK_N, q tiles BLOCK_M (BLOCK_N % BLOCK_M == 0).
+BWD_CONFIGS = {
+    "small": [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(16, 128, 4, 3)],
+    "large": [_cfg(16, 64, 4, 2), _cfg(32, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2)],
+}
+# dQ-only pass (deterministic mode): q tile BLOCK_M, k/v tiles BLOCK_N (BLOCK_M % BLOCK_N == 0).
+DQ_CONFIGS = {
+    "small": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 3)],
+    "large": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(64, 16, 4, 2)],
+}
+FIXED = {
+    ("fwd", "small"): _cfg(128, 64, 4, 3),
+    ("fwd", "large"): _cfg(64, 32, 4, 2),
+    ("bwd", "small"): _cfg(32, 128, 4, 3),
+    ("bwd", "large"): _cfg(16, 64, 4, 2),
+    ("dq", "small"): _cfg(64, 64, 4, 3),
+    ("dq", "large"): _cfg(32, 32, 4, 2),
+}
+INTERPRET_CFG = _cfg(16, 16, 1, 1)
+
+
+def size_class(d_pad: int) -> str:
+    return "large" if d_pad > 128 else "small"
+
+
+def _prune_for(table):
+    def prune(configs, named_args, **kwargs):
+        d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
+        return table[size_class(d_pad)]
+
+    return prune
+
+
+def autotuned(kernel, table, reset_to_zero=None):
+    """Wrap a jit kernel in ``triton.autotune`` over the size class's configs for its D_PAD."""
+    all_cfgs = table["small"] + table["large"]
+    kw = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kw["cache_results"] = True
+    return triton.autotune(
+        configs=all_cfgs,
+        key=["D_PAD", "CAUSAL", "VARLEN", "HAS_LENS", "seq_bucket", "GROUP", "FAST_SIGMOID", "DOT_FP32"],
+        prune_configs_by={"early_config_prune": _prune_for(table)},
+        reset_to_zero=reset_to_zero,
+        **kw,
+    )(kernel)
+
+
+def fixed(kind: str, d_pad: int) -> triton.Config:
+    return INTERPRET_CFG if INTERPRET else FIXED[(kind, size_class(d_pad))]
