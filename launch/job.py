@@ -1,0 +1,114 @@
+"""The callable submitit runs in every task: distributed env → trainer → stop on signal → requeue.
+
+One task per GPU. Each task exports the torch.distributed environment from submitit's job environment
+(``TorchDistributedEnvironment().export(set_cuda_visible_devices=False)``: DeepSpeed picks the device
+from ``LOCAL_RANK``, so every task keeps all GPUs of its node visible), builds the trainer through the
+entry point ``module:function`` (``function(config, overrides) -> Trainer``), installs
+``StopOnSignal`` and calls ``trainer.train()``.
+
+When ``train()`` returns ``"stopped"`` (the warning signal arrived, every rank saved collectively) and
+fewer than ``max_requeues`` requeues were used, all ranks meet at a barrier, rank 0 requeues the job
+through submitit's job environment (``scontrol requeue`` on Slurm, exit code 144 for the local
+executor) and every rank exits without writing a result, so the job is not seen as finished. The
+requeued job runs this same callable again and the trainer resumes from ``checkpoints/latest``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from launch.preemption import StopOnSignal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENTRY = "training.train:build_trainer"
+
+
+def load_entry(entry: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"``; a clear error when either part is missing."""
+    module_name, sep, attr = entry.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"entry must look like 'package.module:function', got {entry!r}")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"entry {entry!r}: module {module_name} has no attribute {attr!r}") from None
+
+
+@dataclass
+class TrainJob:
+    """Picklable job body; the same object runs again after each requeue."""
+
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    entry: str = DEFAULT_ENTRY
+    max_requeues: int = 3
+
+    def __call__(self) -> str:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        stopper = StopOnSignal().install()  # replaces submitit's rank-0-only USR2 handler, on every rank
+        trainer = load_entry(self.entry)(self.config, list(self.overrides))
+        stopper.attach(trainer)
+        status = trainer.train()
+        log.info("rank %s: train() returned %r", env.global_rank, status)
+        if status != "stopped":
+            _finish_distributed()
+            return status
+        used = _requeues_used(env)
+        if used >= self.max_requeues:
+            log.warning("stopped with a checkpoint; not requeued: %d/%d requeues used", used, self.max_requeues)
+            _finish_distributed()
+            return status
+        _barrier()  # everyone has saved before the job is requeued (and killed)
+        _finish_distributed()
+        if env.global_rank == 0:
+            _record_requeue(env, used + 1)
+            log.warning("requeueing job %s (%d/%d)", env.job_id, used + 1, self.max_requeues)
+            env._requeue(self.max_requeues - used - 1)  # submitit's per-cluster requeue (scontrol / exit 144)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if env.global_rank else 1)  # no result pickle: the job is not finished
+
+
+def _counter_file(env) -> Path:
+    return Path(env.paths.folder) / f"{env.job_id}_requeues.json"
+
+
+def _requeues_used(env) -> int:
+    """Requeues so far: Slurm's ``SLURM_RESTART_COUNT`` when set, else our counter in the job folder."""
+    if "SLURM_RESTART_COUNT" in os.environ:
+        return int(os.environ["SLURM_RESTART_COUNT"])
+    f = _counter_file(env)
+    return int(json.loads(f.read_text())["requeues"]) if f.exists() else 0
+
+
+def _record_requeue(env, n: int) -> None:
+    f = _counter_file(env)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"requeues": n}))
+    tmp.replace(f)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,28 @@
+"""Fixtures for launch tests: a real one-node Slurm (session-scoped) and the stand-in trainer's config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.launch.slurm_cluster import SlurmCluster, SlurmUnavailable
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """Start munge, MariaDB, slurmdbd, slurmctld and slurmd; set ``SLURM_CONF``; stop them by PID at the end."""
+    try:
+        cluster = SlurmCluster().start()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no test Slurm: {e}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ.update(cluster.environment())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
