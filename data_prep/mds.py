@@ -10,7 +10,9 @@ own ``MDSWriter`` (zstd, xxh64 hashes); ``streaming.base.util.merge_index`` then
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -125,14 +127,25 @@ def write_mds(tasks: list[Task], out_root: str, workers: int, progress=None, **k
         root = os.path.join(out_root, split)
         os.makedirs(root, exist_ok=True)
         parts = sorted(p for p in os.listdir(root) if p.startswith("part-"))
-        if parts:
-            merge_index([os.path.join(root, p, "index.json") for p in parts], root, keep_local=True)
-        else:  # an empty split still gets a valid (empty) index
+        if not parts:  # an empty split still gets a valid (empty) index
             with MDSWriter(out=os.path.join(root, "part-empty"), columns=COLUMNS, exist_ok=False):
                 pass
-            merge_index([os.path.join(root, "part-empty", "index.json")], root, keep_local=True)
+            parts = ["part-empty"]
+        with _quiet_root_logger():  # merge_index logs a warning per call about its temp dir
+            merge_index([os.path.join(root, p, "index.json") for p in parts], root, keep_local=True)
         totals["shards"][split] = _count_shards(os.path.join(root, "index.json"))
     return totals
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _count_shards(index_path: str) -> int:

@@ -124,7 +124,7 @@ class GeneVocab:
                 continue
             for i, s in zip(ids, syms):
                 if ENSEMBL_RE.match(i) and (i not in id_sym or not id_sym[i]):
-                    id_sym[i] = "" if s == i else s
+                    id_sym[i] = "" if ENSEMBL_RE.match(s) else s
         if not id_sym:
             raise ValueError("no Ensembl gene IDs found in any dataset (and no symbol table to map symbols)")
         order = sorted(id_sym)

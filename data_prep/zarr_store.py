@@ -28,7 +28,6 @@ class ZarrDatasetWriter:
     def __init__(self, path: str | os.PathLike, n_vars: int):
         self.path = os.fspath(path)
         self.n_vars = n_vars
-        ad.settings.zarr_write_format = 3
         self.group = zarr.open_group(self.path, mode="w-", zarr_format=3)
         self._x = None
         self.n_obs = 0
@@ -39,25 +38,32 @@ class ZarrDatasetWriter:
             raise ValueError(f"block has {block.shape[1]} genes, store has {self.n_vars}")
         block = sp.csr_matrix((block.data.astype(np.int32, copy=False), block.indices.astype(np.int32, copy=False),
                                block.indptr.astype(np.int64)), shape=block.shape)
-        if self._x is None:
-            ad.io.write_elem(self.group, "X", block, dataset_kwargs={"chunks": (CHUNK,), "shards": (SHARD,)})
-            self._x = ad.io.sparse_dataset(self.group["X"])
-        else:
-            self._x.append(block)
+        with _v3_sharded():
+            if self._x is None:
+                ad.io.write_elem(self.group, "X", block, dataset_kwargs={"chunks": (CHUNK,), "shards": (SHARD,)})
+                self._x = ad.io.sparse_dataset(self.group["X"])
+            else:
+                self._x.append(block)
         self.n_obs += block.shape[0]
         self.nnz += block.nnz
 
     def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
-        if self._x is None:
-            empty = sp.csr_matrix((0, self.n_vars), dtype=np.int32)
-            ad.io.write_elem(self.group, "X", empty, dataset_kwargs={"chunks": (CHUNK,), "shards": (SHARD,)})
         if len(obs) != self.n_obs or len(var) != self.n_vars:
             raise ValueError(f"obs/var ({len(obs)}×{len(var)}) do not match X ({self.n_obs}×{self.n_vars})")
-        ad.io.write_elem(self.group, "obs", _writable(obs))
-        ad.io.write_elem(self.group, "var", _writable(var))
-        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-            ad.io.write_elem(self.group, key, {})
+        with _v3_sharded():
+            if self._x is None:
+                empty = sp.csr_matrix((0, self.n_vars), dtype=np.int32)
+                ad.io.write_elem(self.group, "X", empty, dataset_kwargs={"chunks": (CHUNK,), "shards": (SHARD,)})
+            ad.io.write_elem(self.group, "obs", _writable(obs))
+            ad.io.write_elem(self.group, "var", _writable(var))
+            for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+                ad.io.write_elem(self.group, key, {})
         self.group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
+def _v3_sharded():
+    """anndata writes zarr v2 unless told otherwise; v3 with auto-sharding for obs/var columns."""
+    return ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=True)
 
 
 def _writable(df: pd.DataFrame) -> pd.DataFrame:
