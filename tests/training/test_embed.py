@@ -1,0 +1,120 @@
+"""training.embed: chunked reading, gene mapping, batching and the CLI on real and synthetic cells."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from data_prep.datasets import pbmc3k_path
+from data_prep.tokenize import CellTokenizer, pack_batch
+from data_prep.vocab import GeneVocab
+from training.config import ModelConfig
+from training.embed import CellMatrix, check_counts, embed_cells
+from training.encoder import build_model
+
+CPU = torch.device("cpu")
+
+
+def tiny_model(tok, attention="softmax", embedding="cls", seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(preset=None, n_layers=2, d_model=32, n_heads=4, d_ff=64, attention=attention,
+                      embedding=embedding, n_tokens=tok.n_tokens, n_bins=tok.n_bins)
+    return build_model(cfg).eval()
+
+
+def synthetic_cells(rng, n_cells, n_genes, vocab_size):
+    """Random counts over genes whose Ensembl IDs are a random subset of a vocabulary of ``vocab_size``."""
+    ids = [f"ENSG{i:011d}" for i in range(vocab_size)]
+    var_ids = list(rng.choice(ids, size=n_genes, replace=False))
+    x = sp.random(n_cells, n_genes, density=0.3, format="csr", random_state=rng,
+                  data_rvs=lambda k: rng.integers(1, 40, size=k)).astype(np.float32)
+    var = pd.DataFrame({"gene_ids": var_ids}, index=[f"sym{i}" for i in range(n_genes)])
+    obs = pd.DataFrame({"cell_type": rng.choice(["a", "b", "c"], n_cells)}, index=[f"c{i}" for i in range(n_cells)])
+    return ad.AnnData(X=x, obs=obs, var=var), GeneVocab(ids)
+
+
+def one_by_one(model, tok, genes_counts):
+    return np.stack([model.embed(pack_batch([tok(g, c, cell_id=i)]))[0].numpy()
+                     for i, (g, c) in enumerate(genes_counts)])
+
+
+@pytest.mark.parametrize("fmt, dense, embedding", [("h5ad", False, "cls"), ("zarr", True, "mean")])
+def test_embeddings_match_cell_by_cell_model_calls(tmp_path, fmt, dense, embedding):
+    rng = np.random.default_rng()
+    n_cells = int(rng.integers(37, 80))
+    adata, vocab = synthetic_cells(rng, n_cells, int(rng.integers(40, 90)), 120)
+    # an unmapped gene and a duplicated ID (counts must be summed, as the corpus does)
+    adata.var.iloc[0, 0] = "ENSG99999999999"
+    adata.var.iloc[2, 0] = adata.var.iloc[1, 0]
+    if dense:
+        adata.X = adata.X.toarray()
+    path = tmp_path / f"cells.{fmt}"
+    if fmt == "zarr":
+        with ad.settings.override(zarr_write_format=3):
+            adata.write_zarr(path)
+    else:
+        adata.write_h5ad(path)
+    tok = CellTokenizer(len(vocab), context_length=int(rng.integers(8, 30)), n_bins=11, seed=3)
+    model = tiny_model(tok, embedding=embedding)
+    cells = CellMatrix(path)
+    assert cells.shape == adata.shape and list(cells.obs.index) == list(adata.obs_names)
+    emb, n_empty = embed_cells(model, tok, cells, vocab.map_var(cells.var), batch_size=int(rng.integers(3, 11)),
+                               device=CPU, progress=False)
+    cells.close()
+
+    x = sp.csr_matrix(adata.X)
+    vid = vocab.map_var(adata.var)
+    expected_input = []
+    for r in range(n_cells):
+        row = x[r]
+        g, c = vid[row.indices], row.data.astype(np.int64)
+        summed = pd.Series(c[g >= 0]).groupby(g[g >= 0]).sum()
+        expected_input.append((summed.index.to_numpy(np.int32), summed.to_numpy(np.int32)))
+    ref = one_by_one(model, tok, expected_input)
+    assert emb.shape == (n_cells, 32) and emb.dtype == np.float32
+    np.testing.assert_allclose(emb, ref, rtol=1e-4, atol=1e-5)
+    assert n_empty == sum(len(g) == 0 for g, _ in expected_input)
+
+
+def test_real_pbmc_cells_are_independent_of_batch_size_and_read_chunk(tmp_path, monkeypatch):
+    import training.embed as E
+
+    rng = np.random.default_rng()
+    full = ad.read_h5ad(pbmc3k_path(), backed="r")
+    full[np.sort(rng.choice(full.n_obs, 150, replace=False))].to_memory().write_h5ad(tmp_path / "pbmc150.h5ad")
+    cells = CellMatrix(tmp_path / "pbmc150.h5ad")
+    vocab = GeneVocab.from_vars([cells.var])
+    vid = vocab.map_var(cells.var)
+    assert (vid >= 0).mean() > 0.99
+    tok = CellTokenizer(len(vocab), context_length=64, n_bins=21)
+    model = tiny_model(tok, attention="softmax", embedding="mean")
+    a, n_empty = embed_cells(model, tok, cells, vid, batch_size=64, device=CPU, progress=False)
+    monkeypatch.setattr(E, "READ_CHUNK", 41)
+    b, _ = embed_cells(model, tok, cells, vid, batch_size=5, device=CPU, progress=False)
+    cells.close()
+    assert a.shape == (150, 32) and n_empty == 0 and np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert np.linalg.matrix_rank(a, tol=1e-3) > 10  # cells differ from each other
+
+
+def test_non_count_input_and_bad_layers_are_refused(tmp_path):
+    rng = np.random.default_rng()
+    adata, _ = synthetic_cells(rng, 20, 30, 50)
+    adata.layers["lognorm"] = np.log1p(adata.X)
+    adata.layers["csc"] = sp.csc_matrix(adata.X)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    cells = CellMatrix(tmp_path / "a.h5ad", layer="lognorm")
+    with pytest.raises(ValueError, match="does not hold raw counts"):
+        check_counts(cells.rows(0, 20), "X")
+    cells.close()
+    with pytest.raises(ValueError, match="CSC"):
+        CellMatrix(tmp_path / "a.h5ad", layer="csc")
+    with pytest.raises(KeyError, match="layer 'counts' not found"):
+        CellMatrix(tmp_path / "a.h5ad", layer="counts")
+    with pytest.raises(FileNotFoundError):
+        CellMatrix(tmp_path / "missing.h5ad")
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(ValueError, match="expected an .h5ad file or a .zarr store"):
+        CellMatrix(tmp_path / "a.csv")
