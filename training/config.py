@@ -1,0 +1,195 @@
+"""Run configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A config file is nested YAML with sections ``model``, ``data``, ``optim``, ``run``. The model
+section may name a ``preset`` (see :mod:`training.presets`); the preset fills every
+architecture field the file does not set. Overrides ``a.b=value`` are parsed with YAML
+(``run.zero_stage=2``, ``optim.grad_clip=null``) and applied before the dataclasses are built, so
+unknown keys or ill-typed values fail with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from training.presets import preset
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = "tiny"
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 512
+    attention: str = "sigmoid"          # sigmoid | softmax
+    sigmoid_bias: str | float | None = "log_n"   # b = −log(n_valid) per sequence by default
+    embedding: str = "cls"              # cls | mean  (cell embedding)
+    norm_eps: float = 1e-5
+    activation_checkpointing: bool = False
+    # Filled from the tokenizer when the model is built (kept in the saved config).
+    n_tokens: int | None = None
+    n_bins: int | None = None
+
+    def __post_init__(self):
+        if self.attention not in ("sigmoid", "softmax"):
+            raise ValueError(f"model.attention must be 'sigmoid' or 'softmax', got {self.attention!r}")
+        if self.embedding not in ("cls", "mean"):
+            raise ValueError(f"model.embedding must be 'cls' or 'mean', got {self.embedding!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+
+
+@dataclass
+class DataConfig:
+    mds: str | None = None              # data_prep output dir; None → synthetic cells
+    split: str = "train"
+    context_length: int = 2048
+    n_bins: int = 51
+    gene_selection: str = "sample"
+    batch_size: int = 8                 # cells per micro-batch per rank
+    num_workers: int = 0
+    shuffle: bool = True
+    synthetic_vocab: int = 20_000       # synthetic cells only
+    synthetic_mean_genes: int = 1500    # synthetic cells only: mean expressed genes per cell
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1           # cosine decays to lr·min_lr_ratio at max_steps
+    grad_clip: float | None = 1.0       # None or 0 → no clipping
+    grad_accum: int = 1
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 100
+    mask_ratio: float = 0.15
+    zero_stage: int = 1
+    precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    ckpt_every: int = 50
+    keep_last: int = 3
+    log_every: int = 1
+    nan_policy: str = "stop"            # stop | skip
+    log_cell_ids: bool = False          # write cells.jsonl (cell ids per step) for audits
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"run.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"run.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"run.zero_stage must be 0–3, got {self.zero_stage}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"run.mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        d = self.to_dict()
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}: {value!r} does not fit {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(tp), strict=True))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+def _build(cls, raw: dict, section: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) in {section}: {sorted(unknown)}; valid: {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in raw.items()})
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``a.b=value`` override (value parsed as YAML) to a nested dict."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ValueError(f"override key {key!r} must be <section>.<field> with section in {list(SECTIONS)}")
+    raw.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(text)
+
+
+def from_dict(raw: dict) -> Config:
+    """Build a Config from a nested dict, filling architecture fields from ``model.preset``."""
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid: {list(SECTIONS)}")
+    model = raw.get("model", {})
+    name = model.get("preset", ModelConfig.preset)
+    if name is not None:
+        model = {**preset(name), **model}
+    raw["model"] = model
+    return Config(**{s: _build(cls, raw.get(s, {}), s) for s, cls in SECTIONS.items()})
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults) and apply dotted overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)

@@ -1,0 +1,41 @@
+"""The DeepSpeed config dict derived from a :class:`training.config.Config`.
+
+The optimizer (``torch.optim.AdamW``) is passed to ``deepspeed.initialize`` as an object (no JIT
+Adam build); the LR schedule is DeepSpeed's ``WarmupCosineLR``: linear warm-up from 0 to ``lr`` over
+``warmup_steps``, then ``lr·(r + (1−r)·(1+cos(π·t))/2)`` with r = ``min_lr_ratio`` and t the
+fraction of the remaining steps. ``gradient_clipping: 0`` means no clipping in DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from training.config import Config
+
+
+def resolve_precision(cfg: Config, cuda: bool) -> str:
+    p = cfg.run.precision
+    return ("bf16" if cuda else "fp32") if p == "auto" else p
+
+
+def deepspeed_config(cfg: Config, world_size: int, cuda: bool) -> dict:
+    o, r = cfg.optim, cfg.run
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": cfg.data.batch_size * o.grad_accum * world_size,
+        "gradient_clipping": float(o.grad_clip or 0.0),
+        "zero_optimization": {"stage": r.zero_stage},
+        "bf16": {"enabled": resolve_precision(cfg, cuda) == "bf16"},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": r.max_steps,
+                "warmup_num_steps": o.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": o.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return ds

@@ -1,0 +1,56 @@
+"""Process-group set-up for torchrun, the deepspeed launcher, Slurm, or a single process.
+
+Order: RANK/WORLD_SIZE already set (torchrun, deepspeed launcher) → used as is; else inside a
+Slurm job (SLURM_PROCID) → ``submitit.helpers.TorchDistributedEnvironment().export()`` derives
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT (without touching CUDA_VISIBLE_DEVICES, which would
+break DeepSpeed's LOCAL_RANK device choice); else a one-process group on a free local port.
+Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (gloo backend).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_env() -> None:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT where no launcher did."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    if "SLURM_PROCID" in os.environ and "SLURM_JOB_ID" in os.environ:
+        import submitit
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Export the environment, start the process group; return (rank, world_size, device)."""
+    export_env()
+    import deepspeed
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

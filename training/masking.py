@@ -1,0 +1,39 @@
+"""Masked-expression objective: which genes are hidden, reproducibly.
+
+Per cell with n genes (the CLS token is never masked), exactly ``k = max(1, round(ratio·n))``
+genes are masked, chosen uniformly without replacement. The draw uses a generator seeded from
+``(seed, step, rank)`` only — not from global RNG state — so a resumed run masks the same genes
+at the same step. Masked genes keep their gene token and lose their value (value id → MASK); the
+model predicts the expression bin (see :mod:`training.encoder`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def mask_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator whose state depends only on (seed, step, rank)."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def choose_masked(cu_seqlens: torch.Tensor, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Bool ``[T]``: True at masked gene positions (never at a cell's first, CLS, position)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask ratio must lie in (0, 1), got {ratio}")
+    cu = cu_seqlens.cpu().long()
+    total = int(cu[-1])
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths, output_size=total)
+    is_cls = torch.zeros(total, dtype=torch.bool)
+    is_cls[cu[:-1][lengths > 0]] = True
+    u = torch.rand(total, generator=generator, dtype=torch.float64)
+    u[is_cls] = 2.0                                      # CLS sorts last in its cell
+    order = torch.argsort(seq.double() * 4.0 + u)        # cells stay in blocks, random order inside
+    rank_in_cell = torch.empty(total, dtype=torch.long)
+    rank_in_cell[order] = torch.arange(total) - cu[:-1][seq[order]]
+    n_genes = (lengths - 1).clamp(min=0)
+    k = torch.where(n_genes > 0, (ratio * n_genes.double()).round().long().clamp(min=1), 0)
+    return rank_in_cell < k[seq]

@@ -1,0 +1,226 @@
+"""DeepSpeed trainer for the masked-expression objective.
+
+One optimizer step = ``grad_accum`` micro-batches of ``data.batch_size`` cells per rank. Per
+micro-batch a single all-reduce (SUM) carries ``[loss non-finite, stop requested, loss, tokens,
+cells]``, so every rank takes the same decision on NaN/Inf losses and on ``request_stop()``.
+
+Non-finite values: a non-finite loss on any rank is caught before ``backward``; policy ``stop``
+raises :class:`NonFiniteError` (no checkpoint is written, the last good one stays ``latest``),
+policy ``skip`` drops the step (no backward, no update, no LR-schedule advance; counted in
+``skipped_steps``; needs ``grad_accum = 1`` so that no partial gradients exist). A non-finite
+global gradient norm after the step (finite loss) is handled the same way: ``stop`` raises,
+``skip`` counts it (DeepSpeed's ZeRO optimizers do not apply an update with a non-finite norm).
+
+Exactness: masking uses a generator seeded from (seed, step, micro-batch, rank); the data order
+is the loader's resumable state; no other randomness is used in training (no dropout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from training import checkpoint
+from training.config import Config
+from training.deepspeed_config import deepspeed_config
+from training.distributed import init_distributed
+from training.encoder import build_model
+from training.masking import choose_masked, mask_generator
+from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token
+
+
+class NonFiniteError(RuntimeError):
+    """Raised under ``nan_policy: stop`` when a loss or gradient norm is NaN/Inf."""
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases, LayerNorms or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Builds tokenizer, model, DeepSpeed engine and loader from a Config; resumes from ``latest``.
+
+    ``callbacks``: functions ``f(trainer, record)`` called on every rank after each step.
+    """
+
+    def __init__(self, cfg: Config, callbacks: Sequence[Callable] = ()):
+        import deepspeed
+
+        from data_prep.tokenize import CellTokenizer
+
+        r, d, o = cfg.run, cfg.data, cfg.optim
+        if r.nan_policy == "skip" and o.grad_accum != 1:
+            raise ValueError("run.nan_policy=skip needs optim.grad_accum=1 (a skipped step must hold no partial gradients)")
+        self.rank, self.world, self.device = init_distributed()
+        if d.mds is not None:
+            from data_prep.vocab import GeneVocab
+            vocab_path = Path(d.mds) / "vocab.tsv"
+            if not vocab_path.is_file():
+                raise FileNotFoundError(f"data.mds={d.mds} has no vocab.tsv (build it with python -m data_prep build)")
+            vocab_size = len(GeneVocab.load(vocab_path))
+        else:
+            vocab_size = d.synthetic_vocab
+        self.tokenizer = CellTokenizer(vocab_size, d.context_length, d.n_bins, r.seed, d.gene_selection)
+        mcfg = dataclasses.replace(cfg.model, n_tokens=self.tokenizer.n_tokens, n_bins=d.n_bins)
+        self.cfg = cfg = dataclasses.replace(cfg, model=mcfg)
+        torch.manual_seed(r.seed)
+        model = build_model(mcfg)
+        self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
+        optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        cuda = self.device.type == "cuda"
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, cuda))
+        self.loader = self._build_loader()
+        self.run_dir = Path(r.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+        dist.barrier()
+        self.step, self.skipped_steps, self._stop = 0, 0, False
+        self.callbacks = list(callbacks)
+        client = checkpoint.resume(self.engine, self.ckpt_dir)
+        if client is not None:
+            self.step, self.skipped_steps = client["step"], client["skipped_steps"]
+            self.loader.load_state_dict(client["loader"])
+        if self.rank == 0:
+            print(f"[sigattn] model {mcfg.preset or 'custom'} ({mcfg.attention}): {self.n_params:,} parameters "
+                  f"({self.n_params_nonemb:,} non-embedding); world {self.world}; "
+                  f"{'resumed at step ' + str(self.step) if client else 'fresh start'}", flush=True)
+
+    def _build_loader(self):
+        d, r = self.cfg.data, self.cfg.run
+        if d.mds is None:
+            from training.synthetic import SyntheticCellLoader
+            return SyntheticCellLoader(self.tokenizer, d.batch_size, mean_genes=d.synthetic_mean_genes,
+                                       seed=r.seed, rank=self.rank, world_size=self.world)
+        from data_prep.loader import build_loader
+        return build_loader(d.mds, d.split, tokenizer=self.tokenizer, batch_size=d.batch_size,
+                            shuffle=d.shuffle, seed=r.seed, num_workers=d.num_workers)
+
+    def request_stop(self) -> None:
+        """Ask for a collective checkpoint and an orderly return (``"stopped"``) after this step."""
+        self._stop = True
+
+    def _batches(self) -> Iterator[dict]:
+        while True:
+            n = 0
+            for batch in self.loader:
+                n += 1
+                yield batch
+            if n == 0:
+                raise RuntimeError(f"the {self.cfg.data.split} loader yielded no batches")
+
+    def _save(self) -> None:
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict()}
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.run.keep_last)
+
+    def _nonfinite(self, what: str, step: int) -> None:
+        if self.cfg.run.nan_policy == "stop":
+            last = checkpoint.latest_tag(self.ckpt_dir)
+            raise NonFiniteError(f"non-finite {what} at step {step}; stopping (nan_policy=stop). "
+                                 f"Last good checkpoint: {self.ckpt_dir / last if last else 'none'}")
+        self.skipped_steps += 1
+
+    def train(self) -> str:
+        """Run to ``run.max_steps``; return ``"finished"`` or ``"stopped"`` (after ``request_stop``)."""
+        cfg, r = self.cfg, self.cfg.run
+        gas = cfg.optim.grad_accum
+        logger = MetricsLogger(self.run_dir, r.tensorboard) if self.rank == 0 else None
+        cells_log = (self.run_dir / f"cells_rank{self.rank}.jsonl").open("a") if r.log_cell_ids else None
+        peak = device_peak_flops(self.device)
+        bar = tqdm(total=r.max_steps, initial=self.step, disable=self.rank != 0 or not r.progress,
+                   desc=f"train {cfg.model.attention}", unit="step", dynamic_ncols=True)
+        batches = self._batches()
+        status = "finished"
+        try:
+            while self.step < r.max_steps:
+                step = self.step + 1
+                t0 = time.perf_counter()
+                self.engine.train()
+                sums = torch.zeros(5, dtype=torch.float64)
+                cell_ids, seq_len, bad, stop = [], 0.0, False, False
+                lr = self.engine.get_lr()[0]                 # the LR this step applies
+                for micro in range(gas):
+                    batch = next(batches)
+                    if cells_log is not None:
+                        cell_ids += batch["cell_id"].tolist()
+                    seq_len += effective_seq_len(batch["cu_seqlens"]) / gas
+                    masked = choose_masked(batch["cu_seqlens"], r.mask_ratio,
+                                           mask_generator(r.seed, (step - 1) * gas + micro, self.rank))
+                    batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in batch.items()}
+                    loss, _ = self.engine(batch, masked.to(self.device))
+                    lv = loss.detach().double().cpu()
+                    flags = torch.stack([(~torch.isfinite(lv)).double(), torch.tensor(float(self._stop)),
+                                         torch.nan_to_num(lv), torch.tensor(float(batch["input_ids"].numel())),
+                                         torch.tensor(float(batch["cu_seqlens"].numel() - 1))]).to(self.device)
+                    dist.all_reduce(flags)
+                    flags = flags.cpu()
+                    stop = stop or flags[1] > 0
+                    if flags[0] > 0:
+                        bad = True
+                        break
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    sums += flags
+                record = {"step": step}
+                if bad:
+                    self._nonfinite("loss", step)
+                    record.update(loss=None, skipped=True, skipped_steps=self.skipped_steps)
+                else:
+                    gn = self.engine.get_global_grad_norm()
+                    gn = float(gn) if gn is not None else None
+                    if gn is not None and not math.isfinite(gn):
+                        self._nonfinite("gradient norm", step)
+                    dt = time.perf_counter() - t0
+                    tokens_per_s = float(sums[3]) / dt
+                    mfu = None
+                    if peak is not None:
+                        f = flops_per_token(self.n_params_nonemb, cfg.model.n_layers, cfg.model.d_model, seq_len)
+                        mfu = f * tokens_per_s / (peak * self.world)
+                    record.update(loss=float(sums[2]) / (gas * self.world), grad_norm=gn,
+                                  lr=lr,
+                                  tokens_per_s=tokens_per_s, cells_per_s=float(sums[4]) / dt, mfu=mfu,
+                                  mem_gb=self._mem_gb(), skipped_steps=self.skipped_steps)
+                self.step = step
+                if cells_log is not None:
+                    cells_log.write(json.dumps({"step": step, "rank": self.rank, "cell_ids": cell_ids}) + "\n")
+                    cells_log.flush()
+                if logger is not None and (step % r.log_every == 0 or step == r.max_steps):
+                    logger.log(record)
+                bar.update(1)
+                if record.get("loss") is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if stop or step % r.ckpt_every == 0 or step == r.max_steps:
+                    self._save()
+                for cb in self.callbacks:
+                    cb(self, record)
+                if stop:
+                    status = "stopped"
+                    break
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+            if cells_log is not None:
+                cells_log.close()
+        return status
+
+    def _mem_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB → GiB
