@@ -7,8 +7,11 @@ Sequence addressing (one kernel family serves both layouts):
 
 Sigmoid with scale and bias folded into one FMA on the raw score s = q·k:
   accurate: σ(scale·s + b) = 1 / (1 + 2^(c1·s + c0)),  c1 = −scale·log2 e, c0 = −b·log2 e
-  fast:     σ(scale·s + b) = ½ + ½·tanh(c1·s + c0),    c1 = scale/2,       c0 = b/2
-            (``tanh.approx.f32``: |σ_fast − σ| ≤ 3e-4, tested in tests/sigattn/test_gpu_kernels.py)
+  fast:     same t, y = 1 + 2^min(t, 64), 1/y by a bit-trick seed and two Newton steps r ← r·(2 − y·r) on the
+            FMA pipes: one MUFU op (ex2) per score instead of two (ex2 + rcp); relative error ≤ 3e-4 for every
+            x (tested in tests/sigattn/test_triton_interpret.py and test_gpu_kernels.py), under bf16/fp16 rounding.
+            (½ + ½·tanh.approx(x/2) was rejected: with the −log n bias p ≈ 1/n and 1 + tanh cancels, so its
+            absolute error 2^-11 is a large relative error on every probability.)
 """
 
 import triton
@@ -37,16 +40,12 @@ def seq_bounds(SeqInfo, b, N, stride_b, stride_t, VARLEN: tl.constexpr, HAS_LENS
 
 @triton.jit
 def sigmoid_coeffs(scale, bias, L, LOG_N_BIAS: tl.constexpr, FAST_SIGMOID: tl.constexpr):
-    """(c1, c0) such that σ(scale·s + b) = prob(c1·s + c0); b = bias − log(L) when LOG_N_BIAS."""
+    """(c1, c0) with σ(scale·s + b) = 1/(1 + 2^(c1·s + c0)); b = bias − log(L) when LOG_N_BIAS."""
     b = bias
     if LOG_N_BIAS:
         b = b - tl.log(tl.maximum(L, 1).to(tl.float32))
-    if FAST_SIGMOID:
-        c1 = scale * 0.5
-        c0 = b * 0.5
-    else:
-        c1 = -scale * 1.4426950408889634
-        c0 = -b * 1.4426950408889634
+    c1 = -scale * 1.4426950408889634
+    c0 = -b * 1.4426950408889634
     return c1, c0
 
 
@@ -54,10 +53,10 @@ def sigmoid_coeffs(scale, bias, L, LOG_N_BIAS: tl.constexpr, FAST_SIGMOID: tl.co
 def prob(t, FAST_SIGMOID: tl.constexpr):
     """σ from the folded argument t (see module docstring)."""
     if FAST_SIGMOID:
-        th = tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=r,r", [t], dtype=tl.float32, is_pure=True, pack=1
-        )
-        return 0.5 * th + 0.5
+        y = 1.0 + tl.exp2(tl.minimum(t, 64.0))
+        r = (0x7EF311C7 - y.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        r = r * (2.0 - y * r)
+        return r * (2.0 - y * r)
     else:
         return 1.0 / (1.0 + tl.exp2(t))
 
@@ -93,3 +92,17 @@ def mm(a, b, DOT_FP32: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _sigmoid_kernel(X, Y, n, FAST_SIGMOID: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n)
+    tl.store(Y + offs, prob(-x * 1.4426950408889634, FAST_SIGMOID), mask=offs < n)
+
+
+def sigmoid_elementwise(x, fast: bool):
+    """σ(x) (fp32 tensor) through the kernels' own sigmoid form, for accuracy tests of ``prob``."""
+    y = x.new_empty(x.shape)
+    _sigmoid_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), FAST_SIGMOID=fast, BLOCK=1024)
+    return y

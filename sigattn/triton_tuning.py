@@ -2,7 +2,8 @@
 
 Environment switches (read at call time):
   SIGATTN_NO_AUTOTUNE=1    use the fixed config below (no first-call tuning cost).
-  SIGATTN_FAST_SIGMOID=0   use the accurate sigmoid 1/(1+2^t) instead of ½+½·tanh.approx (bf16/fp16 only use it).
+  SIGATTN_FAST_SIGMOID=0   use 1/(1+2^t) with a MUFU reciprocal instead of the Newton reciprocal (bf16/fp16 only
+                           use the fast form; see triton_common).
   SIGATTN_DETERMINISTIC=1  backward computes dQ in its own Q-parallel pass (no fp32 atomics, bitwise reproducible);
                            also on when ``torch.are_deterministic_algorithms_enabled()``.
 Autotune results are cached in-process per key (head-dim tile, dtype, causal, power-of-two bucket of the
@@ -27,7 +28,7 @@ def no_autotune() -> bool:
 
 
 def fast_sigmoid(dtype: torch.dtype) -> bool:
-    return (not INTERPRET) and dtype in (torch.bfloat16, torch.float16) and _flag("SIGATTN_FAST_SIGMOID", "1")
+    return dtype in (torch.bfloat16, torch.float16) and _flag("SIGATTN_FAST_SIGMOID", "1")
 
 
 def deterministic() -> bool:
@@ -46,12 +47,12 @@ def _cfg(bm, bn, warps, stages):
 # (BLOCK_M, BLOCK_N, warps, stages). Forward: q tile BLOCK_M, k/v tiles BLOCK_N (BLOCK_M % BLOCK_N == 0).
 FWD_CONFIGS = {
     "small": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 4)],
-    "large": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(32, 32, 4, 2)],
+    "large": [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(32, 32, 4, 2)],
 }
 # Backward K/V-parallel: k/v tile BLOCK_N, q tiles BLOCK_M (BLOCK_N % BLOCK_M == 0).
 BWD_CONFIGS = {
     "small": [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(16, 128, 4, 3)],
-    "large": [_cfg(16, 64, 4, 2), _cfg(32, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2)],
+    "large": [_cfg(16, 32, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2)],
 }
 # dQ-only pass (deterministic mode): q tile BLOCK_M, k/v tiles BLOCK_N (BLOCK_M % BLOCK_N == 0).
 DQ_CONFIGS = {
@@ -59,12 +60,12 @@ DQ_CONFIGS = {
     "large": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(64, 16, 4, 2)],
 }
 FIXED = {
-    ("fwd", "small"): _cfg(128, 64, 4, 3),
-    ("fwd", "large"): _cfg(64, 32, 4, 2),
+    ("fwd", "small"): _cfg(128, 64, 8, 3),
+    ("fwd", "large"): _cfg(64, 32, 8, 2),
     ("bwd", "small"): _cfg(32, 128, 4, 3),
-    ("bwd", "large"): _cfg(16, 64, 4, 2),
+    ("bwd", "large"): _cfg(16, 32, 8, 2),
     ("dq", "small"): _cfg(64, 64, 4, 3),
-    ("dq", "large"): _cfg(32, 32, 4, 2),
+    ("dq", "large"): _cfg(32, 32, 8, 2),
 }
 INTERPRET_CFG = _cfg(16, 16, 1, 1)
 
@@ -96,5 +97,11 @@ def autotuned(kernel, table, reset_to_zero=None):
     )(kernel)
 
 
-def fixed(kind: str, d_pad: int) -> triton.Config:
-    return INTERPRET_CFG if INTERPRET else FIXED[(kind, size_class(d_pad))]
+def fixed(kind: str, d_pad: int, fp32: bool = False) -> triton.Config:
+    """The fixed config; fp32 tiles (twice the bytes) get at most 2 pipeline stages."""
+    if INTERPRET:
+        return INTERPRET_CFG
+    cfg = FIXED[(kind, size_class(d_pad))]
+    if fp32 and cfg.num_stages > 2:
+        cfg = _cfg(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, 2)
+    return cfg

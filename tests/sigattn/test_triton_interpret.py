@@ -4,7 +4,7 @@ TRITON_INTERPRET must be set before triton is imported, and other tests import t
 in a child process (this file run as a script). Interpreter notes: ``tl.dot`` on bf16 is wrong under the
 interpreter (triton-lang/triton#11584), so the kernels compute their dots in fp32 when interpreting (a constexpr
 flag); the bf16 case therefore checks the masking/indexing/rounding path, not bf16 tensor-core numerics.
-The ``tanh.approx`` fast sigmoid is inline PTX and is only tested on the GPU.
+bf16/fp16 use the fast sigmoid (ex2 + Newton reciprocal); its elementwise bound is checked here too.
 """
 
 import json
@@ -118,6 +118,37 @@ def _child(name: str) -> dict:
     return res
 
 
+def _sigmoid_child() -> dict:
+    """Max relative error of both in-kernel sigmoid forms vs float64 on x ∈ [−40, 60] (+ extremes); abs below."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from sigattn.triton_common import sigmoid_elementwise
+
+    x = torch.cat([torch.linspace(-60, 60, 20001), torch.tensor([-1e30, -200.0, 200.0, 1e30, 0.0])])
+    res = {}
+    for fast in (False, True):
+        y = sigmoid_elementwise(x, fast)
+        want = torch.sigmoid(x.double())
+        err = (y.double() - want).abs()
+        body = x >= -40  # relative error where σ > 4e-18; below that (2^t clamped) absolute error
+        res["fast" if fast else "accurate"] = (err[body] / want[body]).max().item()
+        res["tail_abs_" + str(fast)] = err[~body].max().item()
+        res["finite_" + str(fast)] = bool(torch.isfinite(y).all())
+    return res
+
+
+def test_triton_interpreter_sigmoid_bound():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "sigmoid"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["finite_True"] and res["finite_False"], res
+    assert res["accurate"] < 1e-5, res
+    assert res["tail_abs_True"] < 1e-17 and res["tail_abs_False"] < 1e-17, res
+    assert res["fast"] < 3e-4, res
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_interpreter(name):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
@@ -133,4 +164,4 @@ def test_triton_interpreter(name):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
-    print(json.dumps(_child(sys.argv[1])))
+    print(json.dumps(_sigmoid_child() if sys.argv[1] == "sigmoid" else _child(sys.argv[1])))
