@@ -56,6 +56,7 @@ class TrainJob:
         import submitit
 
         env = submitit.JobEnvironment()
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{env.global_rank} %(name)s: %(message)s")
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         stopper = StopOnSignal().install()  # replaces submitit's rank-0-only USR2 handler, on every rank
         trainer = load_entry(self.entry)(self.config, list(self.overrides))

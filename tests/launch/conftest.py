@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.launch.slurm_cluster import SlurmCluster, SlurmUnavailable
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # the job entry ``tests.launch.standin_trainer`` is imported from the repo root
+    sys.path.insert(0, str(REPO))
+
+from slurm_cluster import SlurmCluster, SlurmUnavailable  # noqa: E402 (tests/launch is on sys.path)
 
 
 @pytest.fixture(scope="session")
