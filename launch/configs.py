@@ -60,18 +60,31 @@ def resolve_key(cfg: dict, key: str) -> str:
     raise ConfigError(f"unknown config key {key!r}")
 
 
-def check_overrides(config_path: Path, overrides: list[str], entry_module: str | None = None) -> list[str]:
-    """Overrides with full dotted keys, or ``ConfigError`` naming the bad one."""
-    for o in overrides:
-        key, sep, _ = o.partition("=")
-        if not sep or not key or key != key.strip() or " " in key:
-            raise ConfigError(f"bad override {o!r}: expected dotted.key=value")
+def _tree(config_path: Path, loader) -> dict:
+    """The config as nested dict: the trainer's resolved config (defaults included) when it has a loader."""
+    if loader is not None:
+        try:
+            cfg = loader(str(config_path), [])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"config {config_path}: {e}") from None
+        return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     try:
         cfg = yaml.safe_load(config_path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config {config_path} is not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {config_path} is not a mapping")
+    return cfg
+
+
+def check_overrides(config_path: Path, overrides: list[str], entry_module: str | None = None) -> list[str]:
+    """Overrides with full dotted keys, or ``ConfigError`` naming the bad one."""
+    for o in overrides:
+        key, sep, _ = o.partition("=")
+        if not sep or not key or key != key.strip() or " " in key:
+            raise ConfigError(f"bad override {o!r}: expected dotted.key=value")
+    loader = getattr(importlib.import_module(entry_module), "load_config", None) if entry_module else None
+    cfg = _tree(config_path, loader)
     full = []
     for o in overrides:
         key, _, value = o.partition("=")
@@ -79,22 +92,10 @@ def check_overrides(config_path: Path, overrides: list[str], entry_module: str |
             yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"bad override {o!r}: value is not valid YAML ({e})") from None
-        full.append(f"{_full_key(cfg, key, entry_module)}={value}")
-    if entry_module:
-        loader = getattr(importlib.import_module(entry_module), "load_config", None)
-        if loader is not None:
-            try:
-                loader(str(config_path), full)
-            except (KeyError, ValueError, TypeError) as e:
-                raise ConfigError(f"config {config_path.name} with overrides {full}: {e}") from None
+        full.append(f"{resolve_key(cfg, key)}={value}")
+    if loader is not None:
+        try:
+            loader(str(config_path), full)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"config {config_path.name} with overrides {full}: {e}") from None
     return full
-
-
-def _full_key(cfg: dict, key: str, entry_module: str | None) -> str:
-    try:
-        return resolve_key(cfg, key)
-    except ConfigError:
-        # the trainer may know keys that the YAML leaves to defaults: let its load_config decide
-        if entry_module and hasattr(importlib.import_module(entry_module), "load_config"):
-            return key
-        raise

@@ -28,7 +28,7 @@ from launch.preemption import StopOnSignal
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENTRY = "training.train:build_trainer"
+DEFAULT_ENTRY = "launch.trainer_entry:build_trainer"
 
 
 def load_entry(entry: str) -> Callable[..., Any]:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from launch import submit
+from launch.job_folder import JobFolder
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -96,6 +97,8 @@ def test_preempted_job_requeues_and_matches_uninterrupted_losses(reference, slur
     assert [m["step"] for m in got] == list(range(1, 25)), "steps lost or repeated across the requeue"
     ref = [m["loss"] for m in _metrics(ref_dir)]
     assert [m["loss"] for m in got] == pytest.approx(ref, rel=1e-6, abs=1e-7)
+    info = JobFolder(folder).jobs()[0]
+    assert (info.state, info.restarts, info.last["step"]) == ("COMPLETED", 1, 24)
     acct = slurm_cluster.run("sacct", "-j", job.job_id, "-X", "-n", "-D", "-o", "State").stdout.split()
     assert "REQUEUED" in acct, acct
 
@@ -108,6 +111,7 @@ def test_array_sweep_runs_every_combination(slurm_cluster, tmp_path):
     for j in jobs:
         _wait_done(j)
         assert _state(j) == "COMPLETED", j.stderr()
+    assert [j.state for j in JobFolder(folder).jobs()] == ["COMPLETED"] * 6
     record = json.loads((folder / "launch.json").read_text())
     combos = {tuple(sorted(o for o in r["overrides"] if not o.startswith("run.dir="))) for r in record["jobs"]}
     assert combos == {(f"train.lr={lr}", f"train.seed={s}") for lr in ("0.01", "0.1") for s in (3, 4, 5)}
@@ -137,3 +141,17 @@ def test_bad_arguments_fail_before_submission(slurm_cluster, tmp_path, capsys, a
     assert message in str(e.value) and "nothing submitted" in str(e.value)
     assert not (tmp_path / "job").exists()
     assert slurm_cluster.run("sacct", "-X", "-n", "-a", "-o", "JobID").stdout.split() == before
+
+
+def test_cancel_stops_a_running_job(slurm_cluster, tmp_path):
+    cfg = _config(tmp_path, steps=1000, sleep_s=0.5, seed=0)
+    folder, jobs = _submit([str(cfg), "--gpus-per-node", "0", "--folder", str(tmp_path / "job")])
+    run_dir = Path(json.loads((folder / "launch.json").read_text())["jobs"][0]["run_dir"])
+    deadline = time.monotonic() + 120
+    while not _metrics(run_dir):
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.5)
+    assert JobFolder(folder).jobs()[0].state == "RUNNING"
+    assert JobFolder(folder).cancel() == [jobs[0].job_id]
+    _wait_done(jobs[0], timeout=60)
+    assert _state(jobs[0]) == "CANCELLED"
