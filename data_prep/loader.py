@@ -45,6 +45,13 @@ class TokenizedCellDataset(StreamingDataset):
         return out
 
 
+class CellLoader(StreamingDataLoader):
+    """``StreamingDataLoader`` that counts cells (not tokens) per packed batch, so resume is exact."""
+
+    def _get_batch_size(self, batch: Any) -> int:
+        return len(batch["cu_seqlens"]) - 1
+
+
 def resolve_split_dir(mds: str, split: str) -> str:
     """``mds`` may be the corpus dir (holding ``mds/``) or the MDS root itself; returns ``…/mds/<split>``."""
     if split not in SPLITS:
@@ -59,7 +66,7 @@ def build_loader(mds: str, split: str, *, tokenizer: CellTokenizer, batch_size: 
                  shuffle: bool = True, seed: int = 0, num_workers: int = 0, num_canonical_nodes: int = 1,
                  shuffle_block_size: int | None = None, drop_last: bool = False, predownload: int | None = None,
                  cache_limit: str | int | None = None, persistent_workers: bool | None = None,
-                 **dataset_kwargs: Any) -> StreamingDataLoader:
+                 **dataset_kwargs: Any) -> CellLoader:
     """A resumable ``StreamingDataLoader`` of packed varlen batches (see ``pack_batch``) for this rank.
 
     ``mds``: corpus dir, MDS root, or a remote URL/path of the MDS root. With ``local=None`` the
@@ -81,6 +88,6 @@ def build_loader(mds: str, split: str, *, tokenizer: CellTokenizer, batch_size: 
         tokenizer=tokenizer, shuffle=shuffle, shuffle_seed=seed, shuffle_algo="py1e",
         num_canonical_nodes=num_canonical_nodes, shuffle_block_size=shuffle_block_size,
         batch_size=batch_size, predownload=predownload, cache_limit=cache_limit, **kw, **dataset_kwargs)
-    return StreamingDataLoader(
+    return CellLoader(
         dataset, batch_size=batch_size, collate_fn=pack_batch, num_workers=num_workers, drop_last=drop_last,
         persistent_workers=bool(num_workers) if persistent_workers is None else persistent_workers)

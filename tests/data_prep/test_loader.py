@@ -1,0 +1,156 @@
+import gc
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep._torchvision_shim import ensure_importable
+from data_prep.loader import build_loader
+from data_prep.tokenize import CellTokenizer
+from data_prep.vocab import GeneVocab
+
+ensure_importable()
+from streaming import StreamingDataset  # noqa: E402
+from streaming.base.util import clean_stale_shared_memory  # noqa: E402
+
+
+def _tok(corpus, L=256, seed=0):
+    return CellTokenizer(len(GeneVocab.load(os.path.join(corpus, "vocab.tsv"))), L, 21, seed)
+
+
+def _ids(loader, limit=None):
+    out = [b["cell_id"] for b in itertools.islice(loader, limit)]  # islice: never fetches batch limit+1
+    return torch.cat(out).tolist() if out else []
+
+
+def _release(*objs):
+    del objs
+    gc.collect()
+    clean_stale_shared_memory()
+
+
+def test_local_batches_are_packed_and_cover_split(pbmc_corpus):
+    corpus, m = pbmc_corpus
+    tok = _tok(corpus)
+    dl = build_loader(corpus, "val", tokenizer=tok, batch_size=17, seed=1)
+    ids, n_tokens = [], 0
+    for b in dl:
+        B = len(b["cell_id"])
+        assert b["cu_seqlens"].shape == (B + 1,) and b["cu_seqlens"].dtype == torch.int32
+        assert b["input_ids"].shape == b["values"].shape == (int(b["cu_seqlens"][-1]),)
+        assert (b["input_ids"][b["cu_seqlens"][:-1].long()] == 1).all()  # CLS first
+        assert b["max_seqlen"] == int(torch.diff(b["cu_seqlens"]).max()) <= 256
+        assert b["input_ids"].max() < tok.n_tokens and b["values"].max() < tok.n_value_tokens
+        assert b["cell_type"].max() < len(m["labels"]["cell_type"])
+        ids += b["cell_id"].tolist()
+        n_tokens += len(b["input_ids"])
+    assert len(ids) == len(set(ids)) == m["split"]["n_cells"]["val"]
+    assert n_tokens > 2 * len(ids)
+    _release(dl)
+
+
+def test_sample_matches_zarr_corpus(pbmc_corpus):
+    """An MDS sample is the zarr row of its cell_id restricted to mapped genes."""
+    import anndata as ad
+    corpus, m = pbmc_corpus
+    ds = StreamingDataset(local=os.path.join(corpus, "mds", "test"), shuffle=False, batch_size=1)
+    a = ad.read_zarr(os.path.join(corpus, m["datasets"][0]["zarr"]))
+    vid = a.var["vocab_id"].to_numpy()
+    for k in np.random.default_rng().choice(len(ds), 5, replace=False):
+        s = ds[int(k)]
+        row = a.X[int(s["cell_id"])]
+        mapped = vid[row.indices] >= 0
+        assert np.array_equal(np.sort(s["genes"]), np.sort(vid[row.indices][mapped]))
+        order = np.argsort(vid[row.indices][mapped])
+        assert np.array_equal(s["counts"][np.argsort(s["genes"])], row.data[mapped][order])
+    _release(ds)
+
+
+def test_remote_with_local_cache(pbmc_corpus, tmp_path):
+    corpus, m = pbmc_corpus
+    remote = os.path.join(corpus, "mds")
+    cache = tmp_path / "cache"
+    dl = build_loader(remote, "test", tokenizer=_tok(corpus), batch_size=32, local=str(cache), shuffle=False)
+    ids = _ids(dl)
+    assert sorted(ids) == ids and len(ids) == m["split"]["n_cells"]["test"]
+    assert list((cache / "test").glob("part-*/shard.*.mds"))  # shards were fetched into the cache
+    _release(dl)
+
+
+def test_resume_gives_exactly_the_rest(pbmc_corpus):
+    corpus, _ = pbmc_corpus
+    tok = _tok(corpus, L=64)
+    full_dl = build_loader(corpus, "train", tokenizer=tok, batch_size=50, seed=5)
+    full = _ids(full_dl)
+    _release(full_dl)
+    k = int(np.random.default_rng().integers(2, 20))
+    dl = build_loader(corpus, "train", tokenizer=tok, batch_size=50, seed=5)
+    first = _ids(dl, limit=k)
+    state = dl.state_dict()
+    _release(dl)
+    dl2 = build_loader(corpus, "train", tokenizer=tok, batch_size=50, seed=5)
+    dl2.load_state_dict(state)
+    rest = _ids(dl2)
+    _release(dl2)
+    assert len(first) == 50 * k
+    assert first + rest == full  # same order, no overlap, no gap
+
+
+def test_tokens_same_after_resume(pbmc_corpus):
+    """The tokenizer epoch follows the dataset epoch, so a resumed epoch samples the same genes."""
+    corpus, _ = pbmc_corpus
+    tok = _tok(corpus, L=32)
+    dl = build_loader(corpus, "val", tokenizer=tok, batch_size=8, seed=2)
+    batches = list(dl)
+    _release(dl)
+    dl = build_loader(corpus, "val", tokenizer=tok, batch_size=8, seed=2)
+    it = iter(dl)
+    next(it)
+    state = dl.state_dict()
+    del it
+    _release(dl)
+    dl = build_loader(corpus, "val", tokenizer=tok, batch_size=8, seed=2)
+    dl.load_state_dict(state)
+    again = next(iter(dl))
+    assert torch.equal(again["input_ids"], batches[1]["input_ids"])
+    _release(dl)
+
+
+RANK_SCRIPT = """
+import json, os, sys
+from data_prep.loader import build_loader
+from data_prep.tokenize import CellTokenizer
+dl = build_loader(sys.argv[1], "train", tokenizer=CellTokenizer(40000, 16, 5), batch_size=10, seed=4)
+ids = [i for b in dl for i in b["cell_id"].tolist()]
+json.dump(ids, open(sys.argv[2], "w"))
+"""
+
+
+def test_two_ranks_get_disjoint_samples(pbmc_corpus, tmp_path):
+    corpus, m = pbmc_corpus
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", PYTHONPATH=os.getcwd())
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, corpus, str(tmp_path / f"r{rank}.json")],
+                                      env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    r0, r1 = (json.load(open(tmp_path / f"r{r}.json")) for r in range(2))
+    n = m["split"]["n_cells"]["train"]
+    assert not set(r0) & set(r1)  # disjoint
+    assert len(set(r0) | set(r1)) == n  # together the whole split
+    assert len(r0) == len(r1) == -(-n // 2)  # equal shares (streaming repeats a sample to pad an odd split)
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        build_loader(str(tmp_path), "train", tokenizer=CellTokenizer(10, 4), batch_size=2)
+    with pytest.raises(ValueError, match="split"):
+        build_loader(str(tmp_path), "training", tokenizer=CellTokenizer(10, 4), batch_size=2)
