@@ -94,8 +94,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         client = checkpoint.resume(self.engine, self.ckpt_dir)
         if client is not None:
-            self.step, self.skipped_steps = client["step"], client["skipped_steps"]
-            self.loader.load_state_dict(client["loader"])
+            state = client["sigattn"]
+            self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+            self.loader.load_state_dict(state["loader"])
         if self.rank == 0:
             print(f"[sigattn] model {mcfg.preset or 'custom'} ({mcfg.attention}): {self.n_params:,} parameters "
                   f"({self.n_params_nonemb:,} non-embedding); world {self.world}; "
@@ -112,7 +113,10 @@ class Trainer:
                             shuffle=d.shuffle, seed=r.seed, num_workers=d.num_workers)
 
     def request_stop(self) -> None:
-        """Ask for a collective checkpoint and an orderly return (``"stopped"``) after this step."""
+        """Ask for a collective checkpoint and an orderly return (``"stopped"``).
+
+        Safe from a signal handler: it only sets a flag, which the next micro-batch all-reduces; the
+        step in progress at that moment completes, every rank saves, and ``train()`` returns."""
         self._stop = True
 
     def _batches(self) -> Iterator[dict]:
@@ -125,8 +129,9 @@ class Trainer:
                 raise RuntimeError(f"the {self.cfg.data.split} loader yielded no batches")
 
     def _save(self) -> None:
+        # Under one key: DeepSpeed's own checkpoint keys (e.g. skipped_steps) would shadow ours.
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict()}
-        checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.run.keep_last)
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, {"sigattn": state}, self.cfg.run.keep_last)
 
     def _nonfinite(self, what: str, step: int) -> None:
         if self.cfg.run.nan_policy == "stop":

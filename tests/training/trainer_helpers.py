@@ -1,0 +1,39 @@
+"""Shared by the trainer tests: a real PBMC 3k corpus (built once per session) and tiny run overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# One compiled deepspeed_shm_comm for every test and subprocess (same cache as the Makefile).
+ENV = {"TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"), "DS_ACCELERATOR": "cpu",
+       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def pbmc_corpus(tmp_path_factory) -> str:
+    """PBMC 3k (all 2,700 real cells) through ``data_prep.build``, built once per test session."""
+    from data_prep.build import BuildOptions, build
+    from data_prep.datasets import pbmc3k_path
+    out = tmp_path_factory.getbasetemp() / "pbmc3k_corpus"
+    if not (out / "manifest.json").is_file():
+        build([pbmc3k_path()], str(out), BuildOptions(cell_type_key="celltype", min_genes=200, seed=3),
+              log=lambda *a: None)
+    return str(out)
+
+
+def tiny_overrides(corpus: str, run_dir, **extra) -> list[str]:
+    """A 2-layer, d=32 model on 64-token cells: a few steps take seconds on 2 CPU cores."""
+    base = {"model.preset": "tiny", "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 4,
+            "model.d_ff": 64, "model.attention": "softmax", "data.mds": corpus, "data.context_length": 64,
+            "data.n_bins": 11, "data.batch_size": 8, "optim.lr": 3e-3, "optim.warmup_steps": 2,
+            "run.dir": str(run_dir), "run.max_steps": 4, "run.ckpt_every": 2, "run.keep_last": 2,
+            "run.precision": "fp32", "run.progress": False, "run.tensorboard": False}
+    base.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+
+
+def set_env() -> dict:
+    old = {k: os.environ.get(k) for k in ENV}
+    os.environ.update({k: v for k, v in ENV.items() if k != "PYTHONPATH"})
+    return old
