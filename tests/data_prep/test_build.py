@@ -1,0 +1,276 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+from h5ad_factory import ensembl, synth_counts, write_h5ad
+
+import data_prep.build as build_mod
+from data_prep._torchvision_shim import ensure_importable
+from data_prep.build import BuildOptions, build
+from data_prep.datasets import pbmc68k_reduced_path
+from data_prep.source import SourceError
+from data_prep.vocab import GeneVocab
+
+ensure_importable()
+from streaming import StreamingDataset  # noqa: E402
+from streaming.base.util import clean_stale_shared_memory  # noqa: E402
+
+QUIET = {"log": lambda *a: None}
+
+
+def _opts(**kw):
+    kw.setdefault("min_genes", 3)
+    return BuildOptions(**kw)
+
+
+def _mds_samples(corpus, split):
+    ds = StreamingDataset(local=os.path.join(corpus, "mds", split), shuffle=False, batch_size=1)
+    out = [ds[i] for i in range(len(ds))]
+    del ds
+    clean_stale_shared_memory()
+    return out
+
+
+# --- the real PBMC 3k corpus -------------------------------------------------------------------
+
+def test_pbmc_zarr_roundtrip_every_gene(pbmc_corpus, pbmc_path):
+    corpus, m = pbmc_corpus
+    rec = m["datasets"][0]
+    assert rec["count_source"] == "X" and rec["gene_key"] == "gene_ids" and rec["match_ratio"] == 1.0
+    z = ad.read_zarr(os.path.join(corpus, rec["zarr"]))
+    src = ad.read_h5ad(pbmc_path)
+    assert z.shape == (rec["cells_out"], src.n_vars) and rec["cells_in"] == 2700
+    rows = z.obs["source_row"].to_numpy()
+    assert (z.X != sp.csr_matrix(src.X[rows])).nnz == 0  # every gene, exact counts
+    assert z.X.dtype == np.int32 and list(z.var_names) == list(src.var_names)
+    assert (z.obs["celltype"].astype(str).to_numpy() == src.obs["celltype"].astype(str).to_numpy()[rows]).all()
+    vocab = GeneVocab.load(os.path.join(corpus, "vocab.tsv"))
+    assert np.array_equal(z.var["vocab_id"].to_numpy(), vocab.map_var(src.var))
+    x = zarr.open_group(os.path.join(corpus, rec["zarr"]), mode="r")["X"]
+    for name in ("data", "indices", "indptr"):
+        assert x[name].metadata.zarr_format == 3
+        assert type(x[name].metadata.codecs[0]).__name__ == "ShardingCodec"
+
+
+def test_pbmc_manifest_split_fallback_and_labels(pbmc_corpus):
+    corpus, m = pbmc_corpus
+    assert m["split"]["requested"] == "donor" and m["split"]["effective"] == "cell"
+    assert "fallback_reason" in m["split"]
+    n = m["split"]["n_cells"]
+    assert sum(n.values()) == m["totals"]["cells_in_mds"] == m["totals"]["cells_out"]
+    assert 0.05 < n["val"] / sum(n.values()) < 0.15 and 0.05 < n["test"] / sum(n.values()) < 0.15
+    assert len(m["labels"]["cell_type"]) == 8 and "CD4 T" in m["labels"]["cell_type"]
+    assert m["vocab"]["size"] == 32738 and len(m["vocab"]["sha256"]) == 64
+    with open(os.path.join(corpus, "manifest.json")) as f:
+        assert json.load(f)["fingerprint"] == m["fingerprint"]
+    types = [s["cell_type"] for s in _mds_samples(corpus, "val")]
+    assert max(types) < 8 and len(set(types)) >= 4
+
+
+def test_scaled_scanpy_file_is_refused(tmp_path):
+    with pytest.raises(SourceError, match="no raw counts.*X has negative values.*raw.X has non-integer"):
+        build([pbmc68k_reduced_path()], str(tmp_path / "c"), _opts(), **QUIET)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.iterdir())
+
+
+def test_corrupt_and_truncated_files(tmp_path, pbmc_path):
+    trunc = tmp_path / "trunc.h5ad"
+    data = open(pbmc_path, "rb").read()
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match="corrupt or truncated"):
+        build([str(trunc)], str(tmp_path / "c"), _opts(), **QUIET)
+    junk = tmp_path / "junk.h5ad"
+    junk.write_bytes(np.random.default_rng().bytes(5000))
+    with pytest.raises(SourceError, match="corrupt or truncated"):
+        build([str(junk)], str(tmp_path / "c"), _opts(), **QUIET)
+    with pytest.raises(SourceError, match="no such file"):
+        build([str(tmp_path / "missing.h5ad")], str(tmp_path / "c"), _opts(), **QUIET)
+
+
+# --- synthetic files for the bad cases --------------------------------------------------------
+
+@pytest.mark.parametrize("bad,msg", [(np.nan, "NaN"), (-2.0, "negative"), (2.5, "non-integer")])
+def test_bad_values_are_refused_with_rows(tmp_path, rng, bad, msg):
+    X = synth_counts(rng, 120, 40)
+    row = int(rng.integers(0, 120))
+    X[row, X[row].indices[0]] = bad
+    p = write_h5ad(tmp_path / "bad.h5ad", X)
+    with pytest.raises(SourceError, match=msg):
+        build([p], str(tmp_path / "c"), _opts(), **QUIET)
+
+
+def test_raw_preferred_when_x_is_normalised(tmp_path, rng):
+    counts = synth_counts(rng, 80, 30)
+    raw = ad.AnnData(X=counts, var=pd.DataFrame(index=[ensembl(i) for i in range(30)]))
+    norm = counts.multiply(1e4 / counts.sum(1)).tocsr()
+    norm.data = np.log1p(norm.data)
+    p = write_h5ad(tmp_path / "n.h5ad", norm.astype(np.float32), raw=raw)
+    m = build([p], str(tmp_path / "c"), _opts(), **QUIET)
+    assert m["datasets"][0]["count_source"] == "raw.X"
+    z = ad.read_zarr(tmp_path / "c" / m["datasets"][0]["zarr"])
+    assert (z.X != counts[z.obs["source_row"].to_numpy()]).nnz == 0
+
+
+def test_tolerance_rounding_qc_and_primary(tmp_path, rng):
+    n, g = 150, 50
+    X = synth_counts(rng, n, g, density=0.3).tolil()
+    X[5, :] = 0
+    X[5, 0] = 1  # one gene: below min_genes
+    X[7, :] = 0  # empty
+    X = X.tocsr()
+    X.data[0] += 4e-4  # within tolerance
+    primary = np.ones(n, dtype=bool)
+    drop_primary = rng.choice(np.setdiff1d(np.arange(n), [5, 7]), 9, replace=False)
+    primary[drop_primary] = False
+    obs = pd.DataFrame({"is_primary_data": primary}, index=[f"c{i}" for i in range(n)])
+    p = write_h5ad(tmp_path / "q.h5ad", X, obs=obs)
+    m = build([p], str(tmp_path / "c"), _opts(min_genes=2), **QUIET)
+    rec = m["datasets"][0]
+    expressed = np.diff(X.indptr)
+    low = int(((expressed < 2) & primary).sum())
+    assert rec["dropped_min_genes"] == low >= 2 and rec["dropped_not_primary"] == 9
+    assert rec["cells_out"] == n - low - 9 == m["totals"]["cells_in_mds"]
+    z = ad.read_zarr(tmp_path / "c" / rec["zarr"])
+    rows = z.obs["source_row"].to_numpy()
+    assert not set(rows) & (set(drop_primary) | {5, 7})
+    assert (z.X != sp.csr_matrix(np.round(X[rows].toarray())).astype(np.int32)).nnz == 0
+
+
+def test_unknown_duplicate_and_versioned_ids(tmp_path, rng):
+    vocab = GeneVocab([ensembl(i) for i in range(10)])
+    vocab.save(tmp_path / "vocab.tsv")
+    # genes 0..7 known (gene 3 twice: versioned duplicate), then two unknown IDs
+    names = [ensembl(i) + ".5" for i in range(8)] + [ensembl(3) + ".9", ensembl(77), ensembl(78)]
+    X = synth_counts(rng, 60, len(names), density=0.5)
+    p = write_h5ad(tmp_path / "u.h5ad", X, var=pd.DataFrame({"gene_ids": names},
+                                                             index=[f"S{i}" for i in range(len(names))]))
+    m = build([p], str(tmp_path / "c"), _opts(vocab=str(tmp_path / "vocab.tsv"), val_frac=0, test_frac=0), **QUIET)
+    rec = m["datasets"][0]
+    assert rec["n_genes_mapped"] == 9 and rec["n_genes_duplicate"] == 1 and rec["n_genes"] == 11
+    z = ad.read_zarr(tmp_path / "c" / rec["zarr"])
+    assert z.var["vocab_id"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 3, -1, -1]
+    dense = X.toarray()
+    for s in _mds_samples(str(tmp_path / "c"), "train"):
+        row = dense[z.obs["source_row"].iloc[s["cell_id"]]]
+        expect = np.zeros(10)
+        np.add.at(expect, [0, 1, 2, 3, 4, 5, 6, 7, 3], row[:9])
+        got = np.zeros(10)
+        got[s["genes"]] = s["counts"]
+        assert np.array_equal(got, expect) and len(set(s["genes"])) == len(s["genes"])
+
+
+def test_symbol_only_file_mapped_via_table_and_match_threshold(tmp_path, rng):
+    ids = [ensembl(i) for i in range(40)]
+    syms = [f"GENE{i}" for i in range(40)]
+    table = tmp_path / "table.csv"
+    pd.DataFrame({"gene_id": ids, "gene_name": syms}).to_csv(table, index=False)
+    with_ids = write_h5ad(tmp_path / "a.h5ad", synth_counts(rng, 50, 40),
+                          var=pd.DataFrame({"gene_ids": ids}, index=syms))
+    sym_only = write_h5ad(tmp_path / "b.h5ad", synth_counts(rng, 50, 30), var_names=syms[5:35])
+    m = build([with_ids, sym_only], str(tmp_path / "c"), _opts(symbol_table=str(table)), **QUIET)
+    b = m["datasets"][1]
+    assert b["gene_key"].startswith("symbols") and b["n_genes_mapped"] == 30
+    z = ad.read_zarr(tmp_path / "c" / b["zarr"])
+    assert z.var["vocab_id"].tolist() == list(range(5, 35))
+    # vocabulary symbols alone (no table) also map the symbol-only file
+    m2 = build([with_ids, sym_only], str(tmp_path / "c2"), _opts(), **QUIET)
+    assert m2["datasets"][1]["n_genes_mapped"] == 30
+    # a file whose genes are mostly unknown is refused, the corpus is not written
+    unknown = write_h5ad(tmp_path / "x.h5ad", synth_counts(rng, 50, 20),
+                         var_names=[ensembl(1000 + i) for i in range(15)] + ids[:5])
+    with pytest.raises(SourceError, match=r"5/20 genes \(25.0%\).*min-match 50%"):
+        build([unknown], str(tmp_path / "c3"), _opts(vocab=str(tmp_path / "c" / "vocab.tsv")), **QUIET)
+    m4 = build([unknown], str(tmp_path / "c3"), _opts(vocab=str(tmp_path / "c" / "vocab.tsv"), min_match=0.2), **QUIET)
+    assert m4["datasets"][0]["match_ratio"] == 0.25
+
+
+def _donor_files(tmp_path, rng, n_files=2, donors_per_file=6):
+    paths = []
+    for f in range(n_files):
+        n = int(rng.integers(80, 160))
+        obs = pd.DataFrame({"donor_id": [f"d{d}" for d in rng.integers(0, donors_per_file, n)],
+                            "cell_type": rng.choice(["T", "B", "NK"], n)}, index=[f"f{f}c{i}" for i in range(n)])
+        paths.append(write_h5ad(tmp_path / f"ds{f}.h5ad", synth_counts(rng, n, 30), obs=obs))
+    return paths
+
+
+def test_split_by_donor_no_leakage_and_deterministic(tmp_path, rng):
+    paths = _donor_files(tmp_path, rng)
+    opts = _opts(split_by="donor", val_frac=0.15, test_frac=0.15, seed=int(rng.integers(1000)))
+    m1 = build(paths, str(tmp_path / "c1"), opts, **QUIET)
+    m2 = build(paths, str(tmp_path / "c2"), opts, **QUIET)
+    assert m1["split"] == m2["split"] and m1["split"]["effective"] == "donor"
+    donors = {s: {x["donor"] for x in _mds_samples(str(tmp_path / "c1"), s)} for s in ("train", "val", "test")}
+    assert all(donors[s] for s in donors)
+    assert not donors["train"] & donors["val"] and not donors["train"] & donors["test"] \
+        and not donors["val"] & donors["test"]
+    names = m1["labels"]["donor"]
+    assert {names[d] for d in donors["val"]} == set(m1["split"]["groups"]["val"])
+    assert len(names) == 12  # the same donor name in two datasets is two donors
+    ids = sorted(x["cell_id"] for s in ("train", "val", "test") for x in _mds_samples(str(tmp_path / "c1"), s))
+    assert ids == list(range(m1["totals"]["cells_out"]))  # unique across the corpus
+    m3 = build(paths, str(tmp_path / "c3"), _opts(split_by="dataset"), **QUIET)
+    assert m3["split"]["effective"] == "cell"  # two datasets cannot fill three splits
+
+
+def test_idempotent_rerun_and_option_change(tmp_path, rng):
+    paths = _donor_files(tmp_path, rng, n_files=1)
+    out = tmp_path / "c"
+    m1 = build(paths, str(out), _opts(), **QUIET)
+    stamp = os.stat(out / "manifest.json").st_mtime_ns
+    m2 = build(paths, str(out), _opts(workers=2), **QUIET)  # workers do not change the result
+    assert m2.get("skipped") and os.stat(out / "manifest.json").st_mtime_ns == stamp
+    m3 = build(paths, str(out), _opts(seed=9), **QUIET)
+    assert not m3.get("skipped") and m3["fingerprint"] != m1["fingerprint"]
+
+
+def test_failed_rebuild_leaves_corpus_intact(tmp_path, rng, monkeypatch):
+    paths = _donor_files(tmp_path, rng, n_files=1)
+    out = tmp_path / "c"
+    m1 = build(paths, str(out), _opts(), **QUIET)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash while writing MDS")
+
+    import data_prep.mds
+    monkeypatch.setattr(data_prep.mds, "write_mds", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build(paths, str(out), _opts(seed=5), **QUIET)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert json.load(open(out / "manifest.json"))["fingerprint"] == m1["fingerprint"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temp dir left behind
+
+
+def test_parallel_writers_same_content(tmp_path, rng):
+    paths = _donor_files(tmp_path, rng, n_files=2)
+    kw = dict(cells_per_part=37, split_by="cell", val_frac=0.2, test_frac=0.1)
+    build(paths, str(tmp_path / "w1"), _opts(workers=1, **kw), **QUIET)
+    m = build(paths, str(tmp_path / "w2"), _opts(workers=2, **kw), **QUIET)
+    assert m["mds"]["shards"]["train"] > 2  # several parts merged into one index
+    for split in ("train", "val", "test"):
+        a = sorted(_mds_samples(str(tmp_path / "w1"), split), key=lambda s: s["cell_id"])
+        b = sorted(_mds_samples(str(tmp_path / "w2"), split), key=lambda s: s["cell_id"])
+        assert len(a) == len(b) == m["split"]["n_cells"][split]
+        for x, y in zip(a, b):
+            assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_cli_summary_and_error(tmp_path, rng):
+    p = _donor_files(tmp_path, rng, n_files=1)[0]
+    cmd = [sys.executable, "-m", "data_prep", "build", p, "--out", str(tmp_path / "c"), "--min-genes", "2",
+           "--split-by", "cell", "--val-frac", "0.1", "--test-frac", "0.1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=os.getcwd())
+    assert r.returncode == 0, r.stderr
+    assert "cells in" in r.stdout and "shards" in r.stdout
+    r = subprocess.run(cmd[:4] + [pbmc68k_reduced_path()] + cmd[5:], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error:" in r.stderr and "no raw counts" in r.stderr
+    shutil.rmtree(tmp_path / "c")
