@@ -15,6 +15,11 @@ scikit-learn; ``scib-metrics`` would pull JAX), on a k-NN graph (``scanpy.pp.nei
 - ``bio_conservation`` = mean(nmi, ari, asw_label).
 
 Cells whose label is missing are dropped (their number is reported as ``n_cells_unlabelled``).
+
+With ``--checkpoint`` and ``--corpus``: the masked-gene validation loss of the checkpoint on the corpus's ``val``
+split, per dataset and overall — the training objective (cross-entropy of the expression bin of masked genes, mask
+ratio ``run.mask_ratio``) averaged over masked genes: L_d = Σ_{masked t in dataset d} CE_t / #masked_d. Masks are
+drawn from a generator seeded by (seed, batch index), so the number is reproducible.
 """
 
 from __future__ import annotations
@@ -122,6 +127,64 @@ def bio_conservation(
     return metrics, sweep.rename(columns={"score": "nmi"}), cells
 
 
+def _select_cells(batch: dict, masked, cells):
+    """Sub-batch of the packed ``batch`` (and its mask) holding only ``cells`` (a 1-D index tensor)."""
+    import torch
+
+    cu = batch["cu_seqlens"].long()
+    tok = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in cells.tolist()])
+    lengths = (cu[1:] - cu[:-1])[cells]
+    sub = {"input_ids": batch["input_ids"][tok], "values": batch["values"][tok],
+           "cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+           "max_seqlen": int(lengths.max())}
+    return sub, masked[tok]
+
+
+def masked_validation_loss(checkpoint, corpus, *, split: str = "val", batch_size: int = 32, seed: int = 0,
+                           progress: bool = True) -> dict:
+    """Masked-gene loss of ``checkpoint`` on the corpus split, per dataset (see module docstring)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from data_prep.loader import build_loader
+    from training.checkpoint import load_for_inference
+    from training.masking import choose_masked, mask_generator
+
+    corpus = Path(corpus)
+    manifest = corpus / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no corpus manifest at {manifest} (is --corpus a data_prep build output?)")
+    names = json.loads(manifest.read_text()).get("labels", {}).get("dataset", [])
+    model, cfg, tokenizer = load_for_inference(checkpoint)
+    loader = build_loader(str(corpus), split, tokenizer=tokenizer, batch_size=batch_size, shuffle=False)
+    loss_sum: dict[int, float] = {}
+    n_masked: dict[int, int] = {}
+    n_cells: dict[int, int] = {}
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(loader, desc=f"{split} loss", unit="batch", disable=not progress)):
+            masked = choose_masked(batch["cu_seqlens"], cfg.run.mask_ratio, mask_generator(seed, i))
+            for d in batch["dataset"].unique().tolist():
+                sub, sub_mask = _select_cells(batch, masked, torch.nonzero(batch["dataset"] == d).flatten())
+                if not sub_mask.any():
+                    continue
+                loss, n = model(sub, sub_mask)
+                loss_sum[d] = loss_sum.get(d, 0.0) + float(loss) * int(n)
+                n_masked[d] = n_masked.get(d, 0) + int(n)
+                n_cells[d] = n_cells.get(d, 0) + int((batch["dataset"] == d).sum())
+    if not n_masked:
+        raise ValueError(f"the {split!r} split of {corpus} has no cells with masked genes")
+
+    def name(d: int) -> str:
+        return names[d] if 0 <= d < len(names) else str(d)
+
+    return {
+        "val_loss": sum(loss_sum.values()) / sum(n_masked.values()),
+        "val_loss_per_dataset": {name(d): loss_sum[d] / n_masked[d] for d in sorted(n_masked)},
+        "val_cells": {name(d): n_cells[d] for d in sorted(n_cells)},
+        "val_masked_genes": sum(n_masked.values()),
+    }
+
+
 def plot_umap(cells: ad.AnnData, path: str | os.PathLike, *, title: str = "", seed: int = 0) -> Path:
     """UMAP of the evaluated cells (needs their k-NN graph), coloured by label; written as a PNG.
 
@@ -150,14 +213,18 @@ def evaluate(
     *,
     obsm_key: str = "X_sigattn",
     label_key: str = "cell_type",
+    checkpoint: str | os.PathLike | None = None,
+    corpus: str | os.PathLike | None = None,
     title: str = "",
     seed: int = 0,
     umap: bool = True,
 ) -> dict:
     """Evaluate the embedding in ``path``; write ``metrics.json`` (+ sweep CSV, UMAP PNG, UMAP coords) to ``out``."""
+    if (checkpoint is None) != (corpus is None):
+        raise ValueError("the validation loss needs both --checkpoint and --corpus")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     adata = read_cells(path)
+    out.mkdir(parents=True, exist_ok=True)
     metrics, sweep, cells = bio_conservation(adata, obsm_key, label_key, seed=seed)
     metrics.update(embeddings=str(path), obsm_key=obsm_key, label_key=label_key)
     sweep.to_csv(out / "resolution_sweep.csv", index=False)
@@ -166,6 +233,9 @@ def evaluate(
         pd.DataFrame(cells.obsm["X_umap"], index=cells.obs_names, columns=["umap1", "umap2"]).assign(
             label=cells.obs["label"].to_numpy()
         ).to_csv(out / "umap.csv")
+    if checkpoint is not None:
+        metrics.update(masked_validation_loss(checkpoint, corpus, seed=seed))
+        metrics["checkpoint"] = str(checkpoint)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     tmp.replace(out / "metrics.json")
@@ -177,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("embeddings", help="AnnData (.h5ad or .zarr) with the cell embedding in obsm")
     p.add_argument("--obsm-key", default="X_sigattn", help="obsm key of the embedding (default: X_sigattn)")
     p.add_argument("--label-key", default="cell_type", help="obs column with cell-type labels (default: cell_type)")
+    p.add_argument("--checkpoint", help="checkpoint (run dir or tag dir) for the masked-gene validation loss")
+    p.add_argument("--corpus", help="data_prep output directory holding mds/val, for the validation loss")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--title", default="", help="title of the UMAP plot")
     p.add_argument("--seed", type=int, default=0)
@@ -184,13 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         metrics = evaluate(a.embeddings, a.out, obsm_key=a.obsm_key, label_key=a.label_key,
-                           title=a.title, seed=a.seed,
+                           checkpoint=a.checkpoint, corpus=a.corpus, title=a.title, seed=a.seed,
                            umap=not a.no_umap)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     for k in METRIC_KEYS:
         print(f"{k:>18s}: {metrics[k]:.4f}")
+    if "val_loss" in metrics:
+        print(f"{'val_loss':>18s}: {metrics['val_loss']:.4f}  " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics["val_loss_per_dataset"].items()))
     print(f"wrote {Path(a.out) / 'metrics.json'}")
     return 0
 

@@ -98,7 +98,7 @@ def summarize(run_dir: str | Path) -> dict:
     if "grad_norm" in log:
         out["max_grad_norm"] = float(log["grad_norm"].max())
     for k in ("tokens_per_s", "cells_per_s", "mfu", "mem_gb"):
-        if k in log:
+        if k in log and steady[k].notna().any():  # mfu is null on CPU (no peak FLOP/s to compare with)
             out[k] = float(steady[k].median())
     ev = run_dir / "eval" / "metrics.json"
     if ev.is_file():
@@ -182,8 +182,11 @@ def plot_umaps(umaps: dict[str, pd.DataFrame], path: Path, summaries: dict[str, 
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, *, title: str = "Training report",
-                 notes: str = "") -> dict:
-    """Summarise ``run_dirs`` into ``out``/report.{json,md} + PNGs; returns the report dict."""
+                 notes: str = "", extra: dict | None = None) -> dict:
+    """Summarise ``run_dirs`` into ``out``/report.{json,md} + PNGs; returns the report dict.
+
+    ``notes`` (markdown) goes under the title; ``extra`` entries are added to report.json.
+    """
     if not run_dirs:
         raise ValueError("no run directories given")
     out = Path(out)
@@ -200,7 +203,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, title: str = "T
     plots = {"training_curves": plot_curves(logs, out / "training_curves.png").name}
     if umaps:
         plots["umaps"] = plot_umaps(umaps, out / "umaps.png", summaries).name
-    report = {"title": title, "runs": summaries, "plots": plots}
+    report = {"title": title, "runs": summaries, "plots": plots, **(extra or {})}
     md = [f"# {title}", ""]
     if notes:
         md += [notes, ""]

@@ -1,0 +1,74 @@
+"""`make demo` end to end in --fast mode: real PBMC 3k → data_prep → DeepSpeed training (sigmoid and softmax)
+→ embeddings → scIB metrics + validation loss → report files."""
+
+import json
+import math
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from training.demo import FAST, KINDS, OBSM_KEY, main
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["--out", str(out), "--fast", "--quiet"]) == 0
+    return out
+
+
+def test_demo_writes_report_with_both_attention_kinds(demo):
+    report = json.loads((demo / "report.json").read_text())
+    assert set(report["runs"]) == set(KINDS)
+    for kind in KINDS:
+        r = report["runs"][kind]
+        assert r["steps"] == FAST.steps
+        for key in ("nmi", "ari", "asw_label", "bio_conservation", "val_loss", "final_loss", "tokens_per_s"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (kind, key)
+        assert 0 <= r["nmi"] <= 1 and -1 <= r["ari"] <= 1 and 0 <= r["asw_label"] <= 1
+        assert r["bio_conservation"] == pytest.approx((r["nmi"] + r["ari"] + r["asw_label"]) / 3)
+        assert 0 < r["val_loss"] < 2 * math.log(51)  # 51 expression bins: chance is log(51) ≈ 3.9
+        assert r["eval"]["val_loss_per_dataset"].keys() == {"rna_10xpmbc3k"}
+        assert r["eval"]["n_cells"] == FAST.max_cells and r["eval"]["n_labels"] >= 5
+    timings = report["timings_s"]
+    assert {"prepare", "train_sigmoid", "train_softmax", "total"} <= timings.keys()
+    assert timings["total"] >= sum(v for k, v in timings.items() if k != "total") - 1
+    md = (demo / "report.md").read_text()
+    assert "| metric | sigmoid | softmax |" in md and "| bio-conservation |" in md
+    for png in ("training_curves.png", "umaps.png"):
+        assert (demo / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_embeddings_keep_cells_and_differ_between_models(demo):
+    embs = {k: ad.read_h5ad(demo / f"tiny-{k}" / "embeddings.h5ad") for k in KINDS}
+    src = ad.read_h5ad(demo / f"pbmc3k_{FAST.max_cells}cells.h5ad", backed="r")
+    for e in embs.values():
+        assert list(e.obs_names) == list(src.obs_names)
+        assert (e.obs["celltype"].astype(str) == src.obs["celltype"].astype(str)).all()
+        assert e.obsm[OBSM_KEY].shape == (FAST.max_cells, 128) and np.isfinite(e.obsm[OBSM_KEY]).all()
+    a, b = (embs[k].obsm[OBSM_KEY] for k in KINDS)
+    assert not np.allclose(a, b, atol=1e-3)  # two different models, not one checkpoint read twice
+
+
+def test_rerun_reuses_the_corpus(demo):
+    manifest = (demo / "corpus" / "manifest.json").read_text()
+    from data_prep.__main__ import main as data_prep_main
+    from data_prep.datasets import pbmc3k_path
+
+    assert data_prep_main(["build", pbmc3k_path(), "--out", str(demo / "corpus"), "--cell-type-key", "celltype",
+                           "--split-by", "cell", "--seed", "0"]) == 0
+    assert (demo / "corpus" / "manifest.json").read_text() == manifest
+
+
+def test_a_failing_step_names_itself_and_keeps_its_log(tmp_path):
+    import sys
+
+    from training.demo import run_logged
+
+    log = tmp_path / "logs" / "step.log"
+    with pytest.raises(RuntimeError, match=r"(?s)training \(x\) failed \(exit 3\).*step\.log.*boom"):
+        run_logged([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], log, "training (x)", quiet=True)
+    assert "boom" in log.read_text()
