@@ -42,14 +42,17 @@ class JobFolder:
 
     def _slurm_states(self) -> dict[str, tuple[str, int]]:
         ids = ",".join(sorted({j["job_id"].split("_")[0] for j in self.record["jobs"]}))
-        r = subprocess.run(["sacct", "-j", ids, "-X", "-n", "-P", "-o", "JobID,State,Restarts"],
+        # -D keeps the records of earlier runs of a requeued job (state REQUEUED), oldest first
+        r = subprocess.run(["sacct", "-j", ids, "-X", "-n", "-P", "-D", "-o", "JobID,State"],
                            capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             raise RuntimeError(f"sacct failed: {r.stderr.strip()}")
-        out = {}
+        out: dict[str, tuple[str, int]] = {}
         for line in r.stdout.splitlines():
-            jid, state, restarts = line.split("|")
-            out[jid] = (state.split()[0], int(restarts or 0))
+            jid, state = line.split("|")
+            state = state.split()[0]
+            requeues = out.get(jid, ("", 0))[1]
+            out[jid] = (state, requeues + (state == "REQUEUED"))
         return out
 
     def _local_state(self, job_id: str) -> tuple[str, int]:
