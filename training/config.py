@@ -79,7 +79,7 @@ class RunConfig:
     mask_ratio: float = 0.15
     zero_stage: int = 1
     precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    ckpt_every: int = 50
+    ckpt_every: int = 50                # ≤ 0: no periodic/final saves (benchmarks); request_stop still saves
     keep_last: int = 3
     log_every: int = 1
     nan_policy: str = "stop"            # stop | skip

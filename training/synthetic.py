@@ -15,13 +15,18 @@ import numpy as np
 from data_prep.tokenize import CellTokenizer, pack_batch
 
 
-def synthetic_cell(i: int, vocab_size: int, mean_genes: int, seed: int = 0, n_types: int = 8) -> dict:
-    """Sparse (genes, counts) and labels of synthetic cell ``i``."""
+def zipf_cdf(vocab_size: int, exponent: float = 1.1) -> np.ndarray:
+    weights = 1.0 / np.arange(1, vocab_size + 1) ** exponent
+    return np.cumsum(weights) / weights.sum()
+
+
+def synthetic_cell(i: int, vocab_size: int, mean_genes: int, seed: int = 0, n_types: int = 8,
+                   cdf: np.ndarray | None = None) -> dict:
+    """Sparse (genes, counts) and labels of synthetic cell ``i`` (``cdf``: cached ``zipf_cdf(vocab_size)``)."""
     rng = np.random.default_rng((seed, i))
     cell_type = i % n_types
     n = int(np.clip(rng.lognormal(np.log(mean_genes), 0.4), 50, vocab_size // 2))
-    weights = 1.0 / np.arange(1, vocab_size + 1) ** 1.1
-    cdf = np.cumsum(weights) / weights.sum()
+    cdf = zipf_cdf(vocab_size) if cdf is None else cdf
     genes = np.unique(np.searchsorted(cdf, rng.random(n)).clip(max=vocab_size - 1))
     markers = np.random.default_rng((seed, 10**9 + cell_type)).choice(vocab_size, 100, replace=False)
     genes = np.union1d(genes, markers).astype(np.int32)
@@ -38,6 +43,7 @@ class SyntheticCellLoader:
         self.tokenizer, self.batch_size, self.mean_genes = tokenizer, batch_size, mean_genes
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batches = 0
+        self._cdf = zipf_cdf(tokenizer.vocab_size)
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}
@@ -50,7 +56,7 @@ class SyntheticCellLoader:
             first = (self.batches * self.world_size + self.rank) * self.batch_size
             items = []
             for i in range(first, first + self.batch_size):
-                cell = synthetic_cell(i, self.tokenizer.vocab_size, self.mean_genes, self.seed)
+                cell = synthetic_cell(i, self.tokenizer.vocab_size, self.mean_genes, self.seed, cdf=self._cdf)
                 tok = self.tokenizer(cell["genes"], cell["counts"], cell_id=i)
                 items.append({**tok, **{k: cell[k] for k in ("cell_type", "dataset", "donor", "cell_id")}})
             self.batches += 1

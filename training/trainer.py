@@ -79,8 +79,9 @@ class Trainer:
         torch.manual_seed(r.seed)
         model = build_model(mcfg)
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
-        optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
         cuda = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                                      fused=cuda or None)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, cuda))
         self.loader = self._build_loader()
@@ -210,7 +211,7 @@ class Trainer:
                 bar.update(1)
                 if record.get("loss") is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if stop or step % r.ckpt_every == 0 or step == r.max_steps:
+                if stop or (r.ckpt_every > 0 and (step % r.ckpt_every == 0 or step == r.max_steps)):
                     self._save()
                 for cb in self.callbacks:
                     cb(self, record)
