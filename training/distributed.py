@@ -30,6 +30,9 @@ def export_env() -> None:
         return
     if "SLURM_PROCID" in os.environ and "SLURM_JOB_ID" in os.environ:
         import submitit
+        # submitit picks its job environment from SUBMITIT_EXECUTOR (set by submitit jobs; a plain
+        # sbatch/srun step has only the SLURM_* variables).
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

@@ -1,0 +1,65 @@
+"""training.distributed: launcher environments → RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; synthetic loader sharding."""
+
+import numpy as np
+import pytest
+
+from training.distributed import export_env
+
+VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in (*VARS, "SUBMITIT_EXECUTOR", "DS_ACCELERATOR"):
+        monkeypatch.setenv(k, "")        # records the original value (or absence) for teardown ...
+        monkeypatch.delenv(k)            # ... so what export_env sets is undone after the test
+    for k in list(__import__("os").environ):
+        if k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+    return monkeypatch
+
+
+def test_slurm_variables_become_torch_variables(clean_env):
+    import os
+    rng = np.random.default_rng()
+    job = int(rng.integers(1000, 99999))
+    for k, v in {"SLURM_JOB_ID": str(job), "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+                 "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "2",
+                 "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]"}.items():
+        clean_env.setenv(k, v)
+    export_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] != "1"
+
+
+def test_existing_launcher_variables_win(clean_env):
+    import os
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+                 "SLURM_PROCID": "0", "SLURM_JOB_ID": "5"}.items():
+        clean_env.setenv(k, v)
+    export_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "0")
+
+
+def test_single_process_defaults(clean_env):
+    import os
+    export_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "1") and int(os.environ["MASTER_PORT"]) > 0
+
+
+def test_synthetic_loader_shards_and_resumes():
+    from itertools import islice
+
+    from data_prep.tokenize import CellTokenizer
+    from training.synthetic import SyntheticCellLoader
+    tok = CellTokenizer(3000, context_length=200, n_bins=11)
+    ranks = [SyntheticCellLoader(tok, 3, mean_genes=120, rank=r, world_size=2) for r in range(2)]
+    seen = [[b["cell_id"].tolist() for b in islice(iter(ld), 4)] for ld in ranks]
+    flat = [c for r in seen for b in r for c in b]
+    assert len(flat) == len(set(flat)) == 24 and set(flat) == set(range(24))
+    fresh = SyntheticCellLoader(tok, 3, mean_genes=120, rank=1, world_size=2)
+    fresh.load_state_dict({"batches": 2})
+    b = next(iter(fresh))
+    assert b["cell_id"].tolist() == seen[1][2] and b["max_seqlen"] <= 200
+    assert int(b["cu_seqlens"][-1]) == b["input_ids"].numel()
