@@ -107,6 +107,20 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
+    def release_requeued(self, job_id: str, timeout: float = 120) -> None:
+        """Wait until ``job_id`` is pending again after a requeue, then clear the ~120 s begin-time hold
+        Slurm puts on requeued jobs (``scontrol update StartTime=now``) so tests do not sit idle."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.run("squeue", "-h", "-j", job_id, "-o", "%T|%r", check=False).stdout.strip()
+            if out.startswith("PENDING"):
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                return
+            if not out:
+                raise RuntimeError(f"job {job_id} left the queue instead of being requeued")
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} was not requeued within {timeout} s")
+
     def log_tail(self, name: str, n: int = 40) -> str:
         p = self.logs / f"{name}.log"
         return "\n".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else "(no log)"

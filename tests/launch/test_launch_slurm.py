@@ -88,6 +88,7 @@ def test_preempted_job_requeues_and_matches_uninterrupted_losses(reference, slur
         time.sleep(0.5)
     # what Slurm does --signal-delay-s before the time limit: USR2 to every task of every step
     slurm_cluster.run("scancel", "--signal=USR2", job.job_id)
+    slurm_cluster.release_requeued(job.job_id)
     _wait_done(job)
     assert _state(job) == "COMPLETED", job.stderr()
     assert job.results()[0] == "finished"

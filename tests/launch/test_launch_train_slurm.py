@@ -86,6 +86,7 @@ def test_deepspeed_job_completes_then_preempted_job_resumes_exactly(slurm_cluste
         assert time.monotonic() < deadline and _state(job) not in FINAL, job.stderr()
         time.sleep(0.1)
     slurm_cluster.run("scancel", "--signal=USR2", job.job_id)
+    slurm_cluster.release_requeued(job.job_id)
     _wait(job)
     assert _state(job) == "COMPLETED", job.stderr()
     info = JobFolder(folder).jobs()[0]
