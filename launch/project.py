@@ -1,0 +1,199 @@
+"""``python -m launch.project``: GPU-hours to train each model size × context × attention on a corpus.
+
+Per cell of ``s`` tokens (the context: every cell is assumed to fill it) a bidirectional encoder costs
+``F_cell = (6·N + 12·L·d·s)·s`` training FLOPs (N non-embedding parameters from a meta-device build of
+the preset, L layers, width d; see ``launch.model_size``). Throughput per GPU is either
+
+* analytic (``--mfu``): ``cells/s = mfu · peak / F_cell`` (same for sigmoid and softmax, which do the
+  same FLOPs), or
+* measured (``--measure``): median cells/s of real training steps on the local GPU (``launch.measure``).
+
+``GPU-hours = cells · epochs / (cells/s per GPU) / 3600``; wall-clock hours divide by ``--gpus``.
+Each row also carries the memory check of ``launch.memory`` (model states under the preset's ZeRO
+stage over ``--gpus`` GPUs, activations with/without checkpointing, the micro-batch that fits).
+Writes ``projection.{md,csv,json,png}`` to ``--out``; the plot compares sigmoid and softmax GPU-hours
+per size, one panel per context (like Figure 3 of the sigmoid-attention paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.progress import Progress
+
+from launch.memory import feasibility
+from launch.model_size import flops_per_cell, model_size
+
+ATTENTIONS = ("sigmoid", "softmax")
+H100_BF16_PEAK = 989e12
+
+
+def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int, gpu_mem_gib: float,
+         cells_per_s: float, source: str, measured=None) -> dict:
+    f = feasibility(m, context, m.zero_stage, gpus, gpu_mem_gib)
+    gpu_hours = cells * epochs / cells_per_s / 3600
+    row = {"size": m.name, "context": context, "attention": attention, "n_params": m.n_params,
+           "n_params_nonemb": m.n_params_nonemb, "flops_per_cell": flops_per_cell(m, context),
+           "throughput": source, "cells_per_s_per_gpu": cells_per_s, "gpu_hours": gpu_hours,
+           "wall_hours": gpu_hours / gpus, "zero_stage": m.zero_stage,
+           "model_state_gib": f.model_state_gib, "act_gib_per_cell": f.act_gib_per_cell,
+           "act_gib_per_cell_ckpt": f.act_gib_per_cell_ckpt, "max_cells": f.max_cells,
+           "max_cells_ckpt": f.max_cells_ckpt, "memory": f.verdict}
+    if measured is not None:
+        row.update(measured_batch=measured.batch_size, measured_mem_gb=measured.mem_gb,
+                   measured_tokens_per_cell=measured.tokens_per_cell, measured_steps=measured.steps)
+    return row
+
+
+def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mfu: float | None = 0.4,
+            peak_flops: float = H100_BF16_PEAK, measure_steps: tuple[int, int] | None = None,
+            gpu_mem_gib: float = 80.0) -> list[dict]:
+    """One row per size × context × attention (analytic when ``measure_steps`` is None)."""
+    models = {s: model_size(s) for s in sizes}
+    rows = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("projection", total=len(sizes) * len(contexts) * len(ATTENTIONS))
+        for s in sizes:
+            for ctx in contexts:
+                for att in ATTENTIONS:
+                    progress.update(task, description=f"{s} ctx {ctx} {att}")
+                    m = models[s]
+                    if measure_steps is None:
+                        rate = mfu * peak_flops / flops_per_cell(m, ctx)
+                        rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, rate, f"mfu={mfu:g}"))
+                    else:
+                        from launch.measure import measure
+
+                        meas = measure(s, ctx, att, warmup_steps=measure_steps[0], timed_steps=measure_steps[1])
+                        rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, meas.cells_per_s,
+                                         "measured", meas))
+                    progress.advance(task)
+    for r in rows:  # sigmoid's saving relative to softmax, on both rows of a pair
+        soft = next(x for x in rows if (x["size"], x["context"], x["attention"]) == (r["size"], r["context"], "softmax"))
+        r["sigmoid_saving_pct"] = None if r["attention"] != "sigmoid" else 100 * (1 - r["gpu_hours"] / soft["gpu_hours"])
+    return rows
+
+
+def _markdown(rows: list[dict], header: str) -> str:
+    cols = ["size", "context", "attention", "n_params", "cells_per_s_per_gpu", "gpu_hours", "wall_hours",
+            "sigmoid_saving_pct", "zero_stage", "model_state_gib", "max_cells", "max_cells_ckpt", "memory"]
+    if "measured_batch" in rows[0]:
+        cols += ["measured_batch", "measured_mem_gb"]
+
+    def fmt(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    contexts = sorted({r["context"] for r in rows})
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 4), squeeze=False, sharey=True)
+    x = np.arange(len(sizes))
+    for ax, ctx in zip(axes[0], contexts):
+        for i, (att, color) in enumerate((("softmax", "tab:gray"), ("sigmoid", "tab:blue"))):
+            h = [next(r["gpu_hours"] for r in rows if (r["size"], r["context"], r["attention"]) == (s, ctx, att))
+                 for s in sizes]
+            bars = ax.bar(x + (i - 0.5) * 0.38, h, 0.38, label=att, color=color)
+            if att == "sigmoid":
+                for b, s in zip(bars, sizes):
+                    pct = next(r["sigmoid_saving_pct"] for r in rows
+                               if (r["size"], r["context"], r["attention"]) == (s, ctx, "sigmoid"))
+                    ax.annotate(f"{pct:+.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, sizes)
+        ax.set_yscale("log")
+        ax.set_title(f"context {ctx}")
+        ax.set_xlabel("model size")
+    axes[0][0].set_ylabel("GPU-hours")
+    axes[0][0].legend()
+    fig.suptitle(title + "   (% = sigmoid saving vs softmax)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{meta['cells']:.4g} cells × {meta['epochs']:g} epoch(s) on {meta['gpus']} GPUs; "
+             f"throughput {meta['throughput']}")
+    paths = [out / f"projection.{ext}" for ext in ("md", "csv", "json", "png")]
+    paths[0].write_text(_markdown(rows, f"# GPU-hour projection\n\n{title}\n\n{meta['note']}"))
+    with open(paths[1], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    paths[2].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    _plot(rows, paths[3], title)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.project", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["160m", "400m", "600m", "1.4b"], help="training presets")
+    p.add_argument("--context", nargs="+", type=int, default=[2048, 4096, 8192])
+    p.add_argument("--cells", type=float, default=131.6e6, help="cells per epoch")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--gpus", type=int, default=16)
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for the analytic path (0.4)")
+    g.add_argument("--measure", action="store_true", help="time real training steps on the local device")
+    p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK, help="per-GPU peak for --mfu (H100 bf16)")
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--timed-steps", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    mfu = a.mfu if a.mfu is not None else 0.4
+    if not a.measure and not 0 < mfu <= 1:
+        p.error(f"--mfu must lie in (0, 1], got {mfu}")
+    if a.cells <= 0 or a.epochs <= 0 or a.gpus < 1:
+        p.error("--cells, --epochs must be > 0 and --gpus >= 1")
+    if any(c < 2 for c in a.context):
+        p.error("--context values must be >= 2")
+    from launch.configs import ConfigError, resolve_config
+    try:
+        for s in a.sizes:
+            resolve_config(s)
+    except ConfigError as e:
+        p.error(str(e))
+    t0 = time.time()
+    rows = project(a.sizes, a.context, cells=a.cells, gpus=a.gpus, epochs=a.epochs, mfu=mfu,
+                   peak_flops=a.peak_flops, gpu_mem_gib=a.gpu_mem_gib,
+                   measure_steps=(a.warmup_steps, a.timed_steps) if a.measure else None)
+    device = "cpu"
+    if a.measure:
+        import torch
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    meta = {"cells": a.cells, "epochs": a.epochs, "gpus": a.gpus, "gpu_mem_gib": a.gpu_mem_gib,
+            "throughput": f"measured on {device}" if a.measure else f"MFU {mfu:g} of {a.peak_flops:.3g} FLOP/s",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
+            "argv": sys.argv[1:] if argv is None else argv,
+            "note": "F_cell = (6·N + 12·L·d·s)·s with s = context; memory: bf16 AdamW states under the preset's "
+                    "ZeRO stage over the GPUs, activations 34·d B/token/layer (2·d with checkpointing)."}
+    for path in write_outputs(rows, a.out, meta):
+        print(path)
+    print(_markdown(rows, ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
