@@ -53,15 +53,15 @@ def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int
 
 def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mfu: float | None = 0.4,
             peak_flops: float = H100_BF16_PEAK, measure_steps: tuple[int, int] | None = None,
-            gpu_mem_gib: float = 80.0) -> list[dict]:
+            gpu_mem_gib: float = 80.0, attentions=ATTENTIONS, batch_size: int | None = None) -> list[dict]:
     """One row per size × context × attention (analytic when ``measure_steps`` is None)."""
     models = {s: model_size(s) for s in sizes}
     rows = []
     with Progress(transient=True) as progress:
-        task = progress.add_task("projection", total=len(sizes) * len(contexts) * len(ATTENTIONS))
+        task = progress.add_task("projection", total=len(sizes) * len(contexts) * len(attentions))
         for s in sizes:
             for ctx in contexts:
-                for att in ATTENTIONS:
+                for att in attentions:
                     progress.update(task, description=f"{s} ctx {ctx} {att}")
                     m = models[s]
                     if measure_steps is None:
@@ -70,13 +70,15 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                     else:
                         from launch.measure import measure
 
-                        meas = measure(s, ctx, att, warmup_steps=measure_steps[0], timed_steps=measure_steps[1])
+                        meas = measure(s, ctx, att, warmup_steps=measure_steps[0], timed_steps=measure_steps[1],
+                                       batch_size=batch_size)
                         rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, meas.cells_per_s,
                                          "measured", meas))
                     progress.advance(task)
-    for r in rows:  # sigmoid's saving relative to softmax, on both rows of a pair
-        soft = next(x for x in rows if (x["size"], x["context"], x["attention"]) == (r["size"], r["context"], "softmax"))
-        r["sigmoid_saving_pct"] = None if r["attention"] != "sigmoid" else 100 * (1 - r["gpu_hours"] / soft["gpu_hours"])
+    for r in rows:  # sigmoid's saving relative to softmax (on the sigmoid row, when both were run)
+        soft = [x for x in rows if (x["size"], x["context"], x["attention"]) == (r["size"], r["context"], "softmax")]
+        r["sigmoid_saving_pct"] = (100 * (1 - r["gpu_hours"] / soft[0]["gpu_hours"])
+                                   if r["attention"] == "sigmoid" and soft else None)
     return rows
 
 
@@ -110,13 +112,13 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     x = np.arange(len(sizes))
     for ax, ctx in zip(axes[0], contexts):
         for i, (att, color) in enumerate((("softmax", "tab:gray"), ("sigmoid", "tab:blue"))):
-            h = [next(r["gpu_hours"] for r in rows if (r["size"], r["context"], r["attention"]) == (s, ctx, att))
-                 for s in sizes]
-            bars = ax.bar(x + (i - 0.5) * 0.38, h, 0.38, label=att, color=color)
-            if att == "sigmoid":
-                for b, s in zip(bars, sizes):
-                    pct = next(r["sigmoid_saving_pct"] for r in rows
-                               if (r["size"], r["context"], r["attention"]) == (s, ctx, "sigmoid"))
+            sel = {r["size"]: r for r in rows if r["context"] == ctx and r["attention"] == att}
+            if not sel:
+                continue
+            bars = ax.bar(x + (i - 0.5) * 0.38, [sel[s]["gpu_hours"] for s in sizes], 0.38, label=att, color=color)
+            for b, s in zip(bars, sizes):
+                pct = sel[s]["sigmoid_saving_pct"]
+                if pct is not None:
                     ax.annotate(f"{pct:+.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
                                 ha="center", va="bottom", fontsize=8)
         ax.set_xticks(x, sizes)
@@ -154,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--gpus", type=int, default=16)
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for the analytic path (0.4)")
     g.add_argument("--measure", action="store_true", help="time real training steps on the local device")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK, help="per-GPU peak for --mfu (H100 bf16)")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--timed-steps", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="--measure micro-batch (cells); default keeps the preset's tokens per micro-batch")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     mfu = a.mfu if a.mfu is not None else 0.4
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = project(a.sizes, a.context, cells=a.cells, gpus=a.gpus, epochs=a.epochs, mfu=mfu,
                    peak_flops=a.peak_flops, gpu_mem_gib=a.gpu_mem_gib,
-                   measure_steps=(a.warmup_steps, a.timed_steps) if a.measure else None)
+                   measure_steps=(a.warmup_steps, a.timed_steps) if a.measure else None, attentions=a.attention,
+                   batch_size=a.batch_size)
     device = "cpu"
     if a.measure:
         import torch

@@ -1,0 +1,120 @@
+"""launch.project: parameter counts, FLOPs and GPU-hours, memory feasibility, output files, and --measure on CPU."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from launch import project
+from launch.memory import activation_bytes, feasibility, model_state_bytes
+from launch.model_size import flops_per_cell, model_size
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["tiny", "160m", "1.4b"])
+def test_param_count_matches_closed_form(name):
+    """Meta-device count equals the closed form of training/presets.py's docstring."""
+    from data_prep.tokenize import CellTokenizer
+    from training.config import load_config
+    from training.presets import NOMINAL_VOCAB
+
+    m = model_size(name)
+    cfg = load_config(REPO / "training" / "configs" / f"{name}.yaml")
+    tok = CellTokenizer(NOMINAL_VOCAB, 16, cfg.data.n_bins, 0)
+    d, f, L, nb = m.d_model, m.d_ff, m.n_layers, cfg.data.n_bins
+    body = L * (4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d) + 2 * d + d * d + d + 2 * d + d * nb + nb
+    assert m.n_params_nonemb == body
+    assert m.n_params == body + tok.n_tokens * d + tok.n_value_tokens * d
+
+
+def test_flops_and_gpu_hours_follow_the_formula():
+    m = model_size("400m")
+    rng = random.Random()
+    ctx, mfu, cells, gpus = rng.choice([1000, 3000, 8192]), rng.uniform(0.2, 0.6), rng.uniform(1e6, 1e8), rng.randint(1, 64)
+    f = (6 * m.n_params_nonemb + 12 * m.n_layers * m.d_model * ctx) * ctx
+    assert flops_per_cell(m, ctx) == pytest.approx(f)
+    rows = project.project(["400m"], [ctx], cells=cells, gpus=gpus, epochs=2.0, mfu=mfu, peak_flops=1e15)
+    assert [r["attention"] for r in rows] == ["sigmoid", "softmax"]
+    hours = 2.0 * cells * f / (mfu * 1e15) / 3600
+    for r in rows:
+        assert r["gpu_hours"] == pytest.approx(hours) and r["wall_hours"] == pytest.approx(hours / gpus)
+    assert rows[0]["sigmoid_saving_pct"] == pytest.approx(0.0) and rows[1]["sigmoid_saving_pct"] is None
+    # attention's share grows with context: FLOPs per cell are super-linear in s
+    assert flops_per_cell(m, 2 * ctx) > 2 * flops_per_cell(m, ctx)
+
+
+def test_memory_model():
+    p, g = random.randint(10**8, 10**10), random.randint(2, 64)
+    states = [model_state_bytes(p, z, g) for z in range(4)]
+    assert states[0] == 16 * p and states[3] == pytest.approx(16 * p / g)
+    assert states == sorted(states, reverse=True)
+    assert model_state_bytes(p, 2, 1) == model_state_bytes(p, 0, 1)  # nothing to shard on one GPU
+    m = model_size("1.4b")
+    assert activation_bytes(m, 2, 4096, False) == pytest.approx(2 * activation_bytes(m, 1, 4096, False))
+    assert activation_bytes(m, 1, 4096, True) < activation_bytes(m, 1, 4096, False) / 5
+    small = feasibility(m, 8192, 0, 1, gpu_mem_gib=16)   # 16 B/param of 1.4B params alone exceed 16 GiB
+    assert small.verdict == "does not fit" and small.max_cells == 0
+    f2, f8 = feasibility(m, 2048, 3, 16), feasibility(m, 8192, 3, 16)
+    assert f2.max_cells > f8.max_cells >= 1 and f8.max_cells_ckpt > f8.max_cells
+    tight = next(feasibility(m, 8192, 3, 16, gpu_mem_gib=gb) for gb in range(1, 200)
+                 if feasibility(m, 8192, 3, 16, gpu_mem_gib=gb).max_cells_ckpt >= 1)
+    assert tight.verdict == "fits with activation checkpointing"
+
+
+def test_cli_writes_table_csv_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "proj"
+    assert project.main(["--sizes", "160m", "1.4b", "--context", "2048", "8192", "--cells", "131.6e6", "--gpus", "16",
+                         "--mfu", "0.4", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "projection.csv")))
+    assert len(rows) == 2 * 2 * 2 and {r["memory"] for r in rows} <= {"fits", "fits with activation checkpointing",
+                                                                        "does not fit"}
+    data = json.loads((out / "projection.json").read_text())
+    assert data["meta"]["gpus"] == 16 and len(data["rows"]) == 8
+    big = [r for r in data["rows"] if r["size"] == "1.4b" and r["context"] == 8192][0]
+    assert math.isclose(big["gpu_hours"], 131.6e6 * flops_per_cell(model_size("1.4b"), 8192) / (0.4 * 989e12) / 3600)
+    md = (out / "projection.md").read_text()
+    assert md.count("\n| 1.4b |") == 4 and "GPU-hour projection" in md
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out / "projection.png")
+    assert img.shape[0] > 200 and img.shape[1] > 600
+
+
+@pytest.mark.parametrize("argv, msg", [(["--sizes", "3b"], "unknown preset"), (["--mfu", "1.5"], "--mfu"),
+                                       (["--context", "1"], "--context")])
+def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, msg):
+    with pytest.raises(SystemExit):
+        project.main(argv + ["--out", str(tmp_path / "o")])
+    assert msg in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _sigattn_api() -> bool:
+    try:
+        return hasattr(importlib.import_module("sigattn"), "sigmoid_attention_varlen")
+    except ImportError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["softmax", pytest.param("sigmoid", marks=pytest.mark.skipif(
+    not _sigattn_api(), reason="sigattn.sigmoid_attention_varlen (public API) not available yet"))])
+def test_measure_smoke_on_cpu(tmp_path, monkeypatch, attention):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    out = tmp_path / "m"
+    assert project.main(["--sizes", "tiny", "--context", "32", "--cells", "1e4", "--gpus", "2", "--measure",
+                         "--warmup-steps", "1", "--timed-steps", "2", "--batch-size", "4", "--attention", attention,
+                         "--out", str(out)]) == 0
+    (row,) = json.loads((out / "projection.json").read_text())["rows"]
+    assert row["throughput"] == "measured" and row["measured_batch"] == 4 and row["measured_steps"] == 2
+    assert row["cells_per_s_per_gpu"] > 0 and row["gpu_hours"] == pytest.approx(1e4 / row["cells_per_s_per_gpu"] / 3600)
+    assert 0.8 * 32 <= row["measured_tokens_per_cell"] <= 32  # synthetic cells fill the context
+    assert os.path.getsize(out / "projection.png") > 0
