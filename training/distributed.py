@@ -1,6 +1,7 @@
 """Process-group set-up for torchrun, the deepspeed launcher, Slurm, or a single process.
 
-Order: RANK/WORLD_SIZE already set (torchrun, deepspeed launcher) → used as is; else inside a
+Order: RANK/WORLD_SIZE already set (torchrun, deepspeed launcher) → used as is (the deepspeed
+launcher's LOCAL_SIZE is copied to LOCAL_WORLD_SIZE for mosaicml-streaming); else inside a
 Slurm job (SLURM_PROCID) → ``submitit.helpers.TorchDistributedEnvironment().export()`` derives
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT (without touching CUDA_VISIBLE_DEVICES, which would
 break DeepSpeed's LOCAL_RANK device choice); else a one-process group on a free local port.
@@ -27,6 +28,10 @@ def export_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
+        # The deepspeed launcher says LOCAL_SIZE; mosaicml-streaming reads LOCAL_WORLD_SIZE (else it
+        # takes every rank for its own node's leader and they collide on shared memory).
+        if "LOCAL_SIZE" in os.environ:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
         return
     if "SLURM_PROCID" in os.environ and "SLURM_JOB_ID" in os.environ:
         import submitit

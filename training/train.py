@@ -21,8 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
     p.add_argument("config", help="YAML config (see training/configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.zero_stage=2 optim.grad_clip=null")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what is used.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
 
     from training.trainer import NonFiniteError, Trainer
     try:

@@ -1,6 +1,7 @@
 """training model: presets' sizes (meta device), attention cores, padding invariance, masked loss, embeddings."""
 
 import dataclasses
+from pathlib import Path
 import importlib.util
 
 import numpy as np
@@ -138,3 +139,26 @@ def test_masking_counts_cls_and_determinism():
 def test_model_needs_tokenizer_sizes():
     with pytest.raises(ValueError, match="n_tokens and n_bins"):
         build_model(ModelConfig())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    rng = np.random.default_rng()
+    tok, items = random_cells(rng, 4)
+    b = pack_batch(items)
+    masked = choose_masked(b["cu_seqlens"], 0.2, mask_generator(1, 2))
+    grads = []
+    for ac in (False, True):
+        torch.manual_seed(5)
+        model = small_model(tok, "softmax").train()
+        model.cfg.activation_checkpointing = ac
+        model(b, masked)[0].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c)
+
+
+def test_cli_rejects_bad_overrides_clearly(capsys):
+    from training.train import main
+    with pytest.raises(SystemExit) as e:
+        main([str(Path(__file__).parents[2] / "training" / "configs" / "tiny.yaml"), "run.zero_stage=9"])
+    assert e.value.code == 2 and "run.zero_stage must be 0–3" in capsys.readouterr().err

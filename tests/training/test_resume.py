@@ -79,11 +79,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_under_torchrun_split_cells_and_agree(corpus, tmp_path):
+LAUNCHERS = {
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(port), "-m", "training.train"],
+    "deepspeed": lambda port: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                               "--master_port", str(port), "--module", "training.train"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_split_cells_and_agree(corpus, tmp_path, launcher):
     extra = {"run.max_steps": 4, "run.log_cell_ids": True, "run.zero_stage": 2}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port())]
-    res = run([*torchrun, "-m", "training.train", TINY, *tiny_overrides(corpus, tmp_path, **extra)])
+    res = run([*LAUNCHERS[launcher](free_port()), TINY, *tiny_overrides(corpus, tmp_path, **extra)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "world 2" in res.stdout
     r0, r1 = by_step(tmp_path / "cells_rank0.jsonl", "cell_ids"), by_step(tmp_path / "cells_rank1.jsonl", "cell_ids")

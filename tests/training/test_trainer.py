@@ -46,10 +46,11 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage, clip, gas", [(1, 1.0, 1), (2, None, 1), (3, 0.5, 2)])
-def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, stage, clip, gas):
+@pytest.mark.parametrize("stage, clip, gas, ac", [(1, 1.0, 1, False), (2, None, 1, False), (3, 0.5, 2, True)])
+def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, stage, clip, gas, ac):
     from training.checkpoint import latest_tag, load_for_inference
-    t = make_trainer(corpus, tmp_path, **{"run.zero_stage": stage, "optim.grad_clip": clip, "optim.grad_accum": gas})
+    t = make_trainer(corpus, tmp_path, **{"run.zero_stage": stage, "optim.grad_clip": clip, "optim.grad_accum": gas,
+                                          "model.activation_checkpointing": ac})
     assert t.train() == "finished" and t.step == 4
     recs = records(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
