@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Overrides may come before or after the options (but not right after ``--array-sweep``'s values)."""
+    return build_parser().parse_intermixed_args(argv)
+
+
 def validate(args: argparse.Namespace, use_slurm: bool) -> tuple[Path, list[list[str]]]:
     """Config path and one override list per job; ``SystemExit(2)`` with a clear message on any problem."""
     def fail(msg: str):
@@ -185,7 +190,7 @@ def submit(args: argparse.Namespace) -> tuple[Path, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     folder, jobs = submit(args)
     where = "Slurm" if jobs and type(jobs[0]).__name__.startswith("Slurm") else "this machine (local executor)"
     print(f"submitted {len(jobs)} job(s) to {where}: {', '.join(j.job_id for j in jobs)}")

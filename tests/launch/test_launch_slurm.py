@@ -26,7 +26,7 @@ def _config(tmp_path: Path, steps: int, sleep_s: float, seed: int) -> Path:
 
 
 def _submit(argv: list[str]):
-    args = submit.build_parser().parse_args(argv + ["--entry", ENTRY, "--time", "00:10:00", "--signal-delay-s", "60"])
+    args = submit.parse_args(argv + ["--entry", ENTRY, "--time", "00:10:00", "--signal-delay-s", "60"])
     return submit.submit(args)
 
 

@@ -64,7 +64,7 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def _run(corpus, tmp_path, seed, extra=()):
-    args = submit.build_parser().parse_args(
+    args = submit.parse_args(
         ["tiny", *_overrides(corpus, seed), "--gpus-per-node", "0", "--tasks-per-node", "2",
          "--folder", str(tmp_path), "--time", "00:15:00", "--signal-delay-s", "60", *extra])
     folder, jobs = submit.submit(args)

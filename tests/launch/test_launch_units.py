@@ -1,0 +1,91 @@
+"""launch without Slurm: sweep expansion, time limits, config checks, and the local executor (workstation path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch import configs, submit, sweep
+from launch.job import load_entry
+
+ENTRY = "tests.launch.standin_trainer:build_trainer"
+
+
+def test_sweep_is_the_cartesian_product_in_order():
+    n1, n2 = random.randint(1, 4), random.randint(1, 3)
+    a = [str(random.randint(0, 10**6)) + f"x{i}" for i in range(n1)]
+    b = [f"v{i}" for i in range(n2)]
+    combos = sweep.expand(sweep.parse_sweep([f"k1={','.join(a)}", f"s.k2={','.join(b)}"]))
+    assert combos == [[f"k1={x}", f"s.k2={y}"] for x in a for y in b]
+    assert sweep.expand([]) == [[]]
+    assert sweep.tag(["model.attention=softmax", "data.context_length=4096"]) == "attention-softmax_context_length-4096"
+
+
+@pytest.mark.parametrize("bad", ["k", "k=", "=1,2", "k=1,,2", "k=1,1"])
+def test_sweep_rejects_malformed(bad):
+    with pytest.raises(ValueError, match="--array-sweep"):
+        sweep.parse_sweep([bad])
+
+
+def test_parse_time():
+    assert submit.parse_time("01:30:00") == 90 and submit.parse_time("1-00:00:01") == 1441
+    assert submit.parse_time("45") == 45 and submit.parse_time("10:00") == 10
+
+
+def test_config_keys_resolve_through_the_trainer(tmp_path):
+    p = configs.resolve_config("tiny")
+    full = configs.check_overrides(p, ["attention=softmax", "context=256", "optim.lr=1.0e-3"], "launch.trainer_entry")
+    assert full == ["model.attention=softmax", "data.context_length=256", "optim.lr=1.0e-3"]
+    for bad, msg in [(["attention=relu"], "sigmoid"), (["model.nope=1"], "unknown config key"),
+                     (["run.max_steps=ten"], "expected int")]:
+        with pytest.raises(configs.ConfigError, match=msg):
+            configs.check_overrides(p, bad, "launch.trainer_entry")
+    (tmp_path / "x.yaml").write_text("a: [1,\n")
+    with pytest.raises(configs.ConfigError, match="not valid YAML"):
+        configs.check_overrides(tmp_path / "x.yaml", [], None)
+    with pytest.raises(ValueError, match="module:function"):
+        load_entry("launch.job")
+
+
+def test_local_executor_runs_two_tasks_and_requeues_on_signal(tmp_path, monkeypatch):
+    """No Slurm: submitit's local executor; USR2 to the tasks → collective save → local requeue → same losses."""
+    import signal
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    seed = random.randint(0, 999)
+    cfg.write_text(yaml.safe_dump({"run": {"dir": "x"}, "train": {"steps": 12, "sleep_s": 0.3, "lr": 0.05, "seed": seed}}))
+    common = [str(cfg), "--gpus-per-node", "0", "--tasks-per-node", "2", "--local", "--entry", ENTRY,
+              "--time", "00:10:00", "--signal-delay-s", "30", "--no-snapshot"]
+    folder, (job,) = submit.submit(submit.parse_args(common + ["--folder", str(tmp_path / "a")]))
+    run_dir = Path(json.loads((folder / "launch.json").read_text())["jobs"][0]["run_dir"])
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline, job.stderr()
+        time.sleep(0.2)
+    pids = _task_pids(job)
+    assert len(pids) == 2
+    for pid in pids:  # what Slurm does before the time limit: USR2 to every task
+        os.kill(pid, signal.SIGUSR2)
+    assert job.results() == ["finished", "finished"]
+    interrupted = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in interrupted] == list(range(1, 13))
+    assert json.loads((job.paths.folder / f"{job.job_id}_requeues.json").read_text()) == {"requeues": 1}
+
+    folder2, (job2,) = submit.submit(submit.parse_args(
+        common + ["--folder", str(tmp_path / "b"), "train.sleep_s=0"]))
+    assert job2.results() == ["finished", "finished"]
+    ref_dir = Path(json.loads((folder2 / "launch.json").read_text())["jobs"][0]["run_dir"])
+    ref = [json.loads(line)["loss"] for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in interrupted] == pytest.approx(ref, rel=1e-6)
+
+
+def _task_pids(job) -> list[int]:
+    """The local controller's children (one Python process per task)."""
+    children = Path(f"/proc/{job.job_id}/task/{job.job_id}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
