@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 import scipy.sparse as sp
@@ -106,7 +106,7 @@ def write_task(task: Task, out_root: str, compression: str = "zstd", size_limit:
 
 
 def write_mds(tasks: list[Task], out_root: str, workers: int, progress=None, **kw) -> dict:
-    """Run ``write_task`` over ``tasks`` (in ``workers`` spawned processes when > 1), merge indexes."""
+    """Run ``write_task`` over ``tasks`` (in ``workers`` forked processes when > 1), merge indexes."""
     totals = {"written": {s: 0 for s in SPLITS}, "no_mapped_genes": 0}
 
     def add(r):
@@ -120,7 +120,10 @@ def write_mds(tasks: list[Task], out_root: str, workers: int, progress=None, **k
         for t in tasks:
             add(write_task(t, out_root, **kw))
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+        # fork: the children inherit the imported streaming/torch (a spawned child spends ~10 s
+        # importing them); zarr resets its event-loop thread after fork.
+        ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
             futures = [ex.submit(write_task, t, out_root, **kw) for t in tasks]
             for f in as_completed(futures):
                 add(f.result())

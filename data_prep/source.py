@@ -143,7 +143,9 @@ class Source:
             stats.dropped_min_genes += int((prim & ~enough).sum())
             stats.cells_out += int(keep.sum())
             rows = np.flatnonzero(keep)
-            if len(rows):
+            if len(rows) == len(keep):
+                yield rows + start, block
+            elif len(rows):
                 yield rows + start, block[rows]
 
     def close(self) -> None:
