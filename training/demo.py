@@ -11,7 +11,8 @@
 3. Embed the cells with each checkpoint (``training.embed``) and evaluate them (``training.evaluate``:
    scIB NMI/ARI/ASW against the annotated cell types, masked-gene validation loss, UMAP).
 4. Write ``OUT/report.md``, ``OUT/report.json`` and PNG plots (``training.report``) plus the phase timings,
-   and print the metric table.
+   and print the metric table. A PCA embedding of the same cells (no training) is evaluated alongside as a
+   reference point.
 
 ``--fast`` is a smoke-test mode (a few steps, short context, a subset of cells) for the test suite; its
 metrics mean nothing.
@@ -47,16 +48,17 @@ class Settings:
     context_length: int
     max_cells: int | None  # None: all 2,700
     eval_batch_size: int = 64
+    extra: tuple[str, ...] = ()  # further training overrides
 
     def overrides(self, kind: str, corpus: Path, run_dir: Path) -> list[str]:
         return [f"model.attention={kind}", f"data.mds={corpus}", f"run.dir={run_dir}",
                 f"run.max_steps={self.steps}", f"run.ckpt_every={self.steps}", "run.keep_last=1",
-                f"data.batch_size={self.batch_size}", f"data.context_length={self.context_length}",
-                f"optim.warmup_steps={max(1, self.steps // 10)}", "run.seed=0"]
+                f"data.batch_size={self.batch_size}", f"data.context_length={self.context_length}", "run.seed=0",
+                *self.extra]
 
 
 FULL = Settings(steps=150, batch_size=32, context_length=128, max_cells=None)
-FAST = Settings(steps=4, batch_size=8, context_length=32, max_cells=400)
+FAST = Settings(steps=4, batch_size=8, context_length=32, max_cells=400, extra=("optim.warmup_steps=1",))
 
 
 def _env() -> dict:
@@ -109,6 +111,24 @@ def cell_file(out: Path, max_cells: int | None) -> Path:
     return dst
 
 
+def pca_baseline(cells: Path, out: Path, seed: int = 0) -> Path:
+    """A reference embedding with no training: log-normalised counts → 2,000 HVGs → PCA 30 (scanpy).
+
+    Written to ``out/embeddings.h5ad`` (``obsm["X_pca"]``); returns its path.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    a = ad.read_h5ad(cells)
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(a, n_top_genes=min(2000, a.n_vars), subset=True)
+    sc.pp.pca(a, n_comps=min(30, a.n_obs - 1, a.n_vars - 1), random_state=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    ad.AnnData(obs=a.obs, obsm={"X_pca": a.obsm["X_pca"]}).write_h5ad(out / "embeddings.h5ad")
+    return out / "embeddings.h5ad"
+
+
 def run_demo(out: str | Path = "runs/demo", *, settings: Settings = FULL, kinds=KINDS,
              quiet: bool = False) -> dict:
     """Run the whole job; returns the report dict (also written to ``out/report.json``)."""
@@ -154,8 +174,15 @@ def run_demo(out: str | Path = "runs/demo", *, settings: Settings = FULL, kinds=
         timings[name] = time.perf_counter() - t0
         name, t0 = f"evaluate_{kind}", time.perf_counter()
         evaluate(emb, run_dir / "eval", obsm_key=OBSM_KEY, label_key=LABEL_KEY, checkpoint=run_dir, corpus=corpus,
-                 title=f"tiny, {kind} attention")
+                 title=f"tiny, {kind} attention", progress=not quiet)
         timings[name] = time.perf_counter() - t0
+
+    name, t0 = "baseline_pca", time.perf_counter()
+    console.print("PCA baseline (log-normalised counts, 2,000 HVGs, 30 PCs)")
+    base_dir = out / "baseline-pca"
+    evaluate(pca_baseline(cells, base_dir), base_dir / "eval", obsm_key="X_pca", label_key=LABEL_KEY,
+             title="PCA baseline (no training)")
+    timings[name] = time.perf_counter() - t0
 
     name, t0 = phase("report", "4/4 report")
     timings["total"] = time.perf_counter() - t_all  # without the report itself (a second or two)
@@ -166,6 +193,7 @@ def run_demo(out: str | Path = "runs/demo", *, settings: Settings = FULL, kinds=
                                                                if k != "total") + ")." + (" **--fast smoke test: metrics are meaningless.**"
                                                         if settings is FAST else ""))
     report = write_report(run_dirs, out, title="sigattn demo: sigmoid vs softmax attention", notes=notes,
+                          baselines={"PCA": base_dir / "eval"},
                           extra={"settings": settings.__dict__, "timings_s": timings, "corpus": str(corpus),
                                  "cells": str(cells)})
     _summary(console, report, timings, out / "report.md")
@@ -181,7 +209,7 @@ def _device():
 def _summary(console: Console, report: dict, timings: dict, path: Path) -> None:
     from training.report import TABLE
 
-    runs = report["runs"]
+    runs = {**report["runs"], **{f"{n} (baseline)": b for n, b in report["baselines"].items()}}
     t = Table(title="tiny on PBMC 3k")
     t.add_column("metric")
     for n in runs:

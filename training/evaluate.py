@@ -218,6 +218,7 @@ def evaluate(
     title: str = "",
     seed: int = 0,
     umap: bool = True,
+    progress: bool = True,
 ) -> dict:
     """Evaluate the embedding in ``path``; write ``metrics.json`` (+ sweep CSV, UMAP PNG, UMAP coords) to ``out``."""
     if (checkpoint is None) != (corpus is None):
@@ -234,7 +235,7 @@ def evaluate(
             label=cells.obs["label"].to_numpy()
         ).to_csv(out / "umap.csv")
     if checkpoint is not None:
-        metrics.update(masked_validation_loss(checkpoint, corpus, seed=seed))
+        metrics.update(masked_validation_loss(checkpoint, corpus, seed=seed, progress=progress))
         metrics["checkpoint"] = str(checkpoint)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -133,6 +133,11 @@ def plot_curves(logs: dict[str, pd.DataFrame], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with plt.style.context("default"):  # independent of rcParams changed by scanpy in this process
+        return _plot_curves(plt, logs, path)
+
+
+def _plot_curves(plt, logs: dict[str, pd.DataFrame], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (name, log), colour in zip(logs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         for ax, key in zip(axes, ("loss", "grad_norm")):
@@ -162,35 +167,42 @@ def plot_umaps(umaps: dict[str, pd.DataFrame], path: Path, summaries: dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with plt.style.context("default"):  # independent of rcParams changed by scanpy in this process
+        return _plot_umaps(plt, umaps, path, summaries)
+
+
+def _plot_umaps(plt, umaps: dict[str, pd.DataFrame], path: Path, summaries: dict[str, dict]) -> Path:
     labels = sorted(set().union(*(set(u["label"].astype(str)) for u in umaps.values())))
     cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     colours = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
-    fig, axes = plt.subplots(1, len(umaps), figsize=(5 * len(umaps) + 2, 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(umaps), figsize=(4.5 * len(umaps), 4.8), squeeze=False)
     for ax, (name, u) in zip(axes[0], umaps.items()):
         lab = u["label"].astype(str)
         ax.scatter(u["umap1"], u["umap2"], c=[colours[x] for x in lab], s=4, linewidths=0, rasterized=True)
         bio = summaries[name].get("bio_conservation")
-        ax.set_title(name + (f"  (bio-conservation {bio:.3f})" if bio is not None else ""))
+        ax.set_title(name + (f"\nbio-conservation {bio:.3f}" if bio is not None else ""))
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [plt.Line2D([], [], ls="", marker="o", color=colours[lab], label=lab) for lab in labels]
-    fig.legend(handles=handles, loc="center right", frameon=False, markerscale=1.2)
-    fig.tight_layout(rect=(0, 0, 1 - 1.9 / fig.get_figwidth(), 1))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, *, title: str = "Training report",
-                 notes: str = "", extra: dict | None = None) -> dict:
+                 notes: str = "", extra: dict | None = None, baselines: dict[str, str | Path] | None = None) -> dict:
     """Summarise ``run_dirs`` into ``out``/report.{json,md} + PNGs; returns the report dict.
 
     ``notes`` (markdown) goes under the title; ``extra`` entries are added to report.json.
+    ``baselines`` maps a name to an evaluation directory (``metrics.json``, ``umap.csv``) of an embedding that
+    was not trained (e.g. PCA): it gets a column in the table and a UMAP panel, under ``report["baselines"]``.
     """
     if not run_dirs:
         raise ValueError("no run directories given")
     out = Path(out)
-    summaries, logs, umaps = {}, {}, {}
+    summaries, logs, umaps, base = {}, {}, {}, {}
     for d in map(Path, run_dirs):
         name = run_name(d)
         if name in summaries:
@@ -199,15 +211,23 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, title: str = "T
         logs[name] = read_metrics(d / "metrics.jsonl")
         if (d / "eval" / "umap.csv").is_file():
             umaps[name] = pd.read_csv(d / "eval" / "umap.csv", index_col=0)
+    for name, ev in (baselines or {}).items():
+        ev = Path(ev)
+        if not (ev / "metrics.json").is_file():
+            raise FileNotFoundError(f"baseline {name!r}: no metrics.json in {ev}")
+        metrics = json.loads((ev / "metrics.json").read_text())
+        base[name] = {**{k: metrics[k] for k in EVAL_KEYS if k in metrics}, "eval": metrics}
+        if (ev / "umap.csv").is_file():
+            umaps[name] = pd.read_csv(ev / "umap.csv", index_col=0)
     out.mkdir(parents=True, exist_ok=True)
     plots = {"training_curves": plot_curves(logs, out / "training_curves.png").name}
     if umaps:
-        plots["umaps"] = plot_umaps(umaps, out / "umaps.png", summaries).name
-    report = {"title": title, "runs": summaries, "plots": plots, **(extra or {})}
+        plots["umaps"] = plot_umaps(umaps, out / "umaps.png", {**summaries, **base}).name
+    report = {"title": title, "runs": summaries, "baselines": base, "plots": plots, **(extra or {})}
     md = [f"# {title}", ""]
     if notes:
         md += [notes, ""]
-    md += [markdown_table(summaries), "",
+    md += [markdown_table({**summaries, **{f"{n} (baseline)": b for n, b in base.items()}}), "",
            "NMI/ARI: Leiden clustering of the k-NN graph of the embeddings at the NMI-optimal resolution (0.1–2.0); "
            "ASW: cell-type silhouette rescaled to (asw+1)/2; bio-conservation: their mean (scIB). "
            "Final train loss: mean over the last 10 % of steps; throughput: median per step.", "",

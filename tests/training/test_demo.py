@@ -72,3 +72,24 @@ def test_a_failing_step_names_itself_and_keeps_its_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)training \(x\) failed \(exit 3\).*step\.log.*boom"):
         run_logged([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], log, "training (x)", quiet=True)
     assert "boom" in log.read_text()
+
+
+def test_embed_cli_on_a_demo_checkpoint_writes_zarr_and_refuses_bad_input(demo, capsys):
+    from training.embed import main as embed_main
+
+    ckpt = demo / "tiny-softmax" / "checkpoints"
+    cells = demo / f"pbmc3k_{FAST.max_cells}cells.h5ad"
+    out = demo / "cli" / "emb.zarr"
+    assert embed_main([str(ckpt), str(cells), "--out", str(out), "--obsm-key", "X_cli", "--batch-size", "17",
+                       "--device", "cpu", "--vocab", str(demo / "corpus" / "vocab.tsv"), "--no-progress"]) == 0
+    e = ad.read_zarr(out)
+    ref = ad.read_h5ad(demo / "tiny-softmax" / "embeddings.h5ad")
+    np.testing.assert_allclose(e.obsm["X_cli"], ref.obsm[OBSM_KEY], rtol=1e-4, atol=1e-5)  # batch size 17 vs 64
+    assert e.uns["sigattn_embed"]["genes_mapped"] == e.uns["sigattn_embed"]["genes_total"] == 32738
+    before = sorted(p.name for p in out.parent.iterdir())
+    assert embed_main([str(ckpt), str(cells), "--out", str(demo / "cli" / "emb.csv")]) == 2
+    assert "--out must end in .h5ad or .zarr" in capsys.readouterr().err
+    assert embed_main([str(ckpt), str(cells), "--out", str(out), "--vocab", str(demo / "nope.tsv")]) == 2
+    assert "gene vocabulary not found" in capsys.readouterr().err
+    assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing written, nothing lost
+    np.testing.assert_allclose(ad.read_zarr(out).obsm["X_cli"], e.obsm["X_cli"])

@@ -60,6 +60,18 @@ def test_report_tables_and_plots_match_the_runs(tmp_path):
         assert f"]({png})" in md
 
 
+def test_baselines_get_a_column_and_a_umap_panel(tmp_path):
+    rng = np.random.default_rng()
+    run = fake_run(tmp_path, "sigmoid", rng, steps=6)[0]
+    base = fake_run(tmp_path, "pca", rng, steps=1)[0] / "eval"
+    report = write_report([run], tmp_path / "out", baselines={"PCA": base})
+    ev = json.loads((base / "metrics.json").read_text())
+    assert report["baselines"]["PCA"]["ari"] == pytest.approx(ev["ari"])
+    assert "| metric | sigmoid | PCA (baseline) |" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(FileNotFoundError, match="baseline 'x'"):
+        write_report([run], tmp_path / "out2", baselines={"x": tmp_path / "nowhere"})
+
+
 def test_runs_without_eval_get_curves_only_and_dashes(tmp_path):
     rng = np.random.default_rng()
     a = fake_run(tmp_path, "sigmoid", rng, steps=5, with_eval=False)[0]
