@@ -3,7 +3,9 @@
 The optimizer (``torch.optim.AdamW``) is passed to ``deepspeed.initialize`` as an object (no JIT
 Adam build); the LR schedule is DeepSpeed's ``WarmupCosineLR``: linear warm-up from 0 to ``lr`` over
 ``warmup_steps``, then ``lr·(r + (1−r)·(1+cos(π·t))/2)`` with r = ``min_lr_ratio`` and t the
-fraction of the remaining steps. ``gradient_clipping: 0`` means no clipping in DeepSpeed.
+fraction of the remaining steps. Update k (1-based) uses iteration k−1 (the trainer advances the
+fresh scheduler once): LR 0 at step 1, rising by ``lr/warmup_steps`` per step, then the cosine, which
+reaches ``lr·min_lr_ratio`` at step ``max_steps``. ``gradient_clipping: 0`` means no clipping in DeepSpeed.
 """
 
 from __future__ import annotations

@@ -84,6 +84,10 @@ class Trainer:
                                       fused=cuda or None)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, cuda))
+        # DeepSpeed builds the scheduler "before it has started" (LR 0) and steps it after each update,
+        # which would spend two steps at LR 0; one step here makes update k use iteration k−1.
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.loader = self._build_loader()
         self.run_dir = Path(r.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"

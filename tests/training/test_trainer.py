@@ -58,7 +58,8 @@ def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, s
         assert all(r[k] is not None for k in ("loss", "grad_norm", "lr", "tokens_per_s", "cells_per_s", "mem_gb"))
         assert torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0 and r["mfu"] is None
         assert r["cells_per_s"] > 0 and r["tokens_per_s"] > r["cells_per_s"]
-    assert recs[0]["lr"] < recs[2]["lr"]                      # warm-up
+    assert recs[0]["lr"] == 0.0 and recs[1]["lr"] == pytest.approx(3e-3 / 2)      # linear warm-up over 2 steps
+    assert recs[3]["lr"] == pytest.approx(3e-3 * 0.1)                             # cosine floor at max_steps
     assert latest_tag(tmp_path / "checkpoints") == "step_00000004"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     model, cfg, tok = load_for_inference(tmp_path)
