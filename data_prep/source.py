@@ -95,6 +95,11 @@ class Source:
     def _choose_matrix(self):
         if self.adata.X is None:
             raise SourceError(f"{self.path}: has no X matrix")
+        for name, m in (("X", self.adata.X), ("raw.X", self.adata.raw.X if self.adata.raw is not None else None)):
+            if getattr(m, "format", None) == "csc":
+                raise SourceError(f"{self.path}: {name} is stored as CSC (column-major); reading cells in chunks "
+                                  "would re-read the whole matrix for every chunk. Convert it to CSR first "
+                                  "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)).")
         x_problem = self._probe(self.adata.X)
         if x_problem is None:
             return self.adata.X, "X"

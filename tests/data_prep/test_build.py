@@ -95,6 +95,12 @@ def test_corrupt_and_truncated_files(tmp_path, pbmc_path):
         build([str(tmp_path / "missing.h5ad")], str(tmp_path / "c"), _opts(), **QUIET)
 
 
+def test_csc_file_is_refused(tmp_path, rng):
+    p = write_h5ad(tmp_path / "csc.h5ad", synth_counts(rng, 30, 20).tocsc())
+    with pytest.raises(SourceError, match="CSC"):
+        build([p], str(tmp_path / "c"), _opts(), **QUIET)
+
+
 # --- synthetic files for the bad cases --------------------------------------------------------
 
 @pytest.mark.parametrize("bad,msg", [(np.nan, "NaN"), (-2.0, "negative"), (2.5, "non-integer")])
