@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = BuildOptions(**{k: v for k, v in vars(a).items() if k not in ("cmd", "inputs", "out")})
     try:
         m = build(a.inputs, a.out, opts)
-    except (SourceError, ValueError, FileNotFoundError) as e:
+    except (SourceError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not m.get("skipped"):

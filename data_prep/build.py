@@ -7,14 +7,18 @@ stores (``data_prep.mds``), write the manifest.
 
 Idempotent: the manifest records a fingerprint of the inputs' content hashes (xxh3-128), the
 options and the given vocabulary; a re-run with the same fingerprint does nothing.
-Atomic: everything is written into ``DIR.tmp-<random>`` beside ``DIR``; on success an existing
+Atomic: everything is written into ``.DIR.tmp-<random>`` beside ``DIR``, under an exclusive
+lock (``.DIR.lock``, ``fcntl.flock``) that also lets a new build clear temp dirs left by a killed one; on success an existing
 ``DIR`` is renamed aside, the new one renamed into place and the old one deleted. A failure removes
 the temporary dir and leaves any finished corpus untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -121,7 +125,26 @@ def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=pri
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    with _exclusive(out):
+        return _build_locked(out, inputs, input_hashes, opts, fp, t0, log)
+
+
+@contextlib.contextmanager
+def _exclusive(out: str):
+    """Hold ``.<name>.lock`` beside ``out`` (one build per corpus at a time); clear leftovers of killed builds."""
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    with open(os.path.join(parent, f".{name}.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another build is writing {out} (lock .{name}.lock is held)") from None
+        for stale in glob.glob(os.path.join(parent, f".{name}.tmp-*")) + glob.glob(os.path.join(parent, f".{name}.old-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+def _build_locked(out, inputs, input_hashes, opts, fp, t0, log) -> dict:
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     sources: list[Source] = []
     try:
         manifest = _build_into(tmp, inputs, input_hashes, opts, sources, log)

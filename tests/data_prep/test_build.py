@@ -254,6 +254,16 @@ def test_failed_rebuild_leaves_corpus_intact(tmp_path, rng, monkeypatch):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert json.load(open(out / "manifest.json"))["fingerprint"] == m1["fingerprint"]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temp dir left behind
+    # a build killed outright leaves its temp dir: the next build clears it; a concurrent one is refused
+    (tmp_path / ".c.tmp-killed").mkdir()
+    monkeypatch.undo()
+    build(paths, str(out), _opts(seed=6), **QUIET)
+    assert not (tmp_path / ".c.tmp-killed").exists()
+    import fcntl
+    with open(tmp_path / ".c.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another build"):
+            build(paths, str(out), _opts(seed=7), **QUIET)
 
 
 def test_parallel_writers_same_content(tmp_path, rng):
