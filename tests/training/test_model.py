@@ -2,7 +2,6 @@
 
 import dataclasses
 from pathlib import Path
-import importlib.util
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from training.encoder import build_model
 from training.masking import choose_masked, mask_generator
 from training.presets import NOMINAL_PARAMS, NOMINAL_VOCAB, PRESETS
 
-HAS_SIGATTN = importlib.util.find_spec("sigattn") is not None and hasattr(
-    __import__("sigattn"), "sigmoid_attention_varlen")
-KINDS = ["softmax", pytest.param("sigmoid", marks=pytest.mark.skipif(not HAS_SIGATTN, reason="sigattn op not built"))]
+from trainer_helpers import sigattn_works
+
+KINDS = ["softmax", pytest.param("sigmoid", marks=pytest.mark.skipif(not sigattn_works(), reason="sigattn op not built"))]
 
 
 def random_cells(rng, n_cells, vocab=300, max_genes=40, n_bins=11):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from trainer_helpers import ENV, REPO, pbmc_corpus, tiny_overrides
+from trainer_helpers import ATTENTION_KINDS, ENV, REPO, pbmc_corpus, skip_unless_sigattn, tiny_overrides
 
 TINY = str(REPO / "training" / "configs" / "tiny.yaml")
 # Runs the real Trainer and SIGKILLs its own process right after step KILL_AFTER (no save at that step).
@@ -46,9 +46,11 @@ def corpus(tmp_path_factory):
     return pbmc_corpus(tmp_path_factory)
 
 
-def test_sigkill_then_resume_is_bitwise_identical(corpus, tmp_path):
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_sigkill_then_resume_is_bitwise_identical(corpus, tmp_path, attention):
+    skip_unless_sigattn(attention)
     steps, kill_after = 10, 7
-    extra = {"run.max_steps": steps, "run.ckpt_every": 3, "run.log_cell_ids": True, "run.keep_last": 2}
+    extra = {"model.attention": attention, "run.max_steps": steps, "run.ckpt_every": 3, "run.log_cell_ids": True, "run.keep_last": 2}
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref = run([sys.executable, "-m", "training.train", TINY, *tiny_overrides(corpus, ref_dir, **extra)])
     assert ref.returncode == 0, ref.stderr[-3000:]

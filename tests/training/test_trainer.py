@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from trainer_helpers import pbmc_corpus, set_env, tiny_overrides
+from trainer_helpers import ATTENTION_KINDS, pbmc_corpus, set_env, skip_unless_sigattn, tiny_overrides
 from training.config import load_config
 
 
@@ -124,8 +124,10 @@ def test_request_stop_saves_and_resume_continues(corpus, tmp_path):
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_loss_drops_on_real_pbmc_tokens(corpus, tmp_path):
-    t = make_trainer(corpus, tmp_path, **{"run.max_steps": 30, "run.ckpt_every": 1000, "optim.lr": 1e-2,
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_loss_drops_on_real_pbmc_tokens(corpus, tmp_path, attention):
+    skip_unless_sigattn(attention)
+    t = make_trainer(corpus, tmp_path, **{"model.attention": attention, "run.max_steps": 30, "run.ckpt_every": 1000, "optim.lr": 1e-2,
                                           "optim.warmup_steps": 3, "data.batch_size": 16, "model.d_model": 64})
     t.train()
     losses = [r["loss"] for r in records(tmp_path)]
