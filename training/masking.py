@@ -23,17 +23,12 @@ def choose_masked(cu_seqlens: torch.Tensor, ratio: float, generator: torch.Gener
     """Bool ``[T]``: True at masked gene positions (never at a cell's first, CLS, position)."""
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"mask ratio must lie in (0, 1), got {ratio}")
-    cu = cu_seqlens.cpu().long()
-    total = int(cu[-1])
-    lengths = cu[1:] - cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths, output_size=total)
-    is_cls = torch.zeros(total, dtype=torch.bool)
-    is_cls[cu[:-1][lengths > 0]] = True
-    u = torch.rand(total, generator=generator, dtype=torch.float64)
-    u[is_cls] = 2.0                                      # CLS sorts last in its cell
-    order = torch.argsort(seq.double() * 4.0 + u)        # cells stay in blocks, random order inside
-    rank_in_cell = torch.empty(total, dtype=torch.long)
-    rank_in_cell[order] = torch.arange(total) - cu[:-1][seq[order]]
-    n_genes = (lengths - 1).clamp(min=0)
-    k = torch.where(n_genes > 0, (ratio * n_genes.double()).round().long().clamp(min=1), 0)
-    return rank_in_cell < k[seq]
+    cu = cu_seqlens.cpu().tolist()
+    masked = torch.zeros(cu[-1], dtype=torch.bool)
+    for start, end in zip(cu[:-1], cu[1:]):
+        n_genes = end - start - 1
+        if n_genes <= 0:
+            continue
+        k = max(1, round(ratio * n_genes))
+        masked[start + 1 + torch.randperm(n_genes, generator=generator)[:k]] = True
+    return masked

@@ -112,7 +112,8 @@ class Trainer:
         if d.mds is None:
             from training.synthetic import SyntheticCellLoader
             return SyntheticCellLoader(self.tokenizer, d.batch_size, mean_genes=d.synthetic_mean_genes,
-                                       seed=r.seed, rank=self.rank, world_size=self.world)
+                                       seed=r.seed, rank=self.rank, world_size=self.world,
+                                       num_workers=d.num_workers)
         from data_prep.loader import build_loader
         return build_loader(d.mds, d.split, tokenizer=self.tokenizer, batch_size=d.batch_size,
                             shuffle=d.shuffle, seed=r.seed, num_workers=d.num_workers)

@@ -58,7 +58,7 @@ def test_synthetic_loader_shards_and_resumes():
     seen = [[b["cell_id"].tolist() for b in islice(iter(ld), 4)] for ld in ranks]
     flat = [c for r in seen for b in r for c in b]
     assert len(flat) == len(set(flat)) == 24 and set(flat) == set(range(24))
-    fresh = SyntheticCellLoader(tok, 3, mean_genes=120, rank=1, world_size=2)
+    fresh = SyntheticCellLoader(tok, 3, mean_genes=120, rank=1, world_size=2, num_workers=2)
     fresh.load_state_dict({"batches": 2})
     b = next(iter(fresh))
     assert b["cell_id"].tolist() == seen[1][2] and b["max_seqlen"] <= 200
