@@ -197,6 +197,7 @@ class Trainer:
                     gn = float(gn) if gn is not None else None
                     if gn is not None and not math.isfinite(gn):
                         self._nonfinite("gradient norm", step)
+                        record["skipped"] = True
                     dt = time.perf_counter() - t0
                     tokens_per_s = float(sums[3]) / dt
                     mfu = None

@@ -134,3 +134,29 @@ def test_loss_drops_on_real_pbmc_tokens(corpus, tmp_path, attention):
     first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     print(f"loss {first:.3f} → {last:.3f}")
     assert last < first - 0.1, losses
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy):
+    from training.trainer import NonFiniteError
+    state = {}
+
+    def poison(trainer, record):
+        module = trainer.engine.module
+        if record["step"] == 2:                                 # step 3: finite loss, NaN gradient
+            state["hook"] = module.head_dense.weight.register_hook(lambda g: g * float("nan"))
+            state["before"] = [p.detach().clone() for p in module.parameters()]
+        if record["step"] == 3:
+            state["hook"].remove()
+            state["after"] = [p.detach().clone() for p in module.parameters()]
+
+    t = make_trainer(corpus, tmp_path, callbacks=[poison], **{"run.nan_policy": policy, "run.max_steps": 5})
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 3"):
+            t.train()
+        return
+    assert t.train() == "finished" and t.skipped_steps == 1
+    recs = records(tmp_path)
+    assert recs[2]["skipped"] and recs[2]["skipped_steps"] == 1 and not recs[1].get("skipped") and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert all(torch.equal(a, b) for a, b in zip(state["before"], state["after"]))    # update not applied
+    assert all(torch.isfinite(p).all() for p in t.engine.module.parameters())
