@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -66,23 +67,64 @@ def count_problem(values: np.ndarray) -> str | None:
 
 
 class Source:
-    """A backed h5ad with the matrix that holds its raw counts."""
+    """An h5ad with ``obs``/``var`` in memory and the raw-count matrix on disk.
+
+    Current-format files are opened with h5py + ``anndata.io.read_elem``/``sparse_dataset``, so only
+    obs/var are loaded (not obsm/obsp/layers/uns); legacy layouts go through
+    ``anndata.read_h5ad(backed="r")``.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise SourceError(f"{self.path}: no such file")
         try:
-            self.adata = ad.read_h5ad(self.path, backed="r")
-            self.obs = self.adata.obs
-            self.var = self.adata.var
+            self._file = h5py.File(self.path, "r")
+            if self._file.attrs.get("encoding-type") == "anndata":
+                # current format: only obs/var are loaded, the matrices stay on disk
+                self.obs = ad.io.read_elem(self._file["obs"])
+                self.var = ad.io.read_elem(self._file["var"])
+                x, raw_x = self._matrix("X"), self._matrix("raw/X")
+                raw_var = ad.io.read_elem(self._file["raw/var"]) if raw_x is not None else None
+            else:  # legacy layouts (pre-0.7 anndata, e.g. raw.X/raw.var): anndata's backed reader knows them
+                self._file.close()
+                self._file = None
+                self._adata = ad.read_h5ad(self.path, backed="r")
+                self.obs, self.var = self._adata.obs, self._adata.var
+                x = self._adata.X
+                raw_x = self._adata.raw.X if self._adata.raw is not None else None
+                raw_var = self._adata.raw.var if self._adata.raw is not None else None
+                for key, m in (("X", x), ("raw.X", raw_x)):
+                    if getattr(m, "format", None) == "csc":
+                        raise SourceError(self._csc_message(key))
+        except SourceError:
+            raise
         except Exception as e:  # h5py/anndata raise many types for damaged files
             raise SourceError(f"{self.path}: cannot read as h5ad (corrupt or truncated?): "
                               f"{type(e).__name__}: {e}") from e
-        self.n_obs = self.adata.n_obs
-        self.matrix, self.count_source = self._choose_matrix()
+        self.n_obs = len(self.obs)
+        self.matrix, self.count_source = self._choose_matrix(x, raw_x)
         if self.count_source == "raw.X":
-            self.var = self.adata.raw.var
+            self.var = raw_var
+
+    def _csc_message(self, key: str) -> str:
+        return (f"{self.path}: {key} is stored as CSC (column-major); reading cells in chunks would re-read the "
+                "whole matrix for every chunk. Convert it to CSR first (adata.X = adata.X.tocsr(); "
+                "adata.write_h5ad(...)).")
+
+    def _matrix(self, key: str):
+        """On-disk matrix ``key``: a backed CSR dataset, an h5py dense dataset, or None."""
+        if key not in self._file:
+            return None
+        elem = self._file[key]
+        if isinstance(elem, h5py.Dataset):
+            return elem
+        fmt = elem.attrs.get("encoding-type", "")
+        if fmt == "csc_matrix":
+            raise SourceError(self._csc_message(key.replace("/", ".")))
+        if fmt != "csr_matrix":
+            raise SourceError(f"{self.path}: {key} has unsupported encoding {fmt!r}")
+        return ad.io.sparse_dataset(elem)
 
     def _probe(self, matrix) -> str | None:
         try:
@@ -92,22 +134,16 @@ class Source:
                               f"{type(e).__name__}: {e}") from e
         return count_problem(block.data)
 
-    def _choose_matrix(self):
-        if self.adata.X is None:
+    def _choose_matrix(self, x, raw_x):
+        if x is None:
             raise SourceError(f"{self.path}: has no X matrix")
-        for name, m in (("X", self.adata.X), ("raw.X", self.adata.raw.X if self.adata.raw is not None else None)):
-            if getattr(m, "format", None) == "csc":
-                raise SourceError(f"{self.path}: {name} is stored as CSC (column-major); reading cells in chunks "
-                                  "would re-read the whole matrix for every chunk. Convert it to CSR first "
-                                  "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)).")
-        x_problem = self._probe(self.adata.X)
+        x_problem = self._probe(x)
         if x_problem is None:
-            return self.adata.X, "X"
-        raw = self.adata.raw
-        if raw is not None:
-            raw_problem = self._probe(raw.X)
+            return x, "X"
+        if raw_x is not None:
+            raw_problem = self._probe(raw_x)
             if raw_problem is None:
-                return raw.X, "raw.X"
+                return raw_x, "raw.X"
             raise SourceError(
                 f"{self.path}: no raw counts: X has {x_problem} and raw.X has {raw_problem} "
                 "(looks normalised/log-transformed/scaled). Provide the file with raw integer counts.")
@@ -154,10 +190,10 @@ class Source:
                 yield rows + start, block[rows]
 
     def close(self) -> None:
-        try:
-            self.adata.file.close()
-        except Exception:
-            pass
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+        if getattr(self, "_adata", None) is not None:
+            self._adata.file.close()
 
 
 def column_or_none(obs: pd.DataFrame, key: str | None) -> pd.Series | None:
