@@ -57,7 +57,7 @@ class Settings:
                 *self.extra]
 
 
-FULL = Settings(steps=150, batch_size=32, context_length=128, max_cells=None)
+FULL = Settings(steps=120, batch_size=32, context_length=128, max_cells=None)
 FAST = Settings(steps=4, batch_size=8, context_length=32, max_cells=400, extra=("optim.warmup_steps=1",))
 
 

@@ -110,3 +110,35 @@ def test_cli_on_zarr_writes_metrics_sweep_and_umap_and_keeps_old_results_on_erro
     assert "obsm key 'X_missing' not found" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == before
     assert main([str(tmp_path / "nothing.h5ad"), "--out", str(out)]) == 2
+
+
+def test_per_dataset_sub_batches_recombine_to_the_full_batch_loss():
+    import torch
+
+    from data_prep.tokenize import CellTokenizer, pack_batch
+    from training.config import ModelConfig
+    from training.encoder import build_model
+    from training.evaluate import _select_cells
+    from training.masking import choose_masked, mask_generator
+
+    rng = np.random.default_rng()
+    tok = CellTokenizer(500, context_length=int(rng.integers(10, 40)), n_bins=9)
+    items = []
+    for i in range(int(rng.integers(5, 13))):
+        genes = np.sort(rng.choice(500, int(rng.integers(1, 60)), replace=False))
+        items.append({**tok(genes, rng.integers(1, 50, len(genes)), cell_id=i), "dataset": int(rng.integers(0, 3))})
+    batch = pack_batch(items)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset=None, n_layers=1, d_model=16, n_heads=2, d_ff=32, attention="softmax",
+                                    n_tokens=tok.n_tokens, n_bins=tok.n_bins)).eval()
+    masked = choose_masked(batch["cu_seqlens"], 0.3, mask_generator(int(rng.integers(1e6)), 0))
+    with torch.no_grad():
+        full, n_full = model(batch, masked)
+        total, n_total = 0.0, 0
+        for d in batch["dataset"].unique():
+            sub, sub_mask = _select_cells(batch, masked, torch.nonzero(batch["dataset"] == d).flatten())
+            assert int(sub["cu_seqlens"][-1]) == len(sub["input_ids"]) == len(sub_mask)
+            loss, n = model(sub, sub_mask)
+            total, n_total = total + float(loss) * int(n), n_total + int(n)
+    assert n_total == int(n_full)
+    assert total / n_total == pytest.approx(float(full), rel=1e-5)
