@@ -118,3 +118,21 @@ def test_non_count_input_and_bad_layers_are_refused(tmp_path):
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(ValueError, match="expected an .h5ad file or a .zarr store"):
         CellMatrix(tmp_path / "a.csv")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_cuda_embeddings_match_cpu(tmp_path, attention):
+    """Same model on CUDA (bf16 autocast) and CPU (fp32): embeddings agree to bf16 precision."""
+    rng = np.random.default_rng()
+    adata, vocab = synthetic_cells(rng, 70, 60, 100)
+    adata.write_h5ad(tmp_path / "c.h5ad")
+    tok = CellTokenizer(len(vocab), context_length=40, n_bins=11)
+    model = tiny_model(tok, attention=attention, embedding="mean")
+    cells = CellMatrix(tmp_path / "c.h5ad")
+    vid = vocab.map_var(cells.var)
+    cpu, _ = embed_cells(model, tok, cells, vid, batch_size=16, device=CPU, progress=False)
+    gpu, _ = embed_cells(model.cuda(), tok, cells, vid, batch_size=16, device=torch.device("cuda"), progress=False)
+    cells.close()
+    cos = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
+    assert cos.min() > 0.99
