@@ -68,7 +68,8 @@ def mapped_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     mapped = vocab_ids[vocab_ids >= 0]
     if len(np.unique(mapped)) == len(mapped):  # no id twice in a row: nothing to sum
         return np.asarray(indptr, dtype=np.int64), g.astype(np.int32, copy=False), data.astype(np.int32, copy=False)
-    m = sp.csr_matrix((data.astype(np.int64), g, indptr), shape=(len(indptr) - 1, int(mapped.max()) + 1))
+    m = sp.csr_matrix((data.astype(np.int64), g, indptr), shape=(len(indptr) - 1, int(mapped.max()) + 1),
+                      copy=True)  # sum_duplicates works in place: never touch the caller's arrays
     m.sum_duplicates()
     if m.nnz and m.data.max() > np.iinfo(np.int32).max:
         raise ValueError("summed duplicate-gene counts exceed int32")
