@@ -48,7 +48,7 @@ def _tensors(B, N, H, D, seed=0):
 
 
 def _bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def make_runner(kernel, D, N, pad):
@@ -60,6 +60,8 @@ def make_runner(kernel, D, N, pad):
     seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
     scale = D ** -0.5
     kw = dict(scale=scale, bias=0.0, log_n_bias=True, causal=False)
+    if kernel == "ours_padded_det" and (pad or N not in (1024, 4096, 16384)):
+        return None
     if kernel in ("ours_padded", "ours_padded_det"):
         det = kernel.endswith("det")
         return (lambda: launch_fwd(q, k, v, seq, varlen=False, max_seqlen=N, **kw),
@@ -177,7 +179,9 @@ def main(argv=None):
         cold, warm = cold_start(args.d[0], 3000)
         result["cold_start_s"] = {"first_call": cold, "second_call": warm, "D": args.d[0], "N": 3000}
         print(f"cold start (compile+autotune, fwd+bwd, D={args.d[0]}): {cold:.1f} s; warm call {warm * 1e3:.2f} ms")
-    grid = [(D, N, p, kern) for D in args.d for N in args.n for p in args.pad for kern in args.kernels]
+    # kernels in priority order (flex compiles per shape and goes last), so a time limit cuts anchors first
+    order = [k for k in KERNELS if k in args.kernels]
+    grid = [(D, N, p, kern) for kern in order for D in args.d for N in args.n for p in args.pad]
     for D, N, p, kern in tqdm(grid, desc="benchmark", mininterval=5):
         if kern == "ours_padded_det" and "bwd" not in args.modes:
             continue
@@ -194,6 +198,8 @@ def main(argv=None):
             if mode not in args.modes or (kern == "ours_padded_det" and mode == "fwd"):
                 continue
             try:
+                fn()  # compile / autotune outside the timing
+                torch.cuda.synchronize()
                 ms = _bench(fn)
             except Exception as e:  # noqa: BLE001
                 result["rows"].append({"kernel": kern, "D": D, "N": N, "pad": p, "mode": mode, "error": repr(e)[:300]})
@@ -204,6 +210,8 @@ def main(argv=None):
                                    "real_tokens": sum(lens)})
         del fns
         torch.cuda.empty_cache()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))  # after every row: a time limit loses nothing
     if args.memory:
         result["memory_gib_N16384"] = {}
         for D in args.d:
