@@ -31,7 +31,7 @@ import pandas as pd
 import xxhash
 from tqdm.auto import tqdm
 
-from data_prep.split import SPLITS, assign_splits
+from data_prep.split import assign_splits
 from data_prep.source import QCStats, Source, SourceError
 from data_prep.vocab import GeneVocab, read_symbol_table, var_gene_ids, var_symbols
 from data_prep.zarr_store import ZarrDatasetWriter

@@ -12,7 +12,6 @@ import scipy.sparse as sp
 import zarr
 from h5ad_factory import ensembl, synth_counts, write_h5ad
 
-import data_prep.build as build_mod
 from data_prep._torchvision_shim import ensure_importable
 from data_prep.build import BuildOptions, build
 from data_prep.datasets import pbmc68k_reduced_path
