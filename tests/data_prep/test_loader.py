@@ -154,3 +154,21 @@ def test_missing_index_is_a_clear_error(tmp_path):
         build_loader(str(tmp_path), "train", tokenizer=CellTokenizer(10, 4), batch_size=2)
     with pytest.raises(ValueError, match="split"):
         build_loader(str(tmp_path), "training", tokenizer=CellTokenizer(10, 4), batch_size=2)
+
+
+def test_worker_processes_give_the_same_cells_and_tokens(pbmc_corpus):
+    corpus, _ = pbmc_corpus
+    tok = _tok(corpus, L=48, seed=3)
+
+    def by_cell(num_workers):
+        dl = build_loader(corpus, "val", tokenizer=tok, batch_size=16, seed=1, num_workers=num_workers)
+        out = {}
+        for b in dl:
+            cu = b["cu_seqlens"]
+            for i, c in enumerate(b["cell_id"].tolist()):
+                out[c] = b["input_ids"][cu[i]:cu[i + 1]].tolist()
+        _release(dl)
+        return out
+
+    a, b = by_cell(0), by_cell(2)
+    assert a == b and len(a) > 100
