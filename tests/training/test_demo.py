@@ -93,3 +93,29 @@ def test_embed_cli_on_a_demo_checkpoint_writes_zarr_and_refuses_bad_input(demo, 
     assert "gene vocabulary not found" in capsys.readouterr().err
     assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing written, nothing lost
     np.testing.assert_allclose(ad.read_zarr(out).obsm["X_cli"], e.obsm["X_cli"])
+
+
+def test_embed_feeds_the_model_the_same_genes_and_counts_as_training_saw(demo):
+    """For cells of the corpus's val split: the source row mapped as embed maps it == the MDS sample."""
+    from data_prep._torchvision_shim import ensure_importable
+
+    ensure_importable()
+    from streaming import StreamingDataset
+
+    from data_prep.datasets import pbmc3k_path
+    from data_prep.mds import mapped_rows
+    from data_prep.vocab import GeneVocab
+    from training.embed import CellMatrix
+
+    ds = StreamingDataset(local=str(demo / "corpus" / "mds" / "val"), shuffle=False, batch_size=1)
+    source_row = ad.read_zarr(demo / "corpus" / "zarr" / "rna_10xpmbc3k.zarr").obs["source_row"].to_numpy()
+    cells = CellMatrix(pbmc3k_path())
+    vid = GeneVocab.load(demo / "corpus" / "vocab.tsv").map_var(cells.var)
+    for i in np.random.default_rng().choice(ds.num_samples, 5, replace=False):
+        s = ds[int(i)]
+        r = int(source_row[int(s["cell_id"])])
+        block = cells.rows(r, r + 1)
+        _, genes, counts = mapped_rows(block.indptr, block.indices, block.data.astype(np.int64), vid)
+        np.testing.assert_array_equal(genes, s["genes"])
+        np.testing.assert_array_equal(counts, s["counts"])
+    cells.close()
