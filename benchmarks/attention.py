@@ -29,7 +29,7 @@ from sigattn.triton_bwd import launch_bwd  # noqa: E402
 from sigattn.triton_fwd import launch_fwd  # noqa: E402
 
 TOKENS, HIDDEN = 16384, 2048
-KERNELS = ["ours_padded", "ours_varlen", "ours_padded_det", "tsig", "sdpa_flash", "sdpa_cudnn", "flex"]
+KERNELS = ["ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
 
 
 def lengths(N: int, pad: float) -> list[int]:

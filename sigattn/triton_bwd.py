@@ -171,7 +171,7 @@ _dq_autotuned = tuning.autotuned(attn_bwd_dq_kernel, tuning.DQ_CONFIGS)
 
 
 def _launch(kernel, tuned, kind, grid_rows, bh, args, meta, d_pad):
-    if tuning.no_autotune():
+    if tuning.no_autotune() or args[0].dtype == torch.float32:
         cfg = tuning.fixed(kind, d_pad, args[0].dtype == torch.float32)
         blk = cfg.kwargs["BLOCK_N" if kind == "bwd" else "BLOCK_M"]
         kernel[(triton.cdiv(grid_rows, blk), bh)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,

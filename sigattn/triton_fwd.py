@@ -104,7 +104,7 @@ def launch_fwd(q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float
                 FAST_SIGMOID=tuning.fast_sigmoid(q.dtype))
     args = (q, k, v, out, seq_info, float(scale), float(bias), N, tuning.seq_bucket(max_seqlen),
             *sb(q), *sb(k), *sb(v), *sb(out), H, H // H_kv)
-    if tuning.no_autotune():
+    if tuning.no_autotune() or q.dtype == torch.float32:
         cfg = tuning.fixed("fwd", d_pad, q.dtype == torch.float32)
         grid = (triton.cdiv(max_seqlen, cfg.kwargs["BLOCK_M"]), B * H)
         attn_fwd_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
