@@ -28,6 +28,7 @@ from launch.preemption import StopOnSignal
 
 log = logging.getLogger(__name__)
 
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 DEFAULT_ENTRY = "launch.trainer_entry:build_trainer"
 
 
@@ -56,6 +57,8 @@ class TrainJob:
         import submitit
 
         env = submitit.JobEnvironment()
+        for var in DIST_VARS:  # inherited from the submitting shell (sbatch exports it): Slurm's values must win
+            os.environ.pop(var, None)
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{env.global_rank} %(name)s: %(message)s")
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         stopper = StopOnSignal().install()  # replaces submitit's rank-0-only USR2 handler, on every rank

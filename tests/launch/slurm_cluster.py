@@ -13,6 +13,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -89,7 +90,13 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
-        """SIGTERM each daemon this object started (reverse order), SIGKILL what is still alive after 15 s."""
+        """Cancel leftover jobs (their slurmstepd would outlive slurmd), then SIGTERM each daemon this object
+        started (reverse order), SIGKILL what is still alive after 15 s."""
+        if "slurmd" in self.procs and self.procs["slurmd"].poll() is None:
+            self.run("scancel", "--full", "--user=root", check=False)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+                time.sleep(0.5)
         for name, proc in reversed(list(self.procs.items())):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -208,6 +215,8 @@ class SlurmCluster:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=2",
+            # job ids (and so submitit's MASTER_PORT, derived from them) differ between test clusters
+            f"FirstJobId={random.randint(1000, 10**6)}",
             "ReturnToService=2", "JobRequeue=1", "KillWait=5", "MinJobAge=600", "InactiveLimit=0",
             "SlurmdParameters=config_overrides",
             "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=localhost",

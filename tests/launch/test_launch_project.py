@@ -118,3 +118,15 @@ def test_measure_smoke_on_cpu(tmp_path, monkeypatch, attention):
     assert row["cells_per_s_per_gpu"] > 0 and row["gpu_hours"] == pytest.approx(1e4 / row["cells_per_s_per_gpu"] / 3600)
     assert 0.8 * 32 <= row["measured_tokens_per_cell"] <= 32  # synthetic cells fill the context
     assert os.path.getsize(out / "projection.png") > 0
+
+
+def test_measure_leaves_no_distributed_env(tmp_path, monkeypatch):
+    """Trainers built in-process must not leak MASTER_PORT & co. into later submissions (sbatch exports env)."""
+    from launch.job import DIST_VARS
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    project.project(["tiny"], [16], cells=1e3, gpus=1, measure_steps=(1, 1), attentions=("softmax",), batch_size=2)
+    assert not any(k in os.environ for k in DIST_VARS)

@@ -39,7 +39,7 @@ def _job_env(monkeypatch):
 
 
 def _overrides(corpus: str, seed: int) -> list[str]:
-    return ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=128", "attention=softmax",
+    return ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=128", "attention=sigmoid",
             f"data.mds={corpus}", "context=128", "data.n_bins=11", "data.batch_size=8", "optim.warmup_steps=2",
             f"run.max_steps={STEPS}", "run.ckpt_every=1000", "run.precision=fp32", "run.progress=false",
             "run.tensorboard=false", f"run.seed={seed}"]
