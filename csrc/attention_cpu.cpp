@@ -31,11 +31,19 @@ double effective_bias(const AttnParams& p, int64_t len) {
 }
 
 // P = sigmoid(scale * Qb K^T + b) for query rows [i0, i0 + Qb.size(0)); causal zeroes keys j > i.
+// scale and b are folded into the GEMM (addmm with a broadcast scalar), so the tile is touched once more only.
 at::Tensor probabilities(const at::Tensor& qb, const at::Tensor& keys, int64_t i0, double b, const AttnParams& p) {
-  at::Tensor s = at::mm(qb, keys.t());
-  s.mul_(p.scale).add_(b).sigmoid_();
+  at::Tensor s = at::addmm(at::scalar_tensor(b, qb.options()), qb, keys.t(), /*beta=*/1, /*alpha=*/p.scale);
+  s.sigmoid_();
   if (p.causal) s.tril_(i0);
   return s;
+}
+
+// Grain (in tasks) so that each parallel chunk has ~2^18 multiply-adds: tiny calls stay on the calling thread, where
+// a thread-pool hand-off would cost more than the work (badly so on an oversubscribed machine).
+int64_t grain(double macs_total, int64_t n_tasks) {
+  const double per_task = macs_total / std::max<int64_t>(n_tasks, 1);
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil((1 << 18) / std::max(per_task, 1.0))));
 }
 
 struct Task {
@@ -66,7 +74,10 @@ at::Tensor attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const
         tasks.push_back({static_cast<int32_t>(si), static_cast<int32_t>(h), i0, std::min(rows, len - i0)});
   }
 
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  double macs = 0;
+  for (const Task& t : tasks) macs += 2.0 * t.rows * (p.causal ? t.i0 + t.rows : segments[t.seg].len) * q.size(2);
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, n, grain(macs, n), [&](int64_t begin, int64_t end) {
     KernelGuard guard;
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
@@ -95,7 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::
   at::Tensor dv_heads = at::zeros({T, H, D}, q.options().dtype(acc));
 
   const int64_t n_tasks = static_cast<int64_t>(segments.size()) * H;
-  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+  double macs = 0;
+  for (const Segment& s : segments) macs += 5.0 * s.len * s.len * D * H;
+  at::parallel_for(0, n_tasks, grain(macs, n_tasks), [&](int64_t begin, int64_t end) {
     KernelGuard guard;
     for (int64_t t = begin; t < end; ++t) {
       const Segment& s = segments[t / H];
@@ -113,9 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::
         at::Tensor keys = kh.narrow(0, 0, n_keys), vals = vh.narrow(0, 0, n_keys);
         at::Tensor probs = probabilities(qb, keys, i0, b, p);
         dvh.narrow(0, 0, n_keys).addmm_(probs.t(), dob);
-        at::Tensor ds = at::sigmoid_backward(at::mm(dob, vals.t()), probs).mul_(p.scale);
-        dqh.narrow(0, i0, m).copy_(at::mm(ds, keys));
-        dkh.narrow(0, 0, n_keys).addmm_(ds.t(), qb);
+        // dS / scale; the scale is applied to the [*, D] products instead of the [m, n_keys] tile.
+        at::Tensor ds = at::sigmoid_backward(at::mm(dob, vals.t()), probs);
+        dqh.narrow(0, i0, m).copy_(at::mm(ds, keys).mul_(p.scale));
+        dkh.narrow(0, 0, n_keys).addmm_(ds.t(), qb, /*beta=*/1, /*alpha=*/p.scale);
       }
       dk_heads.narrow(0, s.start, s.len).select(1, h).copy_(dkh);
       dv_heads.narrow(0, s.start, s.len).select(1, h).copy_(dvh);
