@@ -1,18 +1,44 @@
 #!/bin/bash
-# One device call: set up (triton-sigmoid wheel, C++ extension if present), run GPU tests and/or benchmarks.
-# usage: bash benchmarks/gpu_session.sh "<pytest args or empty>" "<benchmark args or empty>" [test_timeout] [bench_timeout]
+# One GPU-machine session: install carried wheels, build the C++ extension, then run the phases asked for.
+# usage: OUT=dir bash benchmarks/gpu_session.sh PHASE...   (phases run in order; each writes its own files to $OUT)
+#   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over 8 workers      -> gpu_tests.log
+#   bench-d128  attention benchmark, D=128, every N/padding/kernel                   -> attention_d128.json
+#   bench-d64   attention benchmark, D=64 (+ peak memory at N=16384, cold start)      -> attention_d64.json
+#   train       trainer throughput, 160m@2K/8K and 1.4b@8K, sigmoid vs softmax        -> training_gpu.json/.md
+#   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
+# Wheels for the packages the GPU image lacks (deepspeed, triton-sigmoid, pydantic, ...) travel in .whl/.
 set -o pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/triton_sigmoid-*.whl >/dev/null 2>&1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
 export PYTHONPATH=/tmp/site:$PWD
-{ nvidia-smi -L; date -u; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/header.txt"
-if [ -f setup.py ] && [ -n "$SIGATTN_BUILD" ]; then
-  (time python3 setup.py build_ext --inplace) > "$OUT/build.log" 2>&1 && echo "C++ extension built" || { echo "C++ build failed"; tail -5 "$OUT/build.log"; }
+{ nvidia-smi -L; date -u +%FT%TZ; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/header.txt"
+if [ ! -e sigattn/_C*.so ] && ! ls sigattn/_C*.so >/dev/null 2>&1; then
+  (time MAX_JOBS=16 python3 setup.py -q build_ext --inplace) > "$OUT/build.log" 2>&1 && echo "C++ extension built" \
+    || { echo "C++ build failed"; tail -20 "$OUT/build.log"; exit 1; }
 fi
-if [ -n "$1" ]; then
-  { cat "$OUT/header.txt"; timeout "${3:-360}" python3 -m pytest -p no:cacheprovider $1; } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25
-fi
-if [ -n "$2" ]; then
-  timeout "${4:-200}" python3 benchmarks/attention.py $2 2>&1 | tee "$OUT/bench.log" | tail -40
-fi
+for phase in "$@"; do
+  t0=$(date +%s)
+  case "$phase" in
+    tests)
+      { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
+          -n 8 tests/sigattn; } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
+    bench-d128)
+      timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention.py --d 128 --out "$OUT/attention_d128.json" 2>&1 \
+        | grep -v "^benchmark:" | tail -40 ;;
+    bench-d64)
+      timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention.py --d 64 --memory --cold-start \
+        --out "$OUT/attention_d64.json" 2>&1 | grep -v "^benchmark:" | tail -40 ;;
+    train)
+      timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs 160m:2048 160m:8192 1.4b:8192 \
+        --steps "${TRAIN_STEPS:-200}" --out "$OUT/training_gpu.json" 2>&1 | grep -v "it/s\]$" | tail -30 ;;
+    project)
+      timeout "${PROJECT_TIMEOUT:-500}" python3 -m launch.project --measure --sizes 160m 400m 600m 1.4b \
+        --context 2048 4096 8192 --cells 131.6e6 --gpus 16 --out "$OUT/projection-measured" 2>&1 | tail -40 ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+  echo "== phase $phase: $(( $(date +%s) - t0 )) s"
+done
