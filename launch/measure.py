@@ -4,17 +4,22 @@ The trainer is the one ``launch.submit`` runs (``training.trainer.Trainer``: Dee
 preset's ZeRO stage, precision and activation checkpointing) on synthetic cells whose expressed-gene
 count (mean ``2·context``, see ``training.synthetic``) fills the context, so nearly every cell is
 ``context`` tokens. The micro-batch keeps the preset's tokens per micro-batch
-(``batch·context_preset / context``); on out-of-memory it is halved and retried. Step times come from
-the trainer's per-step records (``cells_per_s``, ``tokens_per_s``, ``mem_gb``) through its callback
-hook; the measurement stops by an exception from the callback before the final checkpoint is written.
+(``batch·context_preset / context``); on out-of-memory it is halved and retried. Each attempt runs in a
+fresh spawned process, so a failed attempt's DeepSpeed engine, CUDA memory and process group die with it
+(an in-process retry inherits them). Step times come from the trainer's per-step records (``cells_per_s``,
+``tokens_per_s``, ``mfu``, ``mem_gb`` = this process's peak) through its callback hook; the measurement stops
+by an exception from the callback before the final checkpoint is written.
 """
 
 from __future__ import annotations
 
-import gc
+import multiprocessing
 import statistics
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+
+OOM = "out of memory"
 
 
 class _Done(Exception):
@@ -32,59 +37,68 @@ class Measurement:
     tokens_per_cell: float
     mem_gb: float
     steps: int
+    mfu: float | None = None   # median model FLOPs utilisation (None on CPU)
+    loss_first: float | None = None
+    loss_last: float | None = None
+
+
+def _attempt(size: str, context: int, attention: str, bs: int, steps: int, extra_overrides: list[str]):
+    """Child process: run ``steps`` trainer steps at micro-batch ``bs``; return their records, or ``OOM``."""
+    import torch
+
+    from launch.configs import resolve_config
+    from training.config import load_config
+    from training.presets import NOMINAL_VOCAB
+    from training.trainer import Trainer
+
+    records: list[dict] = []
+
+    def collect(trainer, record):
+        records.append(record)
+        if len(records) >= steps:
+            raise _Done
+
+    with tempfile.TemporaryDirectory(prefix="sigattn-measure-") as run_dir:
+        cfg = load_config(resolve_config(size), [
+            f"model.attention={attention}", "data.mds=null", f"data.context_length={context}",
+            f"data.batch_size={bs}", f"data.synthetic_vocab={NOMINAL_VOCAB}",
+            f"data.synthetic_mean_genes={min(2 * context, NOMINAL_VOCAB // 2)}", f"run.dir={run_dir}",
+            f"run.max_steps={steps + 10}", "run.ckpt_every=1000000",
+            "optim.warmup_steps=1", "run.progress=false",
+            "run.tensorboard=false", "run.nan_policy=skip", *extra_overrides])
+        try:
+            Trainer(cfg, callbacks=[collect]).train()
+        except _Done:
+            return records
+        except torch.OutOfMemoryError:
+            return OOM
+    raise RuntimeError(f"{size}/{context}/{attention}: trainer finished before {len(records)} steps")
 
 
 def measure(size: str, context: int, attention: str, *, warmup_steps: int = 3, timed_steps: int = 5,
             batch_size: int | None = None, extra_overrides: list[str] = ()) -> Measurement:
     """Time ``timed_steps`` training steps after ``warmup_steps``; halve the micro-batch on OOM."""
-    import torch
-
-    from launch.configs import resolve_config
     from launch.model_size import model_size
-    from training.config import load_config
-    from training.presets import NOMINAL_VOCAB
-    from training.trainer import Trainer
 
     m = model_size(size)
     bs = batch_size or max(1, m.batch_size * m.context // context)
     while True:
-        records: list[dict] = []
-
-        def collect(trainer, record):
-            records.append(record)
-            if len(records) >= warmup_steps + timed_steps:
-                raise _Done
-
-        with tempfile.TemporaryDirectory(prefix="sigattn-measure-") as run_dir:
-            cfg = load_config(resolve_config(size), [
-                f"model.attention={attention}", "data.mds=null", f"data.context_length={context}",
-                f"data.batch_size={bs}", f"data.synthetic_vocab={NOMINAL_VOCAB}",
-                f"data.synthetic_mean_genes={min(2 * context, NOMINAL_VOCAB // 2)}", f"run.dir={run_dir}",
-                f"run.max_steps={warmup_steps + timed_steps + 10}", "run.ckpt_every=1000000",
-                "optim.warmup_steps=1", "run.progress=false",
-                "run.tensorboard=false", "run.nan_policy=skip", *extra_overrides])
-            trainer = None
-            try:
-                trainer = Trainer(cfg, callbacks=[collect])
-                trainer.train()
-                raise RuntimeError(f"{size}/{context}/{attention}: trainer finished before {len(records)} steps")
-            except _Done:
-                pass
-            except torch.OutOfMemoryError:
-                if bs == 1:
-                    raise
-                bs //= 2
-                continue
-            finally:
-                del trainer
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-        timed = [r for r in records[warmup_steps:] if r.get("cells_per_s")]
-        if not timed:
-            raise RuntimeError(f"{size}/{context}/{attention}: no timed step had a loss (all skipped)")
-        cps = statistics.median(r["cells_per_s"] for r in timed)
-        tps = statistics.median(r["tokens_per_s"] for r in timed)
-        return Measurement(size=size, context=context, attention=attention, batch_size=bs, cells_per_s=cps,
-                           tokens_per_s=tps, tokens_per_cell=tps / cps, mem_gb=max(r["mem_gb"] for r in timed),
-                           steps=len(timed))
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            records = pool.submit(_attempt, size, context, attention, bs, warmup_steps + timed_steps,
+                                  list(extra_overrides)).result()
+        if records != OOM:
+            break
+        if bs == 1:
+            raise RuntimeError(f"{size}/{context}/{attention}: out of memory at micro-batch 1")
+        bs //= 2
+    timed = [r for r in records[warmup_steps:] if r.get("cells_per_s")]
+    if not timed:
+        raise RuntimeError(f"{size}/{context}/{attention}: no timed step had a loss (all skipped)")
+    cps = statistics.median(r["cells_per_s"] for r in timed)
+    tps = statistics.median(r["tokens_per_s"] for r in timed)
+    mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    return Measurement(size=size, context=context, attention=attention, batch_size=bs, cells_per_s=cps,
+                       tokens_per_s=tps, tokens_per_cell=tps / cps, mem_gb=max(r["mem_gb"] for r in timed),
+                       steps=len(timed), mfu=statistics.median(mfus) if mfus else None,
+                       loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)

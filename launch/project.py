@@ -18,13 +18,10 @@ per size, one panel per context (like Figure 3 of the sigmoid-attention paper).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
-import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from rich.progress import Progress
@@ -59,7 +56,7 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
     """One row per size × context × attention (analytic when ``measure_steps`` is None)."""
     models = {s: model_size(s) for s in sizes}
     rows = []
-    with Progress(transient=True) as progress, _process_group_scope():
+    with Progress(transient=True) as progress:
         task = progress.add_task("projection", total=len(sizes) * len(contexts) * len(attentions))
         for s in sizes:
             for ctx in contexts:
@@ -82,24 +79,6 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
         r["sigmoid_saving_pct"] = (100 * (1 - r["gpu_hours"] / soft[0]["gpu_hours"])
                                    if r["attention"] == "sigmoid" and soft else None)
     return rows
-
-
-@contextlib.contextmanager
-def _process_group_scope():
-    """``--measure`` builds trainers in this process: afterwards restore the RANK/MASTER_* variables they set,
-    so nothing started later (a submitted job: sbatch exports the environment) inherits them. The process
-    group itself stays (DeepSpeed caches it; later measurements in this process reuse it)."""
-    from launch.job import DIST_VARS
-
-    saved = {k: os.environ.get(k) for k in DIST_VARS}
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _markdown(rows: list[dict], header: str) -> str:
