@@ -9,7 +9,6 @@ unknown keys or ill-typed values fail with a message naming the key.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields

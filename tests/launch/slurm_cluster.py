@@ -10,7 +10,6 @@ skips with the reason when the cluster cannot be started.
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import random

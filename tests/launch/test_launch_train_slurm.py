@@ -4,7 +4,6 @@ it runs to completion, and a run preempted by USR2 is requeued and reproduces th
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
