@@ -22,6 +22,10 @@ from dataclasses import dataclass
 OOM = "out of memory"
 
 
+class DoesNotFit(RuntimeError):
+    """Out of device memory even at micro-batch 1."""
+
+
 class _Done(Exception):
     """Raised from the trainer callback once enough steps are timed."""
 
@@ -89,7 +93,7 @@ def measure(size: str, context: int, attention: str, *, warmup_steps: int = 3, t
         if records != OOM:
             break
         if bs == 1:
-            raise RuntimeError(f"{size}/{context}/{attention}: out of memory at micro-batch 1")
+            raise DoesNotFit(f"{size}/{context}/{attention}: out of memory at micro-batch 1")
         bs //= 2
     timed = [r for r in records[warmup_steps:] if r.get("cells_per_s")]
     if not timed:

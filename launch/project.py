@@ -36,11 +36,11 @@ H100_BF16_PEAK = 989e12
 def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int, gpu_mem_gib: float,
          cells_per_s: float, source: str, measured=None) -> dict:
     f = feasibility(m, context, m.zero_stage, gpus, gpu_mem_gib)
-    gpu_hours = cells * epochs / cells_per_s / 3600
+    gpu_hours = cells * epochs / cells_per_s / 3600 if cells_per_s else None
     row = {"size": m.name, "context": context, "attention": attention, "n_params": m.n_params,
            "n_params_nonemb": m.n_params_nonemb, "flops_per_cell": flops_per_cell(m, context),
            "throughput": source, "cells_per_s_per_gpu": cells_per_s, "gpu_hours": gpu_hours,
-           "wall_hours": gpu_hours / gpus, "zero_stage": m.zero_stage,
+           "wall_hours": gpu_hours / gpus if gpu_hours else None, "zero_stage": m.zero_stage,
            "model_state_gib": f.model_state_gib, "act_gib_per_cell": f.act_gib_per_cell,
            "act_gib_per_cell_ckpt": f.act_gib_per_cell_ckpt, "max_cells": f.max_cells,
            "max_cells_ckpt": f.max_cells_ckpt, "memory": f.verdict}
@@ -67,24 +67,31 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                         rate = mfu * peak_flops / flops_per_cell(m, ctx)
                         rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, rate, f"mfu={mfu:g}"))
                     else:
-                        from launch.measure import measure
+                        from launch.measure import DoesNotFit, measure
 
-                        meas = measure(s, ctx, att, warmup_steps=measure_steps[0], timed_steps=measure_steps[1],
-                                       batch_size=batch_size)
-                        rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, meas.cells_per_s,
-                                         "measured", meas))
+                        try:
+                            meas = measure(s, ctx, att, warmup_steps=measure_steps[0],
+                                           timed_steps=measure_steps[1], batch_size=batch_size)
+                        except DoesNotFit as e:  # a row, not the end of the projection
+                            progress.console.print(f"[yellow]{e}")
+                            row = _row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, None, "measured")
+                            rows.append(row | {"memory": "out of memory at micro-batch 1 (measured)"})
+                        else:
+                            rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, meas.cells_per_s,
+                                             "measured", meas))
                     progress.advance(task)
     for r in rows:  # sigmoid's saving relative to softmax (on the sigmoid row, when both were run)
         soft = [x for x in rows if (x["size"], x["context"], x["attention"]) == (r["size"], r["context"], "softmax")]
         r["sigmoid_saving_pct"] = (100 * (1 - r["gpu_hours"] / soft[0]["gpu_hours"])
-                                   if r["attention"] == "sigmoid" and soft else None)
+                                   if r["attention"] == "sigmoid" and soft and r["gpu_hours"] and soft[0]["gpu_hours"]
+                                   else None)
     return rows
 
 
 def _markdown(rows: list[dict], header: str) -> str:
     cols = ["size", "context", "attention", "n_params", "cells_per_s_per_gpu", "gpu_hours", "wall_hours",
             "sigmoid_saving_pct", "zero_stage", "model_state_gib", "max_cells", "max_cells_ckpt", "memory"]
-    if "measured_batch" in rows[0]:
+    if any("measured_batch" in r for r in rows):
         cols += ["measured_batch", "measured_mem_gb"]
 
     def fmt(v):
@@ -94,7 +101,7 @@ def _markdown(rows: list[dict], header: str) -> str:
             return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
         return f"{v:,}" if isinstance(v, int) else str(v)
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -111,11 +118,14 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     x = np.arange(len(sizes))
     for ax, ctx in zip(axes[0], contexts):
         for i, (att, color) in enumerate((("softmax", "tab:gray"), ("sigmoid", "tab:blue"))):
-            sel = {r["size"]: r for r in rows if r["context"] == ctx and r["attention"] == att}
+            sel = {r["size"]: r for r in rows if r["context"] == ctx and r["attention"] == att and r["gpu_hours"]}
             if not sel:
                 continue
-            bars = ax.bar(x + (i - 0.5) * 0.38, [sel[s]["gpu_hours"] for s in sizes], 0.38, label=att, color=color)
+            bars = ax.bar(x + (i - 0.5) * 0.38, [sel[s]["gpu_hours"] if s in sel else 0 for s in sizes], 0.38,
+                          label=att, color=color)
             for b, s in zip(bars, sizes):
+                if s not in sel:
+                    continue
                 pct = sel[s]["sigmoid_saving_pct"]
                 if pct is not None:
                     ax.annotate(f"{pct:+.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
@@ -139,7 +149,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     paths = [out / f"projection.{ext}" for ext in ("md", "csv", "json", "png")]
     paths[0].write_text(_markdown(rows, f"# GPU-hour projection\n\n{title}\n\n{meta['note']}"))
     with open(paths[1], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     paths[2].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

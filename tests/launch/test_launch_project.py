@@ -130,3 +130,28 @@ def test_measure_leaves_no_distributed_env(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     project.project(["tiny"], [16], cells=1e3, gpus=1, measure_steps=(1, 1), attentions=("softmax",), batch_size=2)
     assert not any(k in os.environ for k in DIST_VARS)
+
+
+def test_measure_row_that_does_not_fit_is_kept(tmp_path, monkeypatch):
+    """A size × context that runs out of memory even at micro-batch 1 becomes a row saying so; the rest go on."""
+    from launch import measure as measure_mod
+
+    def fake_measure(size, context, attention, **kw):
+        if context == 64:
+            raise measure_mod.DoesNotFit(f"{size}/{context}/{attention}: out of memory at micro-batch 1")
+        return measure_mod.Measurement(size=size, context=context, attention=attention, batch_size=2,
+                                       cells_per_s=10.0 if attention == "sigmoid" else 8.0, tokens_per_s=320.0,
+                                       tokens_per_cell=32.0, mem_gb=1.0, steps=2)
+
+    monkeypatch.setattr(measure_mod, "measure", fake_measure)
+    rows = project.project(["tiny"], [32, 64], cells=1e3, gpus=1, measure_steps=(1, 2))
+    fits = [r for r in rows if r["context"] == 32]
+    oom = [r for r in rows if r["context"] == 64]
+    assert len(fits) == 2 and len(oom) == 2
+    assert all(r["gpu_hours"] is None and r["memory"].startswith("out of memory") for r in oom)
+    assert oom[0]["sigmoid_saving_pct"] is None
+    sig = next(r for r in fits if r["attention"] == "sigmoid")
+    assert sig["sigmoid_saving_pct"] == pytest.approx(20.0)
+    meta = {"cells": 1e3, "epochs": 1.0, "gpus": 1, "throughput": "measured", "note": ""}
+    paths = project.write_outputs(rows, tmp_path, meta)
+    assert "out of memory at micro-batch 1" in paths[0].read_text() and paths[3].stat().st_size > 0
