@@ -53,6 +53,14 @@ class JobFolder:
             state = state.split()[0]
             requeues = out.get(jid, ("", 0))[1]
             out[jid] = (state, requeues + (state == "REQUEUED"))
+        # sacct learns of state changes from slurmdbd, which can lag slurmctld by seconds to minutes under load;
+        # squeue is slurmctld's live view of the jobs still queued or running, so it wins for those.
+        r = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True,
+                           timeout=60)
+        if r.returncode == 0:  # nonzero when every job has left the queue ("Invalid job id")
+            for line in r.stdout.splitlines():
+                jid, state = line.strip().split("|")
+                out[jid] = (state, out.get(jid, ("", 0))[1])
         return out
 
     def _local_state(self, job_id: str) -> tuple[str, int]:

@@ -148,11 +148,14 @@ def test_cancel_stops_a_running_job(slurm_cluster, tmp_path):
     cfg = _config(tmp_path, steps=1000, sleep_s=0.5, seed=0)
     folder, jobs = _submit([str(cfg), "--gpus-per-node", "0", "--folder", str(tmp_path / "job")])
     run_dir = Path(json.loads((folder / "launch.json").read_text())["jobs"][0]["run_dir"])
-    deadline = time.monotonic() + 120
-    while not _metrics(run_dir):
-        assert time.monotonic() < deadline, "job never started"
-        time.sleep(0.5)
-    assert JobFolder(folder).jobs()[0].state == "RUNNING"
-    assert JobFolder(folder).cancel() == [jobs[0].job_id]
-    _wait_done(jobs[0], timeout=60)
-    assert _state(jobs[0]) == "CANCELLED"
+    try:
+        deadline = time.monotonic() + 120
+        while not _metrics(run_dir):
+            assert time.monotonic() < deadline, "job never started"
+            time.sleep(0.5)
+        assert JobFolder(folder).jobs()[0].state == "RUNNING"  # live (squeue), though sacct may still lag
+        assert JobFolder(folder).cancel() == [jobs[0].job_id]
+        _wait_done(jobs[0], timeout=60)
+        assert _state(jobs[0]) == "CANCELLED"
+    finally:  # a failed check must not leave a 500 s job holding the node for the next tests
+        slurm_cluster.run("scancel", jobs[0].job_id, check=False)
