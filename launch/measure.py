@@ -71,7 +71,8 @@ def _attempt(size: str, context: int, attention: str, bs: int, steps: int, extra
             "optim.warmup_steps=1", "run.progress=false",
             "run.tensorboard=false", "run.nan_policy=skip", *extra_overrides])
         try:
-            Trainer(cfg, callbacks=[collect]).train()
+            with Trainer(cfg, callbacks=[collect]) as trainer:
+                trainer.train()
         except _Done:
             return records
         except torch.OutOfMemoryError:

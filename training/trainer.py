@@ -118,6 +118,22 @@ class Trainer:
         return build_loader(d.mds, d.split, tokenizer=self.tokenizer, batch_size=d.batch_size,
                             shuffle=d.shuffle, seed=r.seed, num_workers=d.num_workers)
 
+    def close(self) -> None:
+        """Release the DeepSpeed engine: its model, optimizer states and gradient hooks (GPU memory on CUDA).
+
+        Without this an engine outlives its trainer (DeepSpeed's hooks keep it referenced), so each further
+        trainer built in the same process (a notebook, a sweep) adds ~13 B per parameter. ``with Trainer(cfg)
+        as t:`` closes on exit. The trainer cannot train after ``close()``."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.destroy()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def request_stop(self) -> None:
         """Ask for a collective checkpoint and an orderly return (``"stopped"``).
 

@@ -160,3 +160,17 @@ def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy):
     assert recs[2]["skipped"] and recs[2]["skipped_steps"] == 1 and not recs[1].get("skipped") and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     assert all(torch.equal(a, b) for a, b in zip(state["before"], state["after"]))    # update not applied
     assert all(torch.isfinite(p).all() for p in t.engine.module.parameters())
+
+
+def test_close_releases_the_engine(corpus, tmp_path):
+    """A closed trainer's model parameters are freed (DeepSpeed's hooks would otherwise keep the engine alive)."""
+    import gc
+    import weakref
+
+    with make_trainer(corpus, tmp_path, **{"run.max_steps": 1, "run.ckpt_every": 0}) as t:
+        assert t.train() == "finished"
+        param = weakref.ref(next(t.engine.module.parameters()))
+    assert t.engine is None
+    del t
+    gc.collect()
+    assert param() is None
