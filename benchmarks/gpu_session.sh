@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU-machine session: install carried wheels, build the C++ extension, then run the phases asked for.
 # usage: OUT=dir bash benchmarks/gpu_session.sh PHASE...   (phases run in order; each writes its own files to $OUT)
-#   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over 8 workers      -> gpu_tests.log
+#   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over 14 workers     -> gpu_tests.log
 #   bench-d128  attention benchmark, D=128, every N/padding/kernel                   -> attention_d128.json
 #   bench-d64   attention benchmark, D=64 (+ peak memory at N=16384, cold start)      -> attention_d64.json
 #   train       trainer throughput, 160m@2K/8K and 1.4b@8K, sigmoid vs softmax        -> training_gpu.json/.md
@@ -16,7 +16,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi -L; date -u +%FT%TZ; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/header.txt"
-if [ ! -e sigattn/_C*.so ] && ! ls sigattn/_C*.so >/dev/null 2>&1; then
+if ! ls sigattn/_C*.so >/dev/null 2>&1; then  # build only where no extension is built yet
   (time MAX_JOBS=16 python3 setup.py -q build_ext --inplace) > "$OUT/build.log" 2>&1 && echo "C++ extension built" \
     || { echo "C++ build failed"; tail -20 "$OUT/build.log"; exit 1; }
 fi
