@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--donor-key", default=d.donor_key)
     b.add_argument("--chunk-cells", type=int, default=d.chunk_cells, help="rows read per chunk (memory bound)")
     b.add_argument("--cells-per-part", type=int, default=d.cells_per_part, help="cells per MDS writer task")
+    b.add_argument("--compression", default=d.compression,
+                   help="MDS shard compression (streaming's names: zstd[:level], br, gz, snappy, bz2)")
     b.add_argument("--force", action="store_true", help="rebuild even if the manifest is up to date")
     a = ap.parse_args(argv)
     opts = BuildOptions(**{k: v for k, v in vars(a).items() if k not in ("cmd", "inputs", "out")})

@@ -36,7 +36,7 @@ from data_prep.source import QCStats, Source, SourceError
 from data_prep.vocab import GeneVocab, read_symbol_table, var_gene_ids, var_symbols
 from data_prep.zarr_store import ZarrDatasetWriter
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compact MDS dtypes (genes uint16/uint32, counts rightsized per cell)
 UNKNOWN = "unknown"
 
 
@@ -55,6 +55,7 @@ class BuildOptions:
     donor_key: str = "donor_id"
     chunk_cells: int = 20_000
     cells_per_part: int = 100_000
+    compression: str = "zstd:1"
     force: bool = False
 
     def fingerprint_fields(self) -> dict:
@@ -104,6 +105,8 @@ def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=pri
         raise ValueError(f"min_genes must be ≥ 1 (MDS cannot store empty cells), got {opts.min_genes}")
     if not 0 <= opts.min_match <= 1:
         raise ValueError(f"min_match must lie in [0, 1], got {opts.min_match}")
+    from data_prep.mds import check_compression  # imports streaming
+    check_compression(opts.compression)
     t0 = time.perf_counter()
     out = os.path.abspath(out)
     inputs = [os.path.abspath(p) for p in inputs]
@@ -180,19 +183,19 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
     for p in inputs:
         sources.append(Source(p))
     table = read_symbol_table(opts.symbol_table) if opts.symbol_table else None
+    gene_ids = [var_gene_ids(s.var) for s in sources]
 
     # Vocabulary and per-dataset gene mapping.
     if opts.vocab:
         vocab = GeneVocab.load(opts.vocab)
         vocab_origin = os.path.abspath(opts.vocab)
     else:
-        vocab = GeneVocab.from_vars([s.var for s in sources], symbol_table=table)
+        vocab = GeneVocab.from_vars([s.var for s in sources], symbol_table=table, gene_ids=gene_ids)
         vocab_origin = "built from inputs"
     vocab_sha = vocab.save(os.path.join(tmp, "vocab.tsv"))
     mappings, datasets = [], []
-    for name, src, h in zip(names, sources, input_hashes):
-        ids, id_source = var_gene_ids(src.var)
-        vid = vocab.map_var(src.var, symbol_table=table)
+    for name, src, h, (ids, id_source) in zip(names, sources, input_hashes, gene_ids):
+        vid = vocab.map_var(src.var, symbol_table=table, gene_ids=(ids, id_source))
         n_mapped = int((vid >= 0).sum())
         ratio = n_mapped / max(len(vid), 1)
         mapped = vid[vid >= 0]
@@ -264,7 +267,7 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
                                             test_frac=opts.test_frac, seed=opts.seed)
 
     # MDS shards from the Zarr stores.
-    from data_prep.mds import Task, write_mds  # imports streaming
+    from data_prep.mds import Task, columns, write_mds  # imports streaming
 
     tasks, offset = [], 0
     for d, (name, vid, n) in enumerate(zip(names, mappings, kept_rows)):
@@ -276,7 +279,8 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
                               cell_type=ct_codes[sl], donor=donor_codes[sl], cell_id0=offset + start))
         offset += n
     with tqdm(total=offset, desc="mds", unit="cell", unit_scale=True, leave=False) as bar:
-        mds = write_mds(tasks, os.path.join(tmp, "mds"), opts.workers, progress=bar.update)
+        mds = write_mds(tasks, os.path.join(tmp, "mds"), opts.workers, len(vocab), progress=bar.update,
+                        compression=opts.compression)
     timings["split_and_mds"] = time.perf_counter() - t
 
     return {
@@ -289,8 +293,7 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
                    "cell_type_key": opts.cell_type_key, "donor_key": opts.donor_key},
         "cell_id": "global row over the datasets' zarr stores in dataset order (dataset offset + zarr row)",
         "split": split_info,
-        "mds": {"columns": {"genes": "ndarray:int32", "counts": "ndarray:int32", "dataset": "int",
-                            "cell_type": "int", "donor": "int", "cell_id": "int"},
+        "mds": {"columns": columns(len(vocab)), "compression": opts.compression,
                 "n_cells": mds["written"], "shards": mds["shards"],
                 "dropped_no_mapped_genes": mds["no_mapped_genes"]},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

@@ -23,3 +23,127 @@ def test_mapped_rows_against_dense(rng, draw):
         got = np.zeros(v, dtype=np.int64)
         got[genes[ptr[i]:ptr[i + 1]]] = counts[ptr[i]:ptr[i + 1]]
         assert np.array_equal(got, expect) and len(set(genes[ptr[i]:ptr[i + 1]])) == ptr[i + 1] - ptr[i]
+
+
+# --- the cell encoder: byte-identical to streaming's generic MDSWriter.encode_sample ---------------
+
+from data_prep._torchvision_shim import ensure_importable  # noqa: E402
+
+ensure_importable()
+from streaming import MDSWriter, StreamingDataset  # noqa: E402
+
+from data_prep.mds import CellMDSWriter, Task, check_compression, counts_dtypes, genes_dtype, write_task  # noqa: E402
+from data_prep.zarr_store import ZarrDatasetWriter, iter_csr_rows  # noqa: E402
+
+LENGTHS = [1, 2, 17, 255, 256, 257, 65535, 65536, 70000]
+
+
+def _sample(rng, n, vocab_size, max_count):
+    genes = rng.choice(vocab_size, size=n, replace=n > vocab_size).astype(genes_dtype(vocab_size))
+    counts = rng.integers(1, max_count + 1, n)
+    counts[rng.integers(n)] = max_count
+    kind = int(counts_dtypes(np.array([max_count]))[0])
+    counts = counts.astype((np.uint8, np.uint16, np.uint32)[kind])
+    return {"genes": genes, "counts": counts, "dataset": int(rng.integers(0, 5)),
+            "cell_type": int(rng.integers(0, 2**40)), "donor": int(rng.integers(0, 1000)),
+            "cell_id": int(rng.integers(0, 2**62))}
+
+
+@pytest.mark.parametrize("vocab_size", [100, 65536, 65537])
+def test_cell_encoder_matches_streaming_byte_for_byte(tmp_path, rng, vocab_size):
+    """Every length class of the shape header, every counts dtype, both genes dtypes."""
+    w = CellMDSWriter(out=str(tmp_path / "w"), vocab_size=vocab_size, compression="zstd:1")
+    for n in LENGTHS:
+        for max_count in (1, 255, 256, 65535, 65536, 2**31 - 1):
+            s = _sample(rng, n, vocab_size, max_count)
+            assert w.encode_sample(s) == MDSWriter.encode_sample(w, s), (n, max_count)
+    w.finish()
+
+
+def test_counts_dtypes_boundaries():
+    assert counts_dtypes(np.array([0, 1, 255, 256, 65535, 65536, 2**31 - 1])).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert genes_dtype(65536) == np.uint16 and genes_dtype(65537) == np.uint32
+
+
+def test_cell_encoder_unusual_samples_get_streamings_errors(tmp_path):
+    w = CellMDSWriter(out=str(tmp_path / "w"), vocab_size=100)
+    ok = {"genes": np.array([1, 2], np.uint16), "counts": np.array([3, 4], np.uint8), "dataset": 0,
+          "cell_type": 0, "donor": 0, "cell_id": 0}
+    with pytest.raises(ValueError, match="Wrong dtype"):  # genes must be the corpus' dtype
+        w.encode_sample({**ok, "genes": ok["genes"].astype(np.int64)})
+    with pytest.raises(ValueError, match="0 elements"):  # streaming refuses empty arrays
+        w.encode_sample({**ok, "genes": ok["genes"][:0], "counts": ok["counts"][:0]})
+    # other counts dtypes fall back to the generic encoder (and stay readable)
+    s = {**ok, "counts": np.array([3, 4], np.int64)}
+    assert w.encode_sample(s) == MDSWriter.encode_sample(w, s)
+    w.finish()
+
+
+def test_cell_writer_round_trip_through_streaming(tmp_path, rng):
+    samples = [_sample(rng, int(n), 70000, int(m)) for n, m in zip(rng.integers(1, 3000, 40),
+                                                                     rng.choice([3, 300, 70000], 40))]
+    with CellMDSWriter(out=str(tmp_path / "mds"), vocab_size=70000, compression="zstd:1",
+                       hashes=["xxh64"], size_limit=1 << 14) as w:
+        for s in samples:
+            w.write(s)
+    ds = StreamingDataset(local=str(tmp_path / "mds"), shuffle=False, batch_size=1)
+    assert len(ds) == len(samples)
+    for i, s in enumerate(samples):
+        got = ds[i]
+        assert all(np.array_equal(got[k], s[k]) for k in s) and got["counts"].dtype == s["counts"].dtype
+
+
+def test_check_compression():
+    check_compression("zstd:1")
+    with pytest.raises(ValueError, match=r"unknown MDS compression 'zstd:99'.*zstd\[:1-22\]"):
+        check_compression("zstd:99")
+
+
+def _store(tmp_path, rng, n=60, g=30):
+    X = sp.random(n, g, density=0.4, format="csr", random_state=rng, dtype=np.float64)
+    X.data = np.ceil(X.data * 300).astype(np.int32)
+    X[5] = 0  # an empty row
+    X.eliminate_zeros()
+    X = sp.csr_matrix(X.astype(np.int32))
+    w = ZarrDatasetWriter(str(tmp_path / "d.zarr"), g)
+    w.append(X)
+    import pandas as pd
+    w.finish(pd.DataFrame(index=[f"c{i}" for i in range(n)]), pd.DataFrame(index=[f"g{i}" for i in range(g)]))
+    return str(tmp_path / "d.zarr"), X
+
+
+@pytest.mark.parametrize("max_nnz", [1, 7, 50, 1 << 22])
+def test_iter_csr_rows_blocks_cover_the_range(tmp_path, rng, max_nnz):
+    store, X = _store(tmp_path, rng)
+    start, stop = 3, 57
+    rows, seen = [], 0
+    for row0, ptr, ind, dat in iter_csr_rows(store, start, stop, max_nnz):
+        assert row0 == seen and ptr[0] == 0 and ptr[-1] == len(ind) == len(dat)
+        assert len(ptr) == 2 or ptr[-1] <= max_nnz  # a block exceeds the bound only as a single row
+        rows += [sp.csr_matrix((dat, ind, ptr), shape=(len(ptr) - 1, X.shape[1]))]
+        seen += len(ptr) - 1
+    assert (sp.vstack(rows) != X[start:stop]).nnz == 0
+
+
+def test_write_task_block_size_does_not_change_shards(tmp_path, rng):
+    store, X = _store(tmp_path, rng)
+    n = X.shape[0]
+    vid = rng.permutation(40)[:X.shape[1]].astype(np.int32)
+    vid[::7] = -1
+
+    def task():
+        return Task(part=0, store=store, dataset=1, start=0, stop=n, vocab_ids=vid,
+                    split=rng.integers(0, 3, n), cell_type=rng.integers(0, 4, n), donor=rng.integers(0, 9, n),
+                    cell_id0=100)
+    t = task()
+    r_small = write_task(t, str(tmp_path / "a"), 40, max_nnz=5)
+    r_big = write_task(t, str(tmp_path / "b"), 40)
+    assert r_small == r_big and r_small["cells"] == n
+    for split in ("train", "val", "test"):
+        a, b = tmp_path / "a" / split / "part-00000", tmp_path / "b" / split / "part-00000"
+        if not a.exists():
+            assert not b.exists()
+            continue
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        for p in a.iterdir():
+            assert p.read_bytes() == (b / p.name).read_bytes()
