@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_VERSIONED_RE = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$")
 ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "feature_id")
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_name", "gene_symbol")
 UNMAPPED = -1
@@ -33,13 +34,14 @@ UNMAPPED = -1
 
 def normalize_ids(ids) -> np.ndarray:
     """Strip Ensembl version suffixes; non-Ensembl strings are returned unchanged."""
-    s = pd.Index(ids).astype(str)
-    return np.asarray(s.str.replace(r"^(ENS[A-Z]*G\d+)\.\d+$", r"\1", regex=True), dtype=object)
+    sub = _VERSIONED_RE.sub
+    return np.asarray([sub(r"\1", x) if "." in x else x for x in pd.Index(ids).astype(str)], dtype=object)
 
 
 def _looks_ensembl(values) -> float:
     s = pd.Index(values).astype(str)
-    return float(s.str.match(ENSEMBL_RE.pattern).mean()) if len(s) else 0.0
+    match = ENSEMBL_RE.match
+    return sum(match(x) is not None for x in s) / len(s) if len(s) else 0.0
 
 
 def var_gene_ids(var: pd.DataFrame) -> tuple[np.ndarray | None, str]:
@@ -106,15 +108,18 @@ class GeneVocab:
         return isinstance(other, GeneVocab) and np.array_equal(self.gene_ids, other.gene_ids)
 
     @classmethod
-    def from_vars(cls, vars_: list[pd.DataFrame], symbol_table: dict[str, str] | None = None) -> GeneVocab:
+    def from_vars(cls, vars_: list[pd.DataFrame], symbol_table: dict[str, str] | None = None,
+                  gene_ids: list | None = None) -> GeneVocab:
         """Union of the Ensembl IDs of several datasets' ``var``, sorted by ID (deterministic).
 
         Symbol-only datasets contribute the IDs their symbols map to through ``symbol_table``;
-        symbols are recorded where a dataset has both.
+        symbols are recorded where a dataset has both. ``gene_ids``: each var's
+        :func:`var_gene_ids` when the caller already has them.
         """
         id_sym: dict[str, str] = {}
-        for var in vars_:
-            ids, _ = var_gene_ids(var)
+        match = ENSEMBL_RE.match
+        for k, var in enumerate(vars_):
+            ids, _ = gene_ids[k] if gene_ids is not None else var_gene_ids(var)
             syms, _ = var_symbols(var)
             if ids is None:
                 if symbol_table:
@@ -123,8 +128,8 @@ class GeneVocab:
                             id_sym.setdefault(symbol_table[s], s)
                 continue
             for i, s in zip(ids, syms):
-                if ENSEMBL_RE.match(i) and (i not in id_sym or not id_sym[i]):
-                    id_sym[i] = "" if ENSEMBL_RE.match(s) else s
+                if not id_sym.get(i) and match(i):
+                    id_sym[i] = "" if match(s) else s
         if not id_sym:
             raise ValueError("no Ensembl gene IDs found in any dataset (and no symbol table to map symbols)")
         order = sorted(id_sym)
@@ -149,9 +154,13 @@ class GeneVocab:
         os.replace(tmp, path)
         return file_sha256(path)
 
-    def map_var(self, var: pd.DataFrame, symbol_table: dict[str, str] | None = None) -> np.ndarray:
-        """Vocabulary id of each row of ``var`` (int32, −1 = unmapped); see the module docstring."""
-        ids, _ = var_gene_ids(var)
+    def map_var(self, var: pd.DataFrame, symbol_table: dict[str, str] | None = None,
+                gene_ids: tuple | None = None) -> np.ndarray:
+        """Vocabulary id of each row of ``var`` (int32, −1 = unmapped); see the module docstring.
+
+        ``gene_ids``: ``var_gene_ids(var)`` when the caller already has it.
+        """
+        ids, _ = gene_ids if gene_ids is not None else var_gene_ids(var)
         if ids is None:
             syms, _ = var_symbols(var)
             out = pd.Series(syms).map(self._symbol_to_id).fillna(UNMAPPED).to_numpy(dtype=np.int64)

@@ -57,6 +57,9 @@ def test_pbmc_zarr_roundtrip_every_gene(pbmc_corpus, pbmc_path):
     for name in ("data", "indices", "indptr"):
         assert x[name].metadata.zarr_format == 3
         assert type(x[name].metadata.codecs[0]).__name__ == "ShardingCodec"
+        assert [type(c).__name__ for c in x[name].compressors] == ["BloscCodec"]
+    assert m["mds"]["columns"]["genes"] == "ndarray:uint16" and m["mds"]["columns"]["counts"] == "ndarray"
+    assert m["mds"]["compression"] == "zstd:1" and m["format_version"] == 2
 
 
 def test_pbmc_manifest_split_fallback_and_labels(pbmc_corpus):
@@ -277,6 +280,34 @@ def test_parallel_writers_same_content(tmp_path, rng):
         assert len(a) == len(b) == m["split"]["n_cells"][split]
         for x, y in zip(a, b):
             assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("layout", ["csr", "csr_int64", "dense", "raw"])
+def test_chunked_reads_reuse_buffers_exactly(tmp_path, rng, layout):
+    """Many small chunks (reused read buffers), every on-disk layout: the store equals the source."""
+    X = synth_counts(rng, 157, 40, density=0.3)
+    X[3] = 0  # explicit zeros and a row dropped by QC
+    X[10, :5] = 0.0
+    if layout == "csr_int64":
+        X = sp.csr_matrix(X.astype(np.int64))
+    kw = {"raw": ad.AnnData(X=X, var=pd.DataFrame(index=[ensembl(i) for i in range(40)]))} if layout == "raw" else {}
+    x_file = sp.csr_matrix(X * 0.37) if layout == "raw" else (X.toarray() if layout == "dense" else X)
+    p = write_h5ad(tmp_path / "a.h5ad", x_file, **kw)
+    m = build([p], str(tmp_path / "c"), _opts(min_genes=2, chunk_cells=16, split_by="cell"), **QUIET)
+    z = ad.read_zarr(tmp_path / "c" / m["datasets"][0]["zarr"])
+    rows = z.obs["source_row"].to_numpy()
+    dense = X.toarray()
+    assert ((dense > 0).sum(1) >= 2).sum() == len(rows) and 3 not in rows
+    assert np.array_equal(z.X.toarray(), dense[rows].astype(np.int32))
+
+
+def test_unknown_compression_refused_before_writing(tmp_path, rng):
+    paths = _donor_files(tmp_path, rng, n_files=1)
+    with pytest.raises(ValueError, match="unknown MDS compression 'lz5'"):
+        build(paths, str(tmp_path / "c"), _opts(compression="lz5"), **QUIET)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".c", "c"))]
+    m = build(paths, str(tmp_path / "c"), _opts(compression="br:1"), **QUIET)
+    assert m["mds"]["compression"] == "br:1" and len(_mds_samples(str(tmp_path / "c"), "train")) > 0
 
 
 def test_cli_summary_and_error(tmp_path, rng):
