@@ -82,6 +82,26 @@ def test_remote_with_local_cache(pbmc_corpus, tmp_path):
     _release(dl)
 
 
+@pytest.mark.parametrize("cache_limit", [None, "1gb"])
+def test_shard_check_once_per_shard_unless_a_cache_limit_can_evict(pbmc_corpus, tmp_path, monkeypatch, cache_limit):
+    """Without a cache limit streaming's per-sample shard check runs once per shard; with one, per sample."""
+    corpus, m = pbmc_corpus
+    calls = []
+    orig = StreamingDataset.prepare_shard
+    monkeypatch.setattr(StreamingDataset, "prepare_shard", lambda self, i, blocking=True: (
+        calls.append(i), orig(self, i, blocking))[1])
+    dl = build_loader(os.path.join(corpus, "mds"), "train", tokenizer=_tok(corpus), batch_size=32,
+                      local=str(tmp_path / "cache"), cache_limit=cache_limit)
+    ids = _ids(dl)
+    n, n_shards = m["split"]["n_cells"]["train"], m["mds"]["shards"]["train"]
+    assert len(ids) == len(set(ids)) == n
+    if cache_limit is None:
+        assert len(calls) <= 2 * n_shards  # download + ready threads may each meet a shard before it is LOCAL
+    else:
+        assert len(calls) > n // 2  # (the download thread may stop early once the ready thread is done)
+    _release(dl)
+
+
 def test_resume_gives_exactly_the_rest(pbmc_corpus):
     corpus, _ = pbmc_corpus
     tok = _tok(corpus, L=64)
