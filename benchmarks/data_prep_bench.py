@@ -131,7 +131,7 @@ def plot(res: dict, path: str) -> None:
     a1.bar([f"build w={b['workers']}\n(wall)" for b in bl], [b["cells_per_s"] for b in bl], color="tab:blue")
     a1.bar(["build w=1\n(per CPU-s)"], [bl[0]["cells_per_cpu_s"]], color="tab:cyan")
     if "first_run" in bl[0]:
-        a1.bar(["w=1, first build\nof process (per CPU-s)"], [bl[0]["first_run"]["cells_per_cpu_s"]], color="tab:gray")
+        a1.bar(["w=1 first build\n(per CPU-s)"], [bl[0]["first_run"]["cells_per_cpu_s"]], color="tab:gray")
     a1.axhline(res["targets"]["build_cells_per_s_per_core"], color="r", ls="--", label="target / core")
     a1.set_ylabel("cells / s")
     a1.set_title(f"build ({bl[0]['cells']:,} PBMC cells; median of {len(bl[0].get('runs_cells_per_cpu_s', [1]))})")
