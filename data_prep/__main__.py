@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cells-per-part", type=int, default=d.cells_per_part, help="cells per MDS writer task")
     b.add_argument("--compression", default=d.compression,
                    help="MDS shard compression (streaming's names: zstd[:level], br, gz, snappy, bz2)")
+    b.add_argument("--shard-mb", type=int, default=d.shard_mb, help="raw MDS shard size limit (MiB)")
     b.add_argument("--force", action="store_true", help="rebuild even if the manifest is up to date")
     a = ap.parse_args(argv)
     opts = BuildOptions(**{k: v for k, v in vars(a).items() if k not in ("cmd", "inputs", "out")})

@@ -2,8 +2,9 @@
 
 Steps: open and validate every input (``data_prep.source``), build or load the gene vocabulary and
 map each dataset (refusing one whose match ratio is below ``min_match``), stream QC-passing cells
-into per-dataset Zarr v3 stores, assign splits (``data_prep.split``), write MDS shards from the Zarr
-stores (``data_prep.mds``), write the manifest.
+into per-dataset Zarr v3 stores (``data_prep.ingest``, ``workers`` files at a time), assign splits
+(``data_prep.split``), write MDS shards from the Zarr stores (``data_prep.mds``, ``workers`` row
+ranges at a time), write the manifest.
 
 Idempotent: the manifest records a fingerprint of the inputs' content hashes (xxh3-128), the
 options and the given vocabulary; a re-run with the same fingerprint does nothing.
@@ -31,10 +32,10 @@ import pandas as pd
 import xxhash
 from tqdm.auto import tqdm
 
+from data_prep.ingest import IngestJob, ingest_all
 from data_prep.split import assign_splits
-from data_prep.source import QCStats, Source, SourceError
+from data_prep.source import Source, SourceError
 from data_prep.vocab import GeneVocab, read_symbol_table, var_gene_ids, var_symbols
-from data_prep.zarr_store import ZarrDatasetWriter
 
 FORMAT_VERSION = 2  # 2: compact MDS dtypes (genes uint16/uint32, counts rightsized per cell)
 UNKNOWN = "unknown"
@@ -56,6 +57,7 @@ class BuildOptions:
     chunk_cells: int = 20_000
     cells_per_part: int = 100_000
     compression: str = "zstd:1"
+    shard_mb: int = 16
     force: bool = False
 
     def fingerprint_fields(self) -> dict:
@@ -103,6 +105,8 @@ def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=pri
         raise ValueError("no input files")
     if opts.min_genes < 1:
         raise ValueError(f"min_genes must be ≥ 1 (MDS cannot store empty cells), got {opts.min_genes}")
+    if opts.shard_mb < 1:
+        raise ValueError(f"shard_mb must be ≥ 1, got {opts.shard_mb}")
     if not 0 <= opts.min_match <= 1:
         raise ValueError(f"min_match must lie in [0, 1], got {opts.min_match}")
     from data_prep.mds import check_compression  # imports streaming
@@ -214,39 +218,25 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
     timings["open_and_map"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # Zarr stores, chunk by chunk.
+    # Zarr stores, chunk by chunk (``workers`` datasets at a time).
     os.makedirs(os.path.join(tmp, "zarr"))
-    total = sum(s.n_obs for s in sources)
+    jobs = [IngestJob(src.path, os.path.join(tmp, "zarr", f"{name}.zarr"), vid)
+            for name, src, vid in zip(names, sources, mappings)]
+    with tqdm(total=sum(s.n_obs for s in sources), desc="zarr", unit="cell", unit_scale=True, leave=False) as bar:
+        results = ingest_all(jobs, opts.min_genes, opts.chunk_cells, opts.workers, sources, progress=bar.update)
     cell_types, donors, kept_rows = [], [], []
-    with tqdm(total=total, desc="zarr", unit="cell", unit_scale=True, leave=False) as bar:
-        for name, src, vid, rec in zip(names, sources, mappings, datasets):
-            store = os.path.join(tmp, "zarr", f"{name}.zarr")
-            writer = ZarrDatasetWriter(store, src.var.shape[0])
-            stats = QCStats()
-            rows = []
-            done = 0
-            for r, block in src.chunks(opts.min_genes, opts.chunk_cells, stats):
-                writer.append(block)
-                rows.append(r)
-                bar.update(stats.cells_in - done)
-                done = stats.cells_in
-            bar.update(stats.cells_in - done)
-            rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-            obs = src.obs.iloc[rows].copy()
-            obs["source_row"] = rows
-            var = src.var.copy()
-            var["vocab_id"] = vid
-            writer.finish(obs, var)
-            rec.update(dataclasses.asdict(stats), zarr=f"zarr/{name}.zarr", nnz=int(writer.nnz))
-            cell_types.append(_labels(src.obs[opts.cell_type_key] if opts.cell_type_key in src.obs else None,
-                                      src.n_obs)[rows])
-            rec["has_cell_type"] = opts.cell_type_key in src.obs.columns
-            rec["has_donor"] = opts.donor_key in src.obs.columns
-            donors.append(np.asarray([f"{name}/{d}" for d in _labels(
-                src.obs[opts.donor_key] if opts.donor_key in src.obs else None, src.n_obs)[rows]], dtype=object))
-            kept_rows.append(len(rows))
-            log(f"{name}: kept {stats.cells_out}/{stats.cells_in} cells (dropped {stats.dropped_min_genes} "
-                f"with < {opts.min_genes} genes, {stats.dropped_not_primary} not primary)")
+    for name, src, rec, res in zip(names, sources, datasets, results):
+        rows, stats = res["rows"], res["stats"]
+        rec.update(stats, zarr=f"zarr/{name}.zarr", nnz=res["nnz"])
+        cell_types.append(_labels(src.obs[opts.cell_type_key] if opts.cell_type_key in src.obs else None,
+                                  src.n_obs)[rows])
+        rec["has_cell_type"] = opts.cell_type_key in src.obs.columns
+        rec["has_donor"] = opts.donor_key in src.obs.columns
+        donors.append(np.asarray([f"{name}/{d}" for d in _labels(
+            src.obs[opts.donor_key] if opts.donor_key in src.obs else None, src.n_obs)[rows]], dtype=object))
+        kept_rows.append(len(rows))
+        log(f"{name}: kept {stats['cells_out']}/{stats['cells_in']} cells (dropped {stats['dropped_min_genes']} "
+            f"with < {opts.min_genes} genes, {stats['dropped_not_primary']} not primary)")
 
     timings["zarr"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -280,7 +270,7 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         offset += n
     with tqdm(total=offset, desc="mds", unit="cell", unit_scale=True, leave=False) as bar:
         mds = write_mds(tasks, os.path.join(tmp, "mds"), opts.workers, len(vocab), progress=bar.update,
-                        compression=opts.compression)
+                        compression=opts.compression, size_limit=opts.shard_mb << 20)
     timings["split_and_mds"] = time.perf_counter() - t
 
     return {
@@ -293,7 +283,7 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
                    "cell_type_key": opts.cell_type_key, "donor_key": opts.donor_key},
         "cell_id": "global row over the datasets' zarr stores in dataset order (dataset offset + zarr row)",
         "split": split_info,
-        "mds": {"columns": columns(len(vocab)), "compression": opts.compression,
+        "mds": {"columns": columns(len(vocab)), "compression": opts.compression, "shard_mb": opts.shard_mb,
                 "n_cells": mds["written"], "shards": mds["shards"],
                 "dropped_no_mapped_genes": mds["no_mapped_genes"]},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

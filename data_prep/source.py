@@ -105,7 +105,7 @@ class _CSRRows:
 
     def __init__(self, group: h5py.Group):
         self.data, self.indices, self.indptr = group["data"], group["indices"], group["indptr"]
-        self._bufs: dict[str, np.ndarray] = {}
+        self._bufs: dict[str, np.ndarray] = {}  # chunks() may pass a dict shared by sources read in turn
 
     def _buf(self, name: str, dtype, n: int) -> np.ndarray:
         b = self._bufs.get(name)
@@ -219,11 +219,16 @@ class Source:
             return np.asarray(col.astype(str).str.lower().isin(["true", "1"]), dtype=bool)
         return np.ones(self.n_obs, dtype=bool)
 
-    def chunks(self, min_genes: int, chunk_cells: int, stats: QCStats) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+    def chunks(self, min_genes: int, chunk_cells: int, stats: QCStats,
+               buffers: dict | None = None) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         """Yield ``(kept_row_indices, csr int32 counts of kept rows)``, validating every chunk.
 
         A yielded block may share buffers with the next one: use it before asking for the next.
+        ``buffers``: a dict of read buffers to use (and grow), so that files read one after another
+        reuse the same memory.
         """
+        if self._rows is not None and buffers is not None:
+            self._rows._bufs = buffers
         primary = self.keep_mask_obs()
         for start in range(0, self.n_obs, chunk_cells):
             stop = min(start + chunk_cells, self.n_obs)

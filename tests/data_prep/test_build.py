@@ -59,7 +59,7 @@ def test_pbmc_zarr_roundtrip_every_gene(pbmc_corpus, pbmc_path):
         assert type(x[name].metadata.codecs[0]).__name__ == "ShardingCodec"
         assert [type(c).__name__ for c in x[name].compressors] == ["BloscCodec"]
     assert m["mds"]["columns"]["genes"] == "ndarray:uint16" and m["mds"]["columns"]["counts"] == "ndarray"
-    assert m["mds"]["compression"] == "zstd:1" and m["format_version"] == 2
+    assert m["mds"]["compression"] == "zstd:1" and m["mds"]["shard_mb"] == 16 and m["format_version"] == 2
 
 
 def test_pbmc_manifest_split_fallback_and_labels(pbmc_corpus):
@@ -305,6 +305,8 @@ def test_unknown_compression_refused_before_writing(tmp_path, rng):
     paths = _donor_files(tmp_path, rng, n_files=1)
     with pytest.raises(ValueError, match="unknown MDS compression 'lz5'"):
         build(paths, str(tmp_path / "c"), _opts(compression="lz5"), **QUIET)
+    with pytest.raises(ValueError, match="shard_mb must be ≥ 1"):
+        build(paths, str(tmp_path / "c"), _opts(shard_mb=0), **QUIET)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".c", "c"))]
     m = build(paths, str(tmp_path / "c"), _opts(compression="br:1"), **QUIET)
     assert m["mds"]["compression"] == "br:1" and len(_mds_samples(str(tmp_path / "c"), "train")) > 0
