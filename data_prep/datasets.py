@@ -49,13 +49,24 @@ CENSUS_VERSION = "2025-01-30"  # a Census LTS release
 def census_download(dataset_id: str, out_dir: str, census_version: str = CENSUS_VERSION) -> str:
     """Download one CellxGene dataset's source h5ad at a pinned Census LTS version; returns its path.
 
-    Needs internet and ``pip install cellxgene-census``. Not exercised by the tests.
+    Needs internet and ``pip install cellxgene-census`` (the tests use a stand-in module). The file is
+    downloaded to ``<id>.h5ad.part`` and renamed when complete, so ``out_dir`` never holds a truncated
+    ``.h5ad``; an existing ``<id>.h5ad`` is kept and returned without a download.
     """
+    path = os.path.join(out_dir, f"{dataset_id}.h5ad")
+    if os.path.isfile(path):
+        return path
     try:
         import cellxgene_census
     except ImportError as e:
-        raise ImportError("census_download needs the optional package cellxgene-census") from e
+        raise ImportError("census_download needs the optional package cellxgene-census "
+                          "(pip install cellxgene-census)") from e
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{dataset_id}.h5ad")
-    cellxgene_census.download_source_h5ad(dataset_id, to_path=path, census_version=census_version)
+    part = path + ".part"
+    try:
+        cellxgene_census.download_source_h5ad(dataset_id, to_path=part, census_version=census_version)
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
     return path
