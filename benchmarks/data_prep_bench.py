@@ -74,19 +74,23 @@ def replicate(path: str, k: int, out: str) -> str:
     return out
 
 
-def bench_build_once(h5ad: str, work: str, workers: int, n_cells: int) -> dict:
-    out = os.path.join(work, f"corpus-w{workers}")
+def timed_build(inputs: list[str], out: str, **opts) -> tuple[dict, dict]:
+    """Build ``out`` from scratch; returns the manifest and the timing record (wall, user/kernel CPU, rates)."""
     shutil.rmtree(out, ignore_errors=True)
     (u0, k0), t0 = cpu_user_sys(), time.perf_counter()
-    m = build([h5ad], out, BuildOptions(cell_type_key="celltype", workers=workers, force=True,
-                                        cells_per_part=-(-n_cells // max(workers, 1))), log=lambda *a: None)
+    m = build(inputs, out, BuildOptions(cell_type_key="celltype", force=True, **opts), log=lambda *a: None)
     (u1, k1), wall = cpu_user_sys(), time.perf_counter() - t0
     cpu = (u1 - u0) + (k1 - k0)
     n = m["totals"]["cells_in"]
-    return {"workers": workers, "cells": n, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "user_s": round(u1 - u0, 2), "sys_s": round(k1 - k0, 2),
-            "cells_per_s": round(n / wall), "cells_per_cpu_s": round(n / cpu), "phases_s": m["timings_s"],
-            "nnz": sum(r["nnz"] for r in m["datasets"]), "compression": m["mds"]["compression"],
+    return m, {"workers": opts.get("workers", 1), "cells": n, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+               "user_s": round(u1 - u0, 2), "sys_s": round(k1 - k0, 2), "cells_per_s": round(n / wall),
+               "cells_per_cpu_s": round(n / cpu), "phases_s": m["timings_s"]}
+
+
+def bench_build_once(h5ad: str, work: str, workers: int, n_cells: int) -> dict:
+    out = os.path.join(work, f"corpus-w{workers}")
+    m, rec = timed_build([h5ad], out, workers=workers, cells_per_part=-(-n_cells // max(workers, 1)))
+    return {**rec, "nnz": sum(r["nnz"] for r in m["datasets"]), "compression": m["mds"]["compression"],
             "mds_bytes": _du(os.path.join(out, "mds")), "zarr_bytes": _du(os.path.join(out, "zarr")), "corpus": out}
 
 
@@ -118,17 +122,9 @@ def bench_multi_file(h5ad: str, work: str, n_files: int, workers: int, repeats: 
             os.link(h5ad, f)
         files.append(f)
     runs = []
+    out = os.path.join(work, f"multi-w{workers}")
     for _ in range(repeats):
-        out = os.path.join(work, f"multi-w{workers}")
-        shutil.rmtree(out, ignore_errors=True)
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        m = build(files, out, BuildOptions(cell_type_key="celltype", workers=workers, force=True),
-                  log=lambda *a: None)
-        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        n = m["totals"]["cells_in"]
-        runs.append({"files": n_files, "workers": workers, "cells": n, "wall_s": round(wall, 2),
-                     "cpu_s": round(cpu, 2), "cells_per_s": round(n / wall), "cells_per_cpu_s": round(n / cpu),
-                     "phases_s": m["timings_s"]})
+        runs.append({"files": n_files, **timed_build(files, out, workers=workers)[1]})
         shutil.rmtree(out, ignore_errors=True)
     return {**sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2],
             "runs_cells_per_s": [r["cells_per_s"] for r in runs]}

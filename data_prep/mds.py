@@ -31,6 +31,7 @@ from data_prep._torchvision_shim import ensure_importable
 ensure_importable()
 
 from streaming import MDSWriter  # noqa: E402
+from streaming.base.compression import get_compressions, is_compression  # noqa: E402
 from streaming.base.format.mds.encodings import NDArray  # noqa: E402
 from streaming.base.util import merge_index  # noqa: E402
 
@@ -46,7 +47,6 @@ COMPRESSION = "zstd:1"
 
 def check_compression(name: str) -> None:
     """Refuse a compression name streaming does not know, before anything is written."""
-    from streaming.base.compression import get_compressions, is_compression
     if not is_compression(name):
         levels: dict[str, list[int]] = {}
         for c in get_compressions():

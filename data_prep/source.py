@@ -100,28 +100,29 @@ class _CSRRows:
 
     Fresh arrays of tens of MB per chunk cost a page fault per 4 KiB page on first touch (a third
     of the build's CPU time on our VMs); reusing buffers avoids it. A block returned by
-    :meth:`rows` is overwritten by the next call.
+    :meth:`rows` lives in ``bufs`` and is overwritten by the next call with the same dict.
     """
 
     def __init__(self, group: h5py.Group):
         self.data, self.indices, self.indptr = group["data"], group["indices"], group["indptr"]
-        self._bufs: dict[str, np.ndarray] = {}  # chunks() may pass a dict shared by sources read in turn
 
-    def _buf(self, name: str, dtype, n: int) -> np.ndarray:
-        b = self._bufs.get(name)
+    @staticmethod
+    def _buf(bufs: dict, name: str, dtype, n: int) -> np.ndarray:
+        b = bufs.get(name)
         if b is None or len(b) < n or b.dtype != dtype:
-            b = self._bufs[name] = np.empty(max(n, int(1.25 * len(b)) if b is not None else n), dtype)
+            b = bufs[name] = np.empty(max(n, int(1.25 * len(b)) if b is not None else n), dtype)
         return b[:n]
 
-    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def rows(self, start: int, stop: int, bufs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(indptr rebased to 0, indices, values, int32 output buffer)`` of rows ``start:stop``."""
         ptr = self.indptr[start:stop + 1].astype(np.int64)
         a, b = int(ptr[0]), int(ptr[-1])
-        ind, vals = self._buf("indices", self.indices.dtype, b - a), self._buf("data", self.data.dtype, b - a)
+        ind = self._buf(bufs, "indices", self.indices.dtype, b - a)
+        vals = self._buf(bufs, "data", self.data.dtype, b - a)
         if b > a:
             self.indices.read_direct(ind, np.s_[a:b], np.s_[0:b - a])
             self.data.read_direct(vals, np.s_[a:b], np.s_[0:b - a])
-        return ptr - a, ind, vals, self._buf("counts", np.int32, b - a)
+        return ptr - a, ind, vals, self._buf(bufs, "counts", np.int32, b - a)
 
 
 class Source:
@@ -227,15 +228,14 @@ class Source:
         ``buffers``: a dict of read buffers to use (and grow), so that files read one after another
         reuse the same memory.
         """
-        if self._rows is not None and buffers is not None:
-            self._rows._bufs = buffers
+        buffers = {} if buffers is None else buffers
         primary = self.keep_mask_obs()
         for start in range(0, self.n_obs, chunk_cells):
             stop = min(start + chunk_cells, self.n_obs)
             out, shape = None, (stop - start, len(self.var))
             try:
                 if self._rows is not None:
-                    ptr, ind, vals, out = self._rows.rows(start, stop)
+                    ptr, ind, vals, out = self._rows.rows(start, stop, buffers)
                 else:
                     block = _as_csr(self.matrix[start:stop])
                     ptr, ind, vals, shape = block.indptr, block.indices, block.data, block.shape
