@@ -52,6 +52,7 @@ class TrainJob:
     overrides: list[str] = field(default_factory=list)
     entry: str = DEFAULT_ENTRY
     max_requeues: int = 3
+    master_port: int | None = None  # local executor: a port the submitter found free (else submitit's pick)
 
     def __call__(self) -> str:
         import submitit
@@ -59,6 +60,8 @@ class TrainJob:
         env = submitit.JobEnvironment()
         for var in DIST_VARS:  # inherited from the submitting shell (sbatch exports it): Slurm's values must win
             os.environ.pop(var, None)
+        if self.master_port is not None:  # read by TorchDistributedEnvironment below; same for every task
+            os.environ["MASTER_PORT"] = str(self.master_port)
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{env.global_rank} %(name)s: %(message)s")
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         stopper = StopOnSignal().install()  # replaces submitit's rank-0-only USR2 handler, on every rank

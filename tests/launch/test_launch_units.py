@@ -63,6 +63,7 @@ def test_local_executor_runs_two_tasks_and_requeues_on_signal(tmp_path, monkeypa
     common = [str(cfg), "--gpus-per-node", "0", "--tasks-per-node", "2", "--local", "--entry", ENTRY,
               "--time", "00:10:00", "--signal-delay-s", "30", "--no-snapshot"]
     folder, (job,) = submit.submit(submit.parse_args(common + ["--folder", str(tmp_path / "a")]))
+    assert 1024 <= job.submission().function.master_port <= 65535  # a free port picked at submission, not submitit's
     run_dir = Path(json.loads((folder / "launch.json").read_text())["jobs"][0]["run_dir"])
     deadline = time.monotonic() + 120
     while not (run_dir / "metrics.jsonl").exists() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
