@@ -17,6 +17,8 @@ versions of one ID); the MDS writer sums their counts per cell (see ``data_prep.
 
 from __future__ import annotations
 
+import csv
+import functools
 import hashlib
 import os
 import re
@@ -38,10 +40,20 @@ def normalize_ids(ids) -> np.ndarray:
     return np.asarray([sub(r"\1", x) if "." in x else x for x in pd.Index(ids).astype(str)], dtype=object)
 
 
-def _looks_ensembl(values) -> float:
-    s = pd.Index(values).astype(str)
+def ensembl_mask(values) -> np.ndarray:
+    """Per value: does it look like an Ensembl gene ID (``ENS[species]G`` + ≥ 6 digits, optional version)?"""
     match = ENSEMBL_RE.match
-    return sum(match(x) is not None for x in s) / len(s) if len(s) else 0.0
+    return np.fromiter((match(x) is not None for x in pd.Index(values).astype(str)), bool, len(values))
+
+
+def _looks_ensembl(values, probe: int = 2048) -> float:
+    """Fraction of Ensembl-like IDs among ``probe`` evenly spaced values (all of them when fewer)."""
+    n = len(values)
+    if n == 0:
+        return 0.0
+    if n > probe:
+        values = np.asarray(values, dtype=object)[np.linspace(0, n - 1, probe).round().astype(np.int64)]
+    return float(ensembl_mask(values).mean())
 
 
 def var_gene_ids(var: pd.DataFrame) -> tuple[np.ndarray | None, str]:
@@ -93,13 +105,20 @@ class GeneVocab:
             dup = pd.Index(ids)[pd.Index(ids).duplicated()][:5].tolist()
             raise ValueError(f"gene vocabulary has duplicate IDs, e.g. {dup}")
         self.gene_ids = ids
-        syms = [""] * len(ids) if symbols is None else ["" if pd.isna(s) else str(s) for s in symbols]
-        self.symbols = np.asarray(syms, dtype=object)
+        if symbols is None:
+            self.symbols = np.full(len(ids), "", dtype=object)
+        else:
+            syms = pd.Series(symbols, dtype=object)
+            self.symbols = np.asarray(syms.where(syms.notna(), "").astype(str), dtype=object)
         self._index = pd.Index(self.gene_ids)
-        sym = pd.Series(np.arange(len(ids)), index=self.symbols)
+
+    @functools.cached_property
+    def _symbol_to_id(self) -> dict[str, int]:
+        """Unambiguous symbol → id (only needed for datasets without gene IDs)."""
+        sym = pd.Series(np.arange(len(self.gene_ids)), index=self.symbols)
         sym = sym[sym.index != ""]
         counts = sym.index.value_counts()
-        self._symbol_to_id = sym[~sym.index.isin(counts.index[counts > 1])].to_dict()
+        return sym[~sym.index.isin(counts.index[counts > 1])].to_dict()
 
     def __len__(self) -> int:
         return len(self.gene_ids)
@@ -127,9 +146,10 @@ class GeneVocab:
                         if s in symbol_table:
                             id_sym.setdefault(symbol_table[s], s)
                 continue
-            for i, s in zip(ids, syms):
-                if not id_sym.get(i) and match(i):
-                    id_sym[i] = "" if match(s) else s
+            ok = ensembl_mask(ids)
+            for i, s in zip(ids[ok].tolist(), syms[ok].tolist()):
+                if not id_sym.get(i):
+                    id_sym[i] = "" if s.startswith("ENS") and match(s) else s
         if not id_sym:
             raise ValueError("no Ensembl gene IDs found in any dataset (and no symbol table to map symbols)")
         order = sorted(id_sym)
@@ -150,7 +170,10 @@ class GeneVocab:
         """Write ``vocab.tsv`` atomically; returns its SHA-256."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        pd.DataFrame({"gene_id": self.gene_ids, "symbol": self.symbols}).to_csv(tmp, sep="\t", index=False)
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f, delimiter="\t", lineterminator="\n")
+            w.writerow(("gene_id", "symbol"))
+            w.writerows(zip(self.gene_ids.tolist(), self.symbols.tolist()))
         os.replace(tmp, path)
         return file_sha256(path)
 

@@ -12,6 +12,7 @@ reader decodes it (Blosc is a core zarr v3 codec). Memory stays bounded by one r
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import anndata as ad
@@ -69,9 +70,16 @@ class ZarrDatasetWriter:
         self.group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
 
+@contextlib.contextmanager
 def _v3_sharded():
-    """anndata writes zarr v2 unless told otherwise; v3 with auto-sharding for obs/var columns."""
-    return ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=True)
+    """anndata writes zarr v2 unless told otherwise; v3 with auto-sharding for obs/var columns.
+
+    ``write_empty_chunks``: store every chunk instead of first scanning each for "all fill value"
+    (a full pass over the data that never pays: a chunk of counts or gene indices is never all 0).
+    """
+    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=True), \
+            zarr.config.set({"array.write_empty_chunks": True}):
+        yield
 
 
 def _writable(df: pd.DataFrame) -> pd.DataFrame:

@@ -93,6 +93,50 @@ def test_cell_writer_round_trip_through_streaming(tmp_path, rng):
         assert all(np.array_equal(got[k], s[k]) for k in s) and got["counts"].dtype == s["counts"].dtype
 
 
+
+@pytest.mark.parametrize("vocab_size", [300, 70000])
+def test_write_cells_equals_write_per_cell(tmp_path, rng, vocab_size):
+    """The bulk path writes the same shard files (bytes, boundaries, index) as ``write`` per cell."""
+    lens = rng.integers(1, 400, 120)
+    lens[[3, 50]] = [300, 1]
+    ptr = np.concatenate([[0], np.cumsum(lens)])
+    genes = rng.integers(0, vocab_size, ptr[-1]).astype(genes_dtype(vocab_size))
+    counts = rng.integers(1, 100, ptr[-1]).astype(np.int64)
+    counts[ptr[7]] = 300  # a uint16 cell
+    counts[ptr[9] + 1] = 70000  # a uint32 cell
+    kinds = counts_dtypes(np.maximum.reduceat(counts, ptr[:-1]))
+    cast = {k: counts.astype((np.uint8, np.uint16, np.uint32)[k]) for k in np.unique(kinds).tolist()}
+    meta = [rng.integers(0, 2**40, len(lens)).tolist() for _ in range(3)]
+    kw = dict(vocab_size=vocab_size, compression="zstd:1", hashes=["xxh64"], size_limit=1 << 13)
+    with CellMDSWriter(out=str(tmp_path / "a"), **kw) as w:
+        for i in range(len(lens)):
+            s, e = ptr[i], ptr[i + 1]
+            w.write({"genes": genes[s:e], "counts": cast[int(kinds[i])][s:e], "dataset": 3, "cell_id": meta[0][i],
+                     "cell_type": meta[1][i], "donor": meta[2][i]})
+    with CellMDSWriter(out=str(tmp_path / "b"), **kw) as w:
+        for lo, hi in ((0, 1), (1, 60), (60, 120)):  # several calls continue the same shard
+            w.write_cells(genes, cast, ptr[lo:hi].tolist(), ptr[lo + 1:hi + 1].tolist(), kinds[lo:hi].tolist(),
+                          meta[0][lo:hi], meta[1][lo:hi], meta[2][lo:hi], 3)
+    a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
+    assert len(a) > 3 and [p.name for p in a] == [p.name for p in b]
+    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(a, b))
+
+
+
+def test_joint_shard_encoder_matches_streaming(tmp_path, rng):
+    w = CellMDSWriter(out=str(tmp_path / "w"), vocab_size=100)
+    for n in (0, 1, 57):
+        w.new_samples = [rng.bytes(int(k)) for k in rng.integers(1, 500, n)]
+        assert w.encode_joint_shard() == MDSWriter.encode_joint_shard(w)
+    w.new_samples = []
+    w.finish()
+
+def test_write_cells_refuses_wrong_genes_dtype(tmp_path):
+    with CellMDSWriter(out=str(tmp_path / "w"), vocab_size=100) as w:
+        with pytest.raises(ValueError, match="genes are int32, this corpus stores uint16"):
+            w.write_cells(np.array([1], np.int32), {0: np.array([1], np.uint8)}, [0], [1], [0], [0], [0], [0], 0)
+
+
 def test_check_compression():
     check_compression("zstd:1")
     with pytest.raises(ValueError, match=r"unknown MDS compression 'zstd:99'.*zstd\[:1-22\]"):
