@@ -122,11 +122,15 @@ class CellMDSWriter(MDSWriter):
         out = b"".join((_HEAD.pack(len(c), len(g), sample["cell_id"], sample["cell_type"]), c,
                         _MID.pack(sample["dataset"], sample["donor"]), g))
         if not self._checked:
-            if super().encode_sample(sample) != out:
-                raise RuntimeError("CellMDSWriter's encoder disagrees with streaming's MDSWriter.encode_sample "
-                                   "(a streaming release changed the MDS sample format?)")
-            self._checked = True
+            self._check_against_streaming(sample, out)
         return out
+
+    def _check_against_streaming(self, sample: dict, encoded: bytes) -> None:
+        """Once per writer: streaming's own encoder must produce the same bytes for ``sample``."""
+        if MDSWriter.encode_sample(self, sample) != encoded:
+            raise RuntimeError("CellMDSWriter's encoder disagrees with streaming's MDSWriter.encode_sample "
+                               "(a streaming release changed the MDS sample format?)")
+        self._checked = True
 
     def write_cells(self, genes: np.ndarray, counts: dict[int, np.ndarray], starts: list[int], ends: list[int],
                     kinds: list[int], cell_ids: list[int], cell_types: list[int], donors: list[int],
@@ -153,13 +157,9 @@ class CellMDSWriter(MDSWriter):
             c, g = c[s * cw:e * cw], gb[s * gw:e * gw]
             sample = join((head(1 + len(shape) + len(c), len(shape) + len(g), cid, ct), code, shape, c,
                            mid(dataset, dn), shape, g))
-            if not self._checked:  # first cell of this writer: the library's own encoder must agree
-                ref = MDSWriter.encode_sample(self, {"genes": genes[s:e], "counts": counts[k][s:e], "dataset": dataset,
-                                                     "cell_type": ct, "donor": dn, "cell_id": cid})
-                if ref != sample:
-                    raise RuntimeError("CellMDSWriter.write_cells disagrees with streaming's MDSWriter.encode_sample "
-                                       "(a streaming release changed the MDS sample format?)")
-                self._checked = True
+            if not self._checked:
+                self._check_against_streaming({"genes": genes[s:e], "counts": counts[k][s:e], "dataset": dataset,
+                                               "cell_type": ct, "donor": dn, "cell_id": cid}, sample)
             n = len(sample) + extra
             if limit and limit < size + n:
                 self.new_shard_size = size

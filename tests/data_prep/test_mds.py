@@ -191,3 +191,15 @@ def test_write_task_block_size_does_not_change_shards(tmp_path, rng):
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
         for p in a.iterdir():
             assert p.read_bytes() == (b / p.name).read_bytes()
+
+
+def test_first_cell_is_checked_against_streamings_encoder(tmp_path, monkeypatch):
+    """A streaming release that changes the sample format makes both encoders fail loudly, not write bad shards."""
+    monkeypatch.setattr(MDSWriter, "encode_sample", lambda self, sample: b"another format")
+    genes, counts = np.array([1, 2], np.uint16), {0: np.array([3, 4], np.uint8)}
+    w = CellMDSWriter(out=str(tmp_path / "a"), vocab_size=100)
+    with pytest.raises(RuntimeError, match="changed the MDS sample format"):
+        w.write_cells(genes, counts, [0], [2], [0], [7], [1], [2], 0)
+    w = CellMDSWriter(out=str(tmp_path / "b"), vocab_size=100)
+    with pytest.raises(RuntimeError, match="changed the MDS sample format"):
+        w.encode_sample({"genes": genes, "counts": counts[0], "dataset": 0, "cell_type": 1, "donor": 2, "cell_id": 7})
