@@ -6,8 +6,8 @@ from ``LOCAL_RANK``, so every task keeps all GPUs of its node visible), builds t
 entry point ``module:function`` (``function(config, overrides) -> Trainer``), installs
 ``StopOnSignal`` and calls ``trainer.train()``.
 
-When ``train()`` returns ``"stopped"`` (the warning signal arrived, every rank saved collectively) and
-fewer than ``max_requeues`` requeues were used, all ranks meet at a barrier, rank 0 requeues the job
+When ``train()`` returns ``"stopped"`` (the warning signal arrived, every rank saved collectively), the
+stop was not a ``launch cancel`` (see :func:`cancel_marker`) and fewer than ``max_requeues`` requeues were used, all ranks meet at a barrier, rank 0 requeues the job
 through submitit's job environment (``scontrol requeue`` on Slurm, exit code 144 for the local
 executor) and every rank exits without writing a result, so the job is not seen as finished. The
 requeued job runs this same callable again and the trainer resumes from ``checkpoints/latest``.
@@ -72,6 +72,10 @@ class TrainJob:
         if status != "stopped":
             _finish_distributed()
             return status
+        if cancel_marker(env.paths.folder, env.job_id).exists():  # scancel's SIGTERM, not a preemption
+            log.warning("stopped by launch cancel: checkpoint saved, not requeued")
+            _finish_distributed()
+            return "cancelled"
         used = _requeues_used(env)
         if used >= self.max_requeues:
             log.warning("stopped with a checkpoint; not requeued: %d/%d requeues used", used, self.max_requeues)
@@ -86,6 +90,12 @@ class TrainJob:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0 if env.global_rank else 1)  # no result pickle: the job is not finished
+
+
+def cancel_marker(job_folder: str | os.PathLike, job_id: str) -> Path:
+    """Written by ``launch cancel`` before it signals a job. SIGTERM also announces a preemption, so a
+    job stopped by it requeues itself unless this file says the stop was a cancel."""
+    return Path(job_folder) / f"{job_id}_cancel_requested"
 
 
 def _counter_file(env) -> Path:

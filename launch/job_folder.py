@@ -94,8 +94,17 @@ class JobFolder:
         return infos
 
     def cancel(self) -> list[str]:
-        """``scancel`` every job (Slurm) or SIGTERM each local controller; returns the ids cancelled."""
+        """``scancel`` every job (Slurm) or SIGTERM each local controller; returns the ids cancelled.
+
+        Each job's cancel marker is written first: the trainer saves a checkpoint on the SIGTERM and,
+        seeing the marker, exits instead of requeueing itself as it would on a preemption."""
+        from launch.job import cancel_marker
+
         ids = [j["job_id"] for j in self.record["jobs"]]
+        for i in ids:
+            marker = cancel_marker(self._paths(i).folder, i)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
         if self.cluster == "slurm":
             subprocess.run(["scancel", *sorted({i.split("_")[0] for i in ids})], check=True, timeout=60)
             return ids
