@@ -12,6 +12,7 @@ import yaml
 
 from launch import submit
 from launch.job_folder import JobFolder
+from slurm_cluster import job_state  # tests/launch is on sys.path
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -39,11 +40,11 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_F
 
 
 def _state(job) -> str:
-    return job.watcher.get_state(job.job_id, mode="force").split()[0]
+    return job_state(job.job_id)
 
 
 def _wait_done(job, timeout: float = 240):
-    """Until sacct shows a final state (submitit's ``done()`` is true as soon as a result pickle exists)."""
+    """Until the job shows a final state (submitit's ``done()`` is true as soon as a result pickle exists)."""
     deadline = time.monotonic() + timeout
     while _state(job) not in FINAL:
         assert time.monotonic() < deadline, f"job {job.job_id} still {_state(job)} after {timeout} s"
@@ -157,5 +158,13 @@ def test_cancel_stops_a_running_job(slurm_cluster, tmp_path):
         assert JobFolder(folder).cancel() == [jobs[0].job_id]
         _wait_done(jobs[0], timeout=60)
         assert _state(jobs[0]) == "CANCELLED"
+        # scancel's SIGTERM also announces preemptions: the job saved and exited instead of requeueing itself
+        deadline = time.monotonic() + 30
+        while "stopped by launch cancel" not in jobs[0].stderr():
+            assert time.monotonic() < deadline, jobs[0].stderr()
+            time.sleep(0.5)
+        assert not (jobs[0].paths.folder / f"{jobs[0].job_id}_requeues.json").exists()
+        time.sleep(2)
+        assert _state(jobs[0]) == "CANCELLED"  # not pending again
     finally:  # a failed check must not leave a 500 s job holding the node for the next tests
         slurm_cluster.run("scancel", jobs[0].job_id, check=False)

@@ -11,6 +11,7 @@ import pytest
 
 from launch import submit
 from launch.job_folder import JobFolder
+from slurm_cluster import job_state  # tests/launch is on sys.path
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -45,7 +46,7 @@ def _overrides(corpus: str, seed: int) -> list[str]:
 
 
 def _state(job) -> str:
-    return job.watcher.get_state(job.job_id, mode="force").split()[0]
+    return job_state(job.job_id)
 
 
 def _wait(job, timeout=400):
