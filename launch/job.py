@@ -7,8 +7,8 @@ entry point ``module:function`` (``function(config, overrides) -> Trainer``), in
 ``StopOnSignal`` and calls ``trainer.train()``.
 
 When ``train()`` returns ``"stopped"`` (the warning signal arrived, every rank saved collectively), the
-stop was not a ``launch cancel`` (see :func:`cancel_marker`) and fewer than ``max_requeues`` requeues were used, all ranks meet at a barrier, rank 0 requeues the job
-through submitit's job environment (``scontrol requeue`` on Slurm, exit code 144 for the local
+stop was not a ``launch cancel`` (see :func:`cancel_marker`) and fewer than ``max_requeues`` requeues were
+used, all ranks meet at a barrier, rank 0 requeues the job through submitit's job environment (``scontrol requeue`` on Slurm, exit code 144 for the local
 executor) and every rank exits without writing a result, so the job is not seen as finished. The
 requeued job runs this same callable again and the trainer resumes from ``checkpoints/latest``.
 """

@@ -2,7 +2,7 @@
 
 ``launch.json`` lists the jobs (id, overrides, run dir); submitit keeps per-task logs under
 ``submitit/<job id>/``; the trainer appends one JSON per step to ``<run dir>/metrics.jsonl``.
-States come from ``sacct`` on Slurm; for the local executor from the result pickle and the process.
+States come from ``squeue``/``sacct`` on Slurm (:func:`slurm_states`); for the local executor from the result pickle and the process.
 """
 
 from __future__ import annotations
@@ -40,29 +40,6 @@ class JobFolder:
 
         return JobPaths(self.folder / "submitit" / "%j", job_id=job_id, task_id=0)
 
-    def _slurm_states(self) -> dict[str, tuple[str, int]]:
-        ids = ",".join(sorted({j["job_id"].split("_")[0] for j in self.record["jobs"]}))
-        # -D keeps the records of earlier runs of a requeued job (state REQUEUED), oldest first
-        r = subprocess.run(["sacct", "-j", ids, "-X", "-n", "-P", "-D", "-o", "JobID,State"],
-                           capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise RuntimeError(f"sacct failed: {r.stderr.strip()}")
-        out: dict[str, tuple[str, int]] = {}
-        for line in r.stdout.splitlines():
-            jid, state = line.split("|")
-            state = state.split()[0]
-            requeues = out.get(jid, ("", 0))[1]
-            out[jid] = (state, requeues + (state == "REQUEUED"))
-        # sacct learns of state changes from slurmdbd, which can lag slurmctld by seconds to minutes under load;
-        # squeue is slurmctld's live view of the jobs still queued or running, so it wins for those.
-        r = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True,
-                           timeout=60)
-        if r.returncode == 0:  # nonzero when every job has left the queue ("Invalid job id")
-            for line in r.stdout.splitlines():
-                jid, state = line.strip().split("|")
-                out[jid] = (state, out.get(jid, ("", 0))[1])
-        return out
-
     def _local_state(self, job_id: str) -> tuple[str, int]:
         paths = self._paths(job_id)
         counter = paths.folder / f"{job_id}_requeues.json"
@@ -79,7 +56,7 @@ class JobFolder:
             return "ENDED-WITHOUT-RESULT", restarts
 
     def jobs(self) -> list[JobInfo]:
-        states = self._slurm_states() if self.cluster == "slurm" else {}
+        states = slurm_states(j["job_id"] for j in self.record["jobs"]) if self.cluster == "slurm" else {}
         infos = []
         for j in self.record["jobs"]:
             state, restarts = states.get(j["job_id"], ("UNKNOWN", 0)) if self.cluster == "slurm" \
@@ -115,6 +92,33 @@ class JobFolder:
             os.kill(int(i), 15)
             done.append(i)
         return done
+
+
+def slurm_states(job_ids) -> dict[str, tuple[str, int]]:
+    """``{job id: (state, requeues)}`` for Slurm jobs (array elements included, ``123_4``).
+
+    ``sacct`` gives every job's record and counts its requeues; ``squeue`` (slurmctld's live view) wins for jobs
+    still queued or running, because sacct learns of state changes from slurmdbd, which can lag by seconds to
+    minutes: right after a requeue it may still show the earlier run's end while the job is pending again.
+    """
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    # -D keeps the records of earlier runs of a requeued job (state REQUEUED), oldest first
+    r = subprocess.run(["sacct", "-j", ids, "-X", "-n", "-P", "-D", "-o", "JobID,State"],
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"sacct failed: {r.stderr.strip()}")
+    out: dict[str, tuple[str, int]] = {}
+    for line in r.stdout.splitlines():
+        jid, state = line.split("|")
+        state = state.split()[0]
+        requeues = out.get(jid, ("", 0))[1]
+        out[jid] = (state, requeues + (state == "REQUEUED"))
+    r = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
+    if r.returncode == 0:  # nonzero when every job has left the queue ("Invalid job id")
+        for line in r.stdout.splitlines():
+            jid, state = line.strip().split("|")
+            out[jid] = (state, out.get(jid, ("", 0))[1])
+    return out
 
 
 def _is_submitit_controller(pid: int) -> bool:

@@ -54,21 +54,6 @@ def ensure_packages() -> None:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
 
 
-
-def job_state(job_id: str) -> str:
-    """A job's state as ``launch status`` reads it: slurmctld's live view (``squeue``) while the job is
-    queued or running, else its accounting record (``sacct``). ``sacct`` alone lags slurmdbd: right after a
-    requeue it can still show the earlier run's end (e.g. FAILED) while the job is pending again."""
-    env = dict(os.environ)
-    live = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True,
-                          timeout=60).stdout.split()
-    if live:
-        return live[0]
-    acct = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], env=env, capture_output=True,
-                          text=True, timeout=60).stdout.split("\n")
-    acct = [a for a in acct if a.strip()]
-    return acct[-1].split()[0] if acct else "UNKNOWN"
-
 class SlurmCluster:
     """One-node Slurm with accounting; ``root`` holds every config, state, log and socket."""
 

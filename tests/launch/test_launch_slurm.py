@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from launch import submit
-from launch.job_folder import JobFolder
-from slurm_cluster import job_state  # tests/launch is on sys.path
+from launch.job_folder import JobFolder, slurm_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -40,7 +39,8 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_F
 
 
 def _state(job) -> str:
-    return job_state(job.job_id)
+    """As ``launch status`` reads it (live ``squeue`` while queued or running, then ``sacct``)."""
+    return slurm_states([job.job_id]).get(job.job_id, ("UNKNOWN", 0))[0]
 
 
 def _wait_done(job, timeout: float = 240):

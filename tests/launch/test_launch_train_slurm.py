@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from launch import submit
-from launch.job_folder import JobFolder
-from slurm_cluster import job_state  # tests/launch is on sys.path
+from launch.job_folder import JobFolder, slurm_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -46,7 +45,8 @@ def _overrides(corpus: str, seed: int) -> list[str]:
 
 
 def _state(job) -> str:
-    return job_state(job.job_id)
+    """As ``launch status`` reads it (live ``squeue`` while queued or running, then ``sacct``)."""
+    return slurm_states([job.job_id]).get(job.job_id, ("UNKNOWN", 0))[0]
 
 
 def _wait(job, timeout=400):
