@@ -1,4 +1,5 @@
-"""Build the sigattn package and its C++ extension ``sigattn._C`` (op schemas + CPU kernels, csrc/).
+"""Build the packages and their C++ extensions (csrc/): ``sigattn._C`` (op schemas + CPU kernels) and
+``data_prep._mds_cells`` (MDS sample packing, csrc/mds_cells.cpp).
 
 CPU only (no nvcc needed; the CUDA kernels are Triton, registered from Python). Either
 ``pip install --no-build-isolation --no-deps -e .`` or ``python setup.py build_ext --inplace``.
@@ -10,7 +11,8 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).parent
-SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+MDS_CELLS = "csrc/mds_cells.cpp"
+SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp") if str(p.relative_to(ROOT)) != MDS_CELLS)
 
 setup(
     name="sigattn",
@@ -26,7 +28,8 @@ setup(
             # ATen's parallel_for uses the OpenMP backend of the torch build; -fopenmp makes its pragmas live here.
             extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
             extra_link_args=["-fopenmp"],
-        )
+        ),
+        CppExtension(name="data_prep._mds_cells", sources=[MDS_CELLS], extra_compile_args={"cxx": ["-O3"]}),
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

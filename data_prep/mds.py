@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import struct
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_all_start_methods, get_context
 
@@ -35,6 +36,7 @@ from streaming.base.compression import get_compressions, is_compression  # noqa:
 from streaming.base.format.mds.encodings import NDArray  # noqa: E402
 from streaming.base.util import merge_index  # noqa: E402
 
+from data_prep._mds_cells import pack_cells  # noqa: E402  (csrc/mds_cells.cpp; after torch, whose libraries it links)
 from data_prep.split import SPLITS  # noqa: E402
 from data_prep.zarr_store import iter_csr_rows  # noqa: E402
 
@@ -74,7 +76,9 @@ def counts_dtypes(max_counts: np.ndarray) -> np.ndarray:
 
 _COUNT_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
 _COUNT_CODE = {d: bytes([NDArray._value_dtype2int[d.name]]) for d in _COUNT_DTYPES}
-_SHAPE_U8, _SHAPE_U16, _SHAPE_U32 = ((1 << 2) | NDArray._shape_dtype2int[d] for d in ("uint8", "uint16", "uint32"))
+_COUNT_CODES = [NDArray._value_dtype2int[d.name] for d in _COUNT_DTYPES]
+_SHAPE_CODES = [(1 << 2) | NDArray._shape_dtype2int[d] for d in ("uint8", "uint16", "uint32")]
+_SHAPE_U8, _SHAPE_U16, _SHAPE_U32 = _SHAPE_CODES
 _ORDER = ["cell_id", "cell_type", "counts", "dataset", "donor", "genes"]  # MDSWriter sorts columns by name
 _HEAD = struct.Struct("<IIqq")  # sizes of counts and genes, then cell_id, cell_type
 _MID = struct.Struct("<qq")  # dataset, donor
@@ -132,43 +136,56 @@ class CellMDSWriter(MDSWriter):
                                "(a streaming release changed the MDS sample format?)")
         self._checked = True
 
-    def write_cells(self, genes: np.ndarray, counts: dict[int, np.ndarray], starts: list[int], ends: list[int],
-                    kinds: list[int], cell_ids: list[int], cell_types: list[int], donors: list[int],
+    def write_cells(self, genes: np.ndarray, counts: dict[int, np.ndarray], starts: np.ndarray, ends: np.ndarray,
+                    kinds: np.ndarray, cell_ids: np.ndarray, cell_types: np.ndarray, donors: np.ndarray,
                     dataset: int) -> None:
         """Append cells given as slices ``starts[i]:ends[i]`` (non-empty) of one CSR block.
 
-        The same sample bytes and the same shard boundaries as :meth:`write` called per cell, without
-        a dict and two method calls per cell: each sample is one join of zero-copy views of the
-        block's arrays. ``counts[k]``: the block's counts as ``_COUNT_DTYPES[k]``,
-        for each kind ``k`` (0/1/2 = uint8/16/32) occurring in ``kinds``.
+        The same sample bytes and the same shard boundaries as :meth:`write` called per cell: the
+        samples are packed by ``data_prep._mds_cells.pack_cells`` (csrc/mds_cells.cpp, one memcpy
+        pass instead of a dict, an encoder call and a join per cell), and the shard-size rule of
+        ``MDSWriter.write`` (flush before a sample that would take the shard past ``size_limit``) is
+        applied to all of them at once on their cumulative sizes. ``counts[k]``: the block's counts
+        as ``_COUNT_DTYPES[k]``, for each kind ``k`` (0/1/2 = uint8/16/32) occurring in ``kinds``.
         """
         if self.event.is_set():  # an upload thread failed: let write() raise its error
             return super().write({})
         if genes.dtype != self._genes_dtype:
             raise ValueError(f"genes are {genes.dtype}, this corpus stores {self._genes_dtype}")
-        gw, gb = genes.itemsize, _bytes_view(genes)
-        cb = {k: (_COUNT_CODE[_COUNT_DTYPES[k]], _COUNT_DTYPES[k].itemsize, _bytes_view(a)) for k, a in counts.items()}
-        head, mid, join = _HEAD.pack, _MID.pack, b"".join
-        limit, extra = self.size_limit, self.extra_bytes_per_sample
-        samples, size = self.new_samples, self.new_shard_size
-        for s, e, k, cid, ct, dn in zip(starts, ends, kinds, cell_ids, cell_types, donors):
-            shape = _shape1(e - s)
-            code, cw, c = cb[k]
-            c, g = c[s * cw:e * cw], gb[s * gw:e * gw]
-            sample = join((head(1 + len(shape) + len(c), len(shape) + len(g), cid, ct), code, shape, c,
-                           mid(dataset, dn), shape, g))
-            if not self._checked:
-                self._check_against_streaming({"genes": genes[s:e], "counts": counts[k][s:e], "dataset": dataset,
-                                               "cell_type": ct, "donor": dn, "cell_id": cid}, sample)
-            n = len(sample) + extra
-            if limit and limit < size + n:
-                self.new_shard_size = size
+        samples = pack_cells(genes, [counts.get(k) for k in range(3)], starts, ends, kinds, cell_ids, cell_types,
+                             donors, dataset, _COUNT_CODES, _SHAPE_CODES)
+        if not samples:
+            return
+        if not self._checked:
+            s, e, k = int(starts[0]), int(ends[0]), int(kinds[0])
+            self._check_against_streaming({"genes": genes[s:e], "counts": counts[k][s:e], "dataset": dataset,
+                                           "cell_type": int(cell_types[0]), "donor": int(donors[0]),
+                                           "cell_id": int(cell_ids[0])}, samples[0])
+        size = np.zeros(len(samples) + 1, np.int64)  # size[j] - size[i]: bytes that samples i..j-1 add to a shard
+        np.cumsum(np.fromiter(map(len, samples), np.int64, len(samples)) + self.extra_bytes_per_sample, out=size[1:])
+        limit, i = self.size_limit, 0
+        while i < len(samples):
+            j = len(samples)
+            if limit:  # samples i..j-1 fit in the current shard
+                j = min(j, int(np.searchsorted(size, size[i] + limit - self.new_shard_size, side="right")) - 1)
+            if j <= i:  # sample i does not fit: flush, then it starts the next shard (as MDSWriter.write does)
                 self.flush_shard()
                 self._reset_cache()
-                samples, size = self.new_samples, self.new_shard_size
-            samples.append(sample)
-            size += n
-        self.new_shard_size = size
+                j = i + 1
+            self.new_samples.extend(samples[i:j])
+            self.new_shard_size += int(size[j] - size[i])
+            i = j
+
+    def _write_index(self) -> None:
+        """``MDSWriter._write_index`` without its whole-second waits.
+
+        It polls the upload queue with ``sleep(1)`` until the shards queued for upload are taken,
+        which for local output (microseconds per "upload") still cost a second of wall time in about
+        every other writer; the same wait here polls every millisecond.
+        """
+        while self.executor._work_queue.qsize() > 0:  # the queue MDSWriter itself polls
+            time.sleep(0.001)
+        super()._write_index()
 
     def encode_joint_shard(self) -> bytes:
         """``MDSWriter.encode_joint_shard`` (sample count, uint32 offsets, config, samples) in one join
@@ -179,11 +196,6 @@ class CellMDSWriter(MDSWriter):
         offsets += 4 + 4 * len(offsets) + len(self.config_data)
         return b"".join([np.uint32(len(sizes)).tobytes(), offsets.astype(np.uint32).tobytes(), self.config_data,
                          *self.new_samples])
-
-
-def _bytes_view(a: np.ndarray) -> memoryview:
-    """The bytes of a contiguous array, without copying them."""
-    return memoryview(np.ascontiguousarray(a)).cast("B")
 
 
 @dataclasses.dataclass
@@ -201,30 +213,53 @@ class Task:
     cell_id0: int  # cell_id of row ``start``
 
 
+class VocabMap:
+    """Source gene columns → vocabulary ids for CSR blocks: drop unmapped genes, sum duplicates.
+
+    ``vocab_ids``: per source gene, −1 = unmapped. Built once per dataset (the lookup table in the
+    storage dtype of ``genes``, whether any gene is unmapped or two share an id); each block then
+    costs one gather of its gene indices, plus a compaction only when the dataset has unmapped genes.
+    Genes keep the source column order, except when the dataset maps two genes to one id: then
+    scipy's ``sum_duplicates`` sorts each row and sums the counts of equal ids.
+    """
+
+    def __init__(self, vocab_ids: np.ndarray, dtype=np.int32):
+        vocab_ids = np.asarray(vocab_ids)
+        self.dtype = np.dtype(dtype)
+        self.unmapped = vocab_ids < 0
+        self.any_unmapped = bool(self.unmapped.any())
+        mapped = vocab_ids[~self.unmapped]
+        self.duplicates = len(np.unique(mapped)) < len(mapped)
+        self.n_ids = int(mapped.max()) + 1 if len(mapped) else 0
+        if self.n_ids > np.iinfo(self.dtype).max + 1:
+            raise ValueError(f"vocabulary ids up to {self.n_ids - 1} do not fit {self.dtype}")
+        self.lut = np.where(self.unmapped, 0, vocab_ids).astype(self.dtype)
+
+    def __call__(self, indptr: np.ndarray, indices: np.ndarray,
+                 data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(indptr, genes, counts)`` of the mapped block (int64, ``dtype``, int32); inputs untouched."""
+        indptr = np.asarray(indptr, dtype=np.int64)
+        if self.any_unmapped:
+            dropped = np.flatnonzero(self.unmapped[indices])
+            if len(dropped):  # rebase indptr by the number of dropped entries before each row start
+                indptr = indptr - np.searchsorted(dropped, indptr)
+                keep = np.ones(len(indices), dtype=bool)
+                keep[dropped] = False
+                indices, data = indices[keep], data[keep]
+        if not self.duplicates:  # no id twice in a row: nothing to sum
+            return indptr, self.lut[indices], data.astype(np.int32, copy=False)
+        m = sp.csr_matrix((data.astype(np.int64), self.lut[indices].astype(np.int64), indptr),
+                          shape=(len(indptr) - 1, self.n_ids))  # fresh arrays: sum_duplicates works in place
+        m.sum_duplicates()
+        if m.nnz and m.data.max() > np.iinfo(np.int32).max:
+            raise ValueError("summed duplicate-gene counts exceed int32")
+        return m.indptr.astype(np.int64), m.indices.astype(self.dtype), m.data.astype(np.int32)
+
+
 def mapped_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
                 vocab_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Map a CSR block's columns to vocabulary ids: drop unmapped genes, sum duplicates.
-
-    Returns ``(indptr, genes, counts)`` of the mapped block. Genes keep the source column order,
-    except when the dataset maps two genes to one id: then scipy's ``sum_duplicates`` sorts each row
-    and sums the counts of equal ids.
-    """
-    g = vocab_ids[indices]
-    dropped = np.flatnonzero(g < 0)
-    if len(dropped):  # rebase indptr by the number of dropped entries before each row start
-        indptr = indptr - np.searchsorted(dropped, indptr)
-        keep = np.ones(len(g), dtype=bool)
-        keep[dropped] = False
-        g, data = g[keep], data[keep]
-    mapped = vocab_ids[vocab_ids >= 0]
-    if len(np.unique(mapped)) == len(mapped):  # no id twice in a row: nothing to sum
-        return np.asarray(indptr, dtype=np.int64), g.astype(np.int32, copy=False), data.astype(np.int32, copy=False)
-    m = sp.csr_matrix((data.astype(np.int64), g, indptr), shape=(len(indptr) - 1, int(mapped.max()) + 1),
-                      copy=True)  # sum_duplicates works in place: never touch the caller's arrays
-    m.sum_duplicates()
-    if m.nnz and m.data.max() > np.iinfo(np.int32).max:
-        raise ValueError("summed duplicate-gene counts exceed int32")
-    return m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data.astype(np.int32)
+    """One block through a fresh :class:`VocabMap` (int32 genes)."""
+    return VocabMap(vocab_ids)(indptr, indices, data)
 
 
 def write_task(task: Task, out_root: str, vocab_size: int, compression: str = COMPRESSION,
@@ -236,7 +271,7 @@ def write_task(task: Task, out_root: str, vocab_size: int, compression: str = CO
     """
     written = {s: 0 for s in SPLITS}
     no_genes = 0
-    g_dtype = genes_dtype(vocab_size)
+    vocab_map = VocabMap(task.vocab_ids, genes_dtype(vocab_size))
     try:
         with contextlib.ExitStack() as stack:
             writers = {}
@@ -246,8 +281,7 @@ def write_task(task: Task, out_root: str, vocab_size: int, compression: str = CO
                         out=os.path.join(out_root, split, f"part-{task.part:05d}"), vocab_size=vocab_size,
                         compression=compression, hashes=["xxh64"], size_limit=size_limit, exist_ok=False))
             for row0, indptr, indices, data in iter_csr_rows(task.store, task.start, task.stop, max_nnz):
-                ptr, genes, counts = mapped_rows(indptr, indices, data, task.vocab_ids)
-                genes = genes.astype(g_dtype)
+                ptr, genes, counts = vocab_map(indptr, indices, data)
                 n = len(ptr) - 1
                 nonempty = ptr[1:] > ptr[:-1]
                 row_max = np.zeros(n, dtype=np.int64)
@@ -262,9 +296,8 @@ def write_task(task: Task, out_root: str, vocab_size: int, compression: str = CO
                 no_genes += int(n - nonempty.sum())
                 for code, w in writers.items():
                     idx = np.flatnonzero((split == code) & nonempty)
-                    w.write_cells(genes, cast, ptr[:-1][idx].tolist(), ptr[1:][idx].tolist(), kinds[idx].tolist(),
-                                  (task.cell_id0 + row0 + idx).tolist(), task.cell_type[rows][idx].tolist(),
-                                  task.donor[rows][idx].tolist(), task.dataset)
+                    w.write_cells(genes, cast, ptr[:-1][idx], ptr[1:][idx], kinds[idx], task.cell_id0 + row0 + idx,
+                                  task.cell_type[rows][idx], task.donor[rows][idx], task.dataset)
                     written[SPLITS[code]] += len(idx)
     except Exception as e:
         raise RuntimeError(f"writing MDS part {task.part} ({task.store} rows {task.start}:{task.stop}): {e}") from e

@@ -6,7 +6,7 @@
 Steps: the input's genes are mapped to the corpus vocabulary (``GeneVocab.map_var``; the vocabulary is
 ``<corpus>/vocab.tsv`` of the checkpoint's ``data.mds`` unless ``--vocab`` is given); raw counts are read
 in row chunks straight from the file (``anndata.io.sparse_dataset``: backed, never the whole matrix),
-mapped like the training corpus (``data_prep.mds.mapped_rows``: unmapped genes dropped, duplicates summed),
+mapped like the training corpus (``data_prep.mds.VocabMap``: unmapped genes dropped, duplicates summed),
 tokenised by the checkpoint's ``CellTokenizer`` (epoch 0, no masking), packed into varlen batches and
 embedded with ``model.embed`` under ``torch.no_grad()``.
 
@@ -35,7 +35,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from data_prep.mds import mapped_rows
+from data_prep.mds import VocabMap
 from data_prep.tokenize import pack_batch
 from data_prep.vocab import GeneVocab
 
@@ -124,10 +124,11 @@ def embed_cells(model, tokenizer, cells: CellMatrix, vocab_ids: np.ndarray, *, b
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     bar = tqdm(total=n, unit="cell", desc="embed", disable=not progress)
+    vocab_map = VocabMap(vocab_ids)
     for c0 in range(0, n, READ_CHUNK):
         block = cells.rows(c0, min(c0 + READ_CHUNK, n))
         check_counts(block, f"{cells.path} rows {c0}–{c0 + block.shape[0]}")
-        indptr, genes, counts = mapped_rows(block.indptr, block.indices, block.data.astype(np.int64), vocab_ids)
+        indptr, genes, counts = vocab_map(block.indptr, block.indices, block.data.astype(np.int64))
         for b0 in range(0, block.shape[0], batch_size):
             items = []
             for r in range(b0, min(b0 + batch_size, block.shape[0])):

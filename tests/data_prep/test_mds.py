@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_prep.mds import mapped_rows
+from data_prep.mds import VocabMap
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16])
 @pytest.mark.parametrize("draw", range(10))
-def test_mapped_rows_against_dense(rng, draw):
+def test_mapped_rows_against_dense(rng, draw, dtype):
     """MDS row mapping = dense column sum over source genes sharing a vocabulary id."""
     n, g, v = int(rng.integers(1, 40)), int(rng.integers(2, 60)), 25
     vocab_ids = rng.integers(-1, v, g).astype(np.int32)
@@ -14,7 +15,10 @@ def test_mapped_rows_against_dense(rng, draw):
     X.data = np.ceil(X.data * 9).astype(np.int32)
     dense = X.toarray()
     before = [a.copy() for a in (X.indptr, X.indices, X.data)]
-    ptr, genes, counts = mapped_rows(X.indptr, X.indices, X.data, vocab_ids)
+    if draw % 3 == 0:  # also the fast paths: no unmapped gene / no shared id
+        vocab_ids = np.abs(vocab_ids) if draw % 2 else rng.permutation(v)[:g] if g <= v else np.abs(vocab_ids)
+    ptr, genes, counts = VocabMap(vocab_ids, dtype)(X.indptr, X.indices, X.data)
+    assert genes.dtype == dtype and counts.dtype == np.int32 and ptr.dtype == np.int64
     assert all(np.array_equal(a, b) for a, b in zip(before, (X.indptr, X.indices, X.data)))  # inputs untouched
     for i in range(n):
         expect = np.zeros(v, dtype=np.int64)
@@ -99,6 +103,8 @@ def test_write_cells_equals_write_per_cell(tmp_path, rng, vocab_size):
     """The bulk path writes the same shard files (bytes, boundaries, index) as ``write`` per cell."""
     lens = rng.integers(1, 400, 120)
     lens[[3, 50]] = [300, 1]
+    if vocab_size > 1 << 16:
+        lens[80] = 70_000  # a cell whose shape header needs uint32
     ptr = np.concatenate([[0], np.cumsum(lens)])
     genes = rng.integers(0, vocab_size, ptr[-1]).astype(genes_dtype(vocab_size))
     counts = rng.integers(1, 100, ptr[-1]).astype(np.int64)
@@ -107,7 +113,7 @@ def test_write_cells_equals_write_per_cell(tmp_path, rng, vocab_size):
     kinds = counts_dtypes(np.maximum.reduceat(counts, ptr[:-1]))
     cast = {k: counts.astype((np.uint8, np.uint16, np.uint32)[k]) for k in np.unique(kinds).tolist()}
     meta = [rng.integers(0, 2**40, len(lens)).tolist() for _ in range(3)]
-    kw = dict(vocab_size=vocab_size, compression="zstd:1", hashes=["xxh64"], size_limit=1 << 13)
+    kw = dict(vocab_size=vocab_size, compression="zstd:1", hashes=["xxh64"], size_limit=1 << 13 if vocab_size < 1 << 16 else 1 << 17)
     with CellMDSWriter(out=str(tmp_path / "a"), **kw) as w:
         for i in range(len(lens)):
             s, e = ptr[i], ptr[i + 1]
