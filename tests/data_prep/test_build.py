@@ -15,6 +15,7 @@ from h5ad_factory import ensembl, synth_counts, write_h5ad
 from data_prep._torchvision_shim import ensure_importable
 from data_prep.build import BuildOptions, build
 from data_prep.datasets import pbmc68k_reduced_path
+from data_prep.malloc_env import MALLOC_ENV
 from data_prep.source import SourceError
 from data_prep.vocab import GeneVocab
 
@@ -319,6 +320,9 @@ def test_cli_summary_and_error(tmp_path, rng):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=os.getcwd())
     assert r.returncode == 0, r.stderr
     assert "cells in" in r.stdout and "shards" in r.stdout
+    with open(tmp_path / "c" / "manifest.json") as f:  # the CLI re-ran itself with the malloc settings
+        glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+        assert json.load(f)["malloc_env"] == {k: os.environ.get(k, v if glibc else None) for k, v in MALLOC_ENV.items()}
     r = subprocess.run(cmd[:4] + [pbmc68k_reduced_path()] + cmd[5:], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "error:" in r.stderr and "no raw counts" in r.stderr
     shutil.rmtree(tmp_path / "c")

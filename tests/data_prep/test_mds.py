@@ -209,3 +209,20 @@ def test_first_cell_is_checked_against_streamings_encoder(tmp_path, monkeypatch)
     w = CellMDSWriter(out=str(tmp_path / "b"), vocab_size=100)
     with pytest.raises(RuntimeError, match="changed the MDS sample format"):
         w.encode_sample({"genes": genes, "counts": counts[0], "dataset": 0, "cell_type": 1, "donor": 2, "cell_id": 7})
+
+
+def test_index_is_written_without_whole_second_waits(tmp_path, monkeypatch):
+    """MDSWriter sleeps 1 s while uploads are queued before writing the index; CellMDSWriter polls every ms."""
+    import time
+
+    import streaming.base.format.base.writer as base_writer
+    slept = []
+    monkeypatch.setattr(base_writer, "sleep", slept.append)  # would be called with 1 by MDSWriter
+    w = CellMDSWriter(out=str(tmp_path / "w"), vocab_size=100)
+    w.write_cells(np.array([1, 2], np.uint16), {0: np.array([3, 4], np.uint8)}, [0], [2], [0], [7], [1], [2], 0)
+    for _ in range(4 * w.executor._max_workers):  # keep the upload queue busy for ~0.1 s
+        w.executor.submit(time.sleep, 0.1 / 4)
+    t = time.perf_counter()
+    w.finish()
+    assert slept == [] and time.perf_counter() - t < 0.9
+    assert StreamingDataset(local=str(tmp_path / "w"), batch_size=1)[0]["cell_id"] == 7
