@@ -63,11 +63,24 @@ class ZarrDatasetWriter:
             if self._x is None:
                 empty = sp.csr_matrix((0, self.n_vars), dtype=np.int32)
                 ad.io.write_elem(self.group, "X", empty, dataset_kwargs=_x_kwargs())
-            ad.io.write_elem(self.group, "obs", _writable(obs))
-            ad.io.write_elem(self.group, "var", _writable(var))
+            # obs, var and the empty elements: written by anndata into a zarr MemoryStore, then its files
+            # copied here in one pass (zarr's per-array, per-attribute async file I/O was ~0.06 CPU-s a file)
+            files: dict = {}
+            mem = zarr.open_group(zarr.storage.MemoryStore(files), mode="w", zarr_format=3)
+            ad.io.write_elem(mem, "obs", _writable(obs))
+            ad.io.write_elem(mem, "var", _writable(var))
             for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-                ad.io.write_elem(self.group, key, {})
+                ad.io.write_elem(mem, key, {})
+        for key, buf in files.items():
+            if key != "zarr.json":  # the memory store's own root group
+                _write_file(os.path.join(self.path, *key.split("/")), buf.to_bytes())
         self.group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
+def _write_file(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 @contextlib.contextmanager
