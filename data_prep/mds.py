@@ -75,8 +75,8 @@ def counts_dtypes(max_counts: np.ndarray) -> np.ndarray:
 
 
 _COUNT_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
-_COUNT_CODE = {d: bytes([NDArray._value_dtype2int[d.name]]) for d in _COUNT_DTYPES}
 _COUNT_CODES = [NDArray._value_dtype2int[d.name] for d in _COUNT_DTYPES]
+_COUNT_CODE = {d: bytes([c]) for d, c in zip(_COUNT_DTYPES, _COUNT_CODES)}
 _SHAPE_CODES = [(1 << 2) | NDArray._shape_dtype2int[d] for d in ("uint8", "uint16", "uint32")]
 _SHAPE_U8, _SHAPE_U16, _SHAPE_U32 = _SHAPE_CODES
 _ORDER = ["cell_id", "cell_type", "counts", "dataset", "donor", "genes"]  # MDSWriter sorts columns by name
@@ -254,12 +254,6 @@ class VocabMap:
         if m.nnz and m.data.max() > np.iinfo(np.int32).max:
             raise ValueError("summed duplicate-gene counts exceed int32")
         return m.indptr.astype(np.int64), m.indices.astype(self.dtype), m.data.astype(np.int32)
-
-
-def mapped_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-                vocab_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One block through a fresh :class:`VocabMap` (int32 genes)."""
-    return VocabMap(vocab_ids)(indptr, indices, data)
 
 
 def write_task(task: Task, out_root: str, vocab_size: int, compression: str = COMPRESSION,

@@ -64,7 +64,7 @@ class ZarrDatasetWriter:
                 empty = sp.csr_matrix((0, self.n_vars), dtype=np.int32)
                 ad.io.write_elem(self.group, "X", empty, dataset_kwargs=_x_kwargs())
             # obs, var and the empty elements: written by anndata into a zarr MemoryStore, then its files
-            # copied here in one pass (zarr's per-array, per-attribute async file I/O was ~0.06 CPU-s a file)
+            # copied here in one pass (zarr's per-array, per-attribute async file I/O: 0.126 → 0.088 CPU-s a file)
             files: dict = {}
             mem = zarr.open_group(zarr.storage.MemoryStore(files), mode="w", zarr_format=3)
             ad.io.write_elem(mem, "obs", _writable(obs))

@@ -7,7 +7,7 @@ from data_prep.mds import VocabMap
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint16])
 @pytest.mark.parametrize("draw", range(10))
-def test_mapped_rows_against_dense(rng, draw, dtype):
+def test_vocab_map_against_dense(rng, draw, dtype):
     """MDS row mapping = dense column sum over source genes sharing a vocabulary id."""
     n, g, v = int(rng.integers(1, 40)), int(rng.integers(2, 60)), 25
     vocab_ids = rng.integers(-1, v, g).astype(np.int32)

@@ -103,7 +103,7 @@ def test_embed_feeds_the_model_the_same_genes_and_counts_as_training_saw(demo):
     from streaming import StreamingDataset
 
     from data_prep.datasets import pbmc3k_path
-    from data_prep.mds import mapped_rows
+    from data_prep.mds import VocabMap
     from data_prep.vocab import GeneVocab
     from training.embed import CellMatrix
 
@@ -115,7 +115,7 @@ def test_embed_feeds_the_model_the_same_genes_and_counts_as_training_saw(demo):
         s = ds[int(i)]
         r = int(source_row[int(s["cell_id"])])
         block = cells.rows(r, r + 1)
-        _, genes, counts = mapped_rows(block.indptr, block.indices, block.data.astype(np.int64), vid)
+        _, genes, counts = VocabMap(vid)(block.indptr, block.indices, block.data.astype(np.int64))
         np.testing.assert_array_equal(genes, s["genes"])
         np.testing.assert_array_equal(counts, s["counts"])
     cells.close()
