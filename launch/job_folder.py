@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +114,28 @@ def slurm_states(job_ids) -> dict[str, tuple[str, int]]:
         state = state.split()[0]
         requeues = out.get(jid, ("", 0))[1]
         out[jid] = (state, requeues + (state == "REQUEUED"))
-    r = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
-    if r.returncode == 0:  # nonzero when every job has left the queue ("Invalid job id")
-        for line in r.stdout.splitlines():
-            jid, state = line.strip().split("|")
-            out[jid] = (state, out.get(jid, ("", 0))[1])
+    for line in _squeue(ids).splitlines():
+        jid, state = line.strip().split("|")
+        out[jid] = (state, out.get(jid, ("", 0))[1])
     return out
+
+
+def _squeue(ids: str, tries: int = 5) -> str:
+    """``squeue`` lines ``id|state`` for ``ids``; "" when every job has left the queue ("Invalid job id").
+
+    Any other failure (slurmctld busy: "Socket timed out", "Unable to contact slurm controller") is
+    retried, then raised: read as "left the queue" it would let ``sacct``'s lagging record of an
+    earlier run (e.g. FAILED just before a requeue) pass for the job's final state.
+    """
+    for attempt in range(tries):
+        r = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True,
+                           timeout=60)
+        if r.returncode == 0:
+            return r.stdout
+        if "Invalid job id" in r.stderr:
+            return ""
+        time.sleep(0.5 * 2 ** attempt)
+    raise RuntimeError(f"squeue failed {tries} times: {r.stderr.strip()}")
 
 
 def _is_submitit_controller(pid: int) -> bool:

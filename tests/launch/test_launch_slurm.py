@@ -91,7 +91,7 @@ def test_preempted_job_requeues_and_matches_uninterrupted_losses(reference, slur
     slurm_cluster.run("scancel", "--signal=USR2", job.job_id)
     slurm_cluster.release_requeued(job.job_id)
     _wait_done(job)
-    assert _state(job) == "COMPLETED", job.stderr()
+    assert _state(job) == "COMPLETED", job.stderr() + "\nslurmctld:\n" + slurm_cluster.log_tail("slurmctld")
     assert job.results()[0] == "finished"
     got = _metrics(run_dir)
     restarts = [m["restart"] for m in got]

@@ -90,3 +90,34 @@ def _task_pids(job) -> list[int]:
     """The local controller's children (one Python process per task)."""
     children = Path(f"/proc/{job.job_id}/task/{job.job_id}/children")
     return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def _fake_slurm(tmp_path, monkeypatch, squeue_script: str) -> Path:
+    """``sacct`` reporting job 7 FAILED (a lagging record) and the given ``squeue`` script, first on PATH."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sacct").write_text("#!/bin/sh\necho '7|FAILED'\n")
+    (bin_ / "squeue").write_text("#!/bin/sh\n" + squeue_script)
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr("launch.job_folder.time.sleep", lambda s: None)
+    return bin_
+
+
+def test_slurm_states_retries_a_failing_squeue_instead_of_trusting_sacct(tmp_path, monkeypatch):
+    from launch.job_folder import slurm_states
+    n = tmp_path / "calls"
+    _fake_slurm(tmp_path, monkeypatch, f"echo x >> {n}\n[ $(wc -l < {n}) -ge 3 ] && echo '7|PENDING' && exit 0\n"
+                "echo 'squeue: error: Socket timed out on send/recv operation' >&2; exit 1\n")
+    assert slurm_states(["7"]) == {"7": ("PENDING", 0)}  # live state after two failed tries, not sacct's FAILED
+
+
+def test_slurm_states_uses_sacct_once_the_job_left_the_queue_and_raises_when_squeue_keeps_failing(tmp_path,
+                                                                                                   monkeypatch):
+    from launch.job_folder import slurm_states
+    bin_ = _fake_slurm(tmp_path, monkeypatch, "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1\n")
+    assert slurm_states(["7"]) == {"7": ("FAILED", 0)}
+    (bin_ / "squeue").write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2; exit 1\n")
+    with pytest.raises(RuntimeError, match="squeue failed 5 times: Unable to contact slurm controller"):
+        slurm_states(["7"])
