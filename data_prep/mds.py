@@ -180,8 +180,8 @@ class CellMDSWriter(MDSWriter):
         """``MDSWriter._write_index`` without its whole-second waits.
 
         It polls the upload queue with ``sleep(1)`` until the shards queued for upload are taken,
-        which for local output (microseconds per "upload") still cost a second of wall time in about
-        every other writer; the same wait here polls every millisecond.
+        which for local output (microseconds per "upload") still cost a whole second of wall time now
+        and then (once in 6 builds of 3 writers in one count); the same wait here polls every millisecond.
         """
         while self.executor._work_queue.qsize() > 0:  # the queue MDSWriter itself polls
             time.sleep(0.001)
