@@ -259,3 +259,22 @@ if __name__ == "__main__":  # manual check: start, show sinfo, run one job, stop
     finally:
         c.stop()
         print("stopped; files in", c.root)
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+
+
+def job_state(job) -> str:
+    """A submitit job's state as ``launch status`` reads it (live ``squeue`` while queued or running, then ``sacct``)."""
+    from launch.job_folder import slurm_states
+
+    return slurm_states([job.job_id]).get(job.job_id, ("UNKNOWN", 0))[0]
+
+
+def wait_final(job, timeout: float):
+    """Until the job shows a final state (submitit's ``done()`` is true as soon as a result pickle exists)."""
+    deadline = time.monotonic() + timeout
+    while job_state(job) not in FINAL:
+        assert time.monotonic() < deadline, f"job {job.job_id} still {job_state(job)} after {timeout} s"
+        time.sleep(1)
+    return job

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from launch import submit
-from launch.job_folder import JobFolder, slurm_states
+from slurm_cluster import job_state, wait_final  # tests/launch is on sys.path (conftest)
+from launch.job_folder import JobFolder
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -35,21 +36,8 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
-
-
-def _state(job) -> str:
-    """As ``launch status`` reads it (live ``squeue`` while queued or running, then ``sacct``)."""
-    return slurm_states([job.job_id]).get(job.job_id, ("UNKNOWN", 0))[0]
-
-
 def _wait_done(job, timeout: float = 240):
-    """Until the job shows a final state (submitit's ``done()`` is true as soon as a result pickle exists)."""
-    deadline = time.monotonic() + timeout
-    while _state(job) not in FINAL:
-        assert time.monotonic() < deadline, f"job {job.job_id} still {_state(job)} after {timeout} s"
-        time.sleep(1)
-    return job
+    return wait_final(job, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +48,7 @@ def reference(slurm_cluster, tmp_path_factory):
     cfg = _config(tmp, steps=24, sleep_s=0.0, seed=seed)
     folder, jobs = _submit([str(cfg), "--gpus-per-node", "0", "--tasks-per-node", "2", "--folder", str(tmp / "job")])
     job = _wait_done(jobs[0])
-    assert _state(job) == "COMPLETED", job.stderr()
+    assert job_state(job) == "COMPLETED", job.stderr()
     record = json.loads((folder / "launch.json").read_text())
     return cfg, job, Path(record["jobs"][0]["run_dir"]), record
 
@@ -85,13 +73,13 @@ def test_preempted_job_requeues_and_matches_uninterrupted_losses(reference, slur
     run_dir = Path(json.loads((folder / "launch.json").read_text())["jobs"][0]["run_dir"])
     deadline = time.monotonic() + 180
     while len(_metrics(run_dir)) < 5:
-        assert time.monotonic() < deadline and not job.done(), f"job did not reach step 5: {_state(job)} {job.stderr()}"
+        assert time.monotonic() < deadline and not job.done(), f"job did not reach step 5: {job_state(job)} {job.stderr()}"
         time.sleep(0.5)
     # what Slurm does --signal-delay-s before the time limit: USR2 to every task of every step
     slurm_cluster.run("scancel", "--signal=USR2", job.job_id)
     slurm_cluster.release_requeued(job.job_id)
     _wait_done(job)
-    assert _state(job) == "COMPLETED", job.stderr() + "\nslurmctld:\n" + slurm_cluster.log_tail("slurmctld")
+    assert job_state(job) == "COMPLETED", job.stderr() + "\nslurmctld:\n" + slurm_cluster.log_tail("slurmctld")
     assert job.results()[0] == "finished"
     got = _metrics(run_dir)
     restarts = [m["restart"] for m in got]
@@ -112,7 +100,7 @@ def test_array_sweep_runs_every_combination(slurm_cluster, tmp_path):
     assert len(jobs) == 6 and len({j.job_id.split("_")[0] for j in jobs}) == 1, "not one array job"
     for j in jobs:
         _wait_done(j)
-        assert _state(j) == "COMPLETED", j.stderr()
+        assert job_state(j) == "COMPLETED", j.stderr()
     assert [j.state for j in JobFolder(folder).jobs()] == ["COMPLETED"] * 6
     record = json.loads((folder / "launch.json").read_text())
     combos = {tuple(sorted(o for o in r["overrides"] if not o.startswith("run.dir="))) for r in record["jobs"]}
@@ -157,7 +145,7 @@ def test_cancel_stops_a_running_job(slurm_cluster, tmp_path):
         assert JobFolder(folder).jobs()[0].state == "RUNNING"  # live (squeue), though sacct may still lag
         assert JobFolder(folder).cancel() == [jobs[0].job_id]
         _wait_done(jobs[0], timeout=60)
-        assert _state(jobs[0]) == "CANCELLED"
+        assert job_state(jobs[0]) == "CANCELLED"
         # scancel's SIGTERM also announces preemptions: the job saved and exited instead of requeueing itself
         deadline = time.monotonic() + 30
         while "stopped by launch cancel" not in jobs[0].stderr():
@@ -165,6 +153,6 @@ def test_cancel_stops_a_running_job(slurm_cluster, tmp_path):
             time.sleep(0.5)
         assert not (jobs[0].paths.folder / f"{jobs[0].job_id}_requeues.json").exists()
         time.sleep(2)
-        assert _state(jobs[0]) == "CANCELLED"  # not pending again
+        assert job_state(jobs[0]) == "CANCELLED"  # not pending again
     finally:  # a failed check must not leave a 500 s job holding the node for the next tests
         slurm_cluster.run("scancel", jobs[0].job_id, check=False)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from launch import submit
-from launch.job_folder import JobFolder, slurm_states
+from slurm_cluster import FINAL, job_state, wait_final  # tests/launch is on sys.path (conftest)
+from launch.job_folder import JobFolder
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 STEPS = 40
 
 
@@ -44,16 +44,8 @@ def _overrides(corpus: str, seed: int) -> list[str]:
             "run.tensorboard=false", f"run.seed={seed}"]
 
 
-def _state(job) -> str:
-    """As ``launch status`` reads it (live ``squeue`` while queued or running, then ``sacct``)."""
-    return slurm_states([job.job_id]).get(job.job_id, ("UNKNOWN", 0))[0]
-
-
-def _wait(job, timeout=400):
-    deadline = time.monotonic() + timeout
-    while _state(job) not in FINAL:
-        assert time.monotonic() < deadline, f"job {job.job_id} still {_state(job)}"
-        time.sleep(1)
+def _wait(job):
+    wait_final(job, timeout=400)
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -75,7 +67,7 @@ def test_deepspeed_job_completes_then_preempted_job_resumes_exactly(slurm_cluste
     seed = int(time.time()) % 97
     _, ref_job, ref_dir = _run(corpus, tmp_path / "ref", seed)
     _wait(ref_job)
-    assert _state(ref_job) == "COMPLETED", ref_job.stderr()
+    assert job_state(ref_job) == "COMPLETED", ref_job.stderr()
     assert ref_job.results() == ["finished", "finished"]
     ref = _losses(ref_dir)
     assert [s for s, _ in ref] == list(range(1, STEPS + 1))
@@ -83,12 +75,12 @@ def test_deepspeed_job_completes_then_preempted_job_resumes_exactly(slurm_cluste
     folder, job, run_dir = _run(corpus, tmp_path / "pre", seed, ["--max-requeues", "1"])
     deadline = time.monotonic() + 300
     while len(_losses(run_dir)) < 3:
-        assert time.monotonic() < deadline and _state(job) not in FINAL, job.stderr()
+        assert time.monotonic() < deadline and job_state(job) not in FINAL, job.stderr()
         time.sleep(0.1)
     slurm_cluster.run("scancel", "--signal=USR2", job.job_id)
     slurm_cluster.release_requeued(job.job_id)
     _wait(job)
-    assert _state(job) == "COMPLETED", job.stderr()
+    assert job_state(job) == "COMPLETED", job.stderr()
     info = JobFolder(folder).jobs()[0]
     assert info.restarts == 1, "not requeued"
     got = _losses(run_dir)
