@@ -2,12 +2,22 @@
 
 ``scale`` defaults to 1/√D. ``bias``: ``"log_n"`` (b = −log n_valid of that sequence), a float (b = bias), or ``None``
 (b = 0). ``causal=True`` restricts to j ≤ i. GQA/MQA: head h uses kv head ``h // (H // H_kv)``. Outputs and
-gradients at padded positions are exactly 0. Bad input raises ``ValueError`` naming the problem; checks that need
-host reads of ``seq_lens``/``cu_seqlens`` are skipped under ``torch.compile`` (the kernels still check them).
-Inputs may be strided (e.g. views of a fused QKV projection); no copy is made when avoidable.
+gradients at padded positions are exactly 0. Inputs may be strided (e.g. views of a fused QKV projection); no copy
+is made when avoidable.
+
+Bad input raises ``ValueError`` naming the problem. Shapes, dtypes and devices are always checked. The *values* of
+``seq_lens``/``cu_seqlens`` are checked on the host only where that costs no GPU sync: for CPU tensors (the C++
+kernels check them again). For CUDA tensors a call never reads a device tensor on the host — no sync, CUDA-graph
+capturable, like FlashAttention's varlen API — so ``max_seqlen`` comes from the caller (the loader knows it) and
+the values are the caller's contract; ``SIGATTN_CHECK_INPUTS=1`` or ``with sigattn.input_checks():`` turns the host
+checks on for CUDA tensors too (each call then syncs: for debugging). Under ``torch.compile`` the host checks are
+skipped.
 """
 
+import contextlib
 import math
+import numbers
+import os
 
 import torch
 
@@ -55,6 +65,28 @@ def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
         raise ValueError(f"number of q heads ({H}) must be a multiple of k/v heads ({H_kv})")
 
 
+_check_cuda_values = os.environ.get("SIGATTN_CHECK_INPUTS", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def input_checks(enabled: bool = True):
+    """Check ``seq_lens``/``cu_seqlens`` values on the host for CUDA inputs too inside this block (each call syncs)."""
+    global _check_cuda_values
+    before, _check_cuda_values = _check_cuda_values, bool(enabled)
+    try:
+        yield
+    finally:
+        _check_cuda_values = before
+
+
+def _host_checks(t: torch.Tensor) -> bool:
+    """Whether the values of index tensor ``t`` may be read on the host: never under torch.compile; for CUDA
+    tensors only when input checks are on (the read is a device sync)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or _check_cuda_values
+
+
 def _check_index(t, name: str, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be an int32 torch.Tensor, got {type(t).__name__}")
@@ -66,6 +98,22 @@ def _check_index(t, name: str, device) -> None:
         raise ValueError(f"{name} is on {t.device} but q/k/v are on {device}")
 
 
+def _max_seqlen(max_seqlen):
+    """``max_seqlen`` as a Python int (a SymInt under torch.compile); a CUDA tensor is refused, not read."""
+    if isinstance(max_seqlen, torch.Tensor):
+        if max_seqlen.device.type != "cpu" or max_seqlen.numel() != 1:
+            raise ValueError(f"max_seqlen must be a Python int (got a {max_seqlen.device.type} tensor of shape "
+                             f"{tuple(max_seqlen.shape)}: reading it would stall the GPU); the loader's batch has it")
+        max_seqlen = int(max_seqlen)
+    if isinstance(max_seqlen, torch.SymInt):
+        return max_seqlen
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        raise ValueError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be ≥ 0, got {max_seqlen}")
+    return int(max_seqlen)
+
+
 def sigmoid_attention(q, k, v, *, seq_lens=None, scale=None, bias="log_n", causal=False) -> torch.Tensor:
     """Padded layout: q ``[B, N, H, D]``, k/v ``[B, N, H_kv, D]``, seq_lens int32 ``[B]`` (valid tokens per sequence,
     trailing padding; None = all N valid) → ``[B, N, H, D]`` in q's dtype."""
@@ -75,7 +123,7 @@ def sigmoid_attention(q, k, v, *, seq_lens=None, scale=None, bias="log_n", causa
         _check_index(seq_lens, "seq_lens", q.device)
         if seq_lens.shape[0] != B:
             raise ValueError(f"seq_lens has {seq_lens.shape[0]} entries for batch size {B}")
-        if not torch.compiler.is_compiling() and seq_lens.numel():
+        if seq_lens.numel() and _host_checks(seq_lens):
             lo, hi = int(seq_lens.min()), int(seq_lens.max())
             if lo < 0 or hi > N:
                 raise ValueError(f"seq_lens values must be in [0, N={N}], got min {lo}, max {hi}")
@@ -92,8 +140,8 @@ def sigmoid_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, bia
     _check_index(cu_seqlens, "cu_seqlens", q.device)
     if cu_seqlens.shape[0] < 1:
         raise ValueError("cu_seqlens needs at least one entry (B + 1)")
-    if not torch.compiler.is_compiling():
-        max_seqlen = int(max_seqlen)
+    max_seqlen = _max_seqlen(max_seqlen)
+    if _host_checks(cu_seqlens):
         cu = cu_seqlens.tolist()
         if cu[0] != 0:
             raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0]}")

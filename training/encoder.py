@@ -86,13 +86,17 @@ class SingleCellEncoder(nn.Module):
         return self.ln_f(x)
 
     def forward(self, batch: dict, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked-expression loss on ``masked`` (bool ``[T]``) positions → (loss, n_masked)."""
+        """Masked-expression loss on the ``masked`` positions → (loss, n_masked: int).
+
+        ``masked``: bool ``[T]``, or the int64 indices of the masked tokens. Indices keep the step free of host
+        syncs (a bool mask on a GPU is turned into indices by a sync) and CUDA-graph capturable."""
+        idx = masked.nonzero().squeeze(1) if masked.dtype == torch.bool else masked
         values = batch["values"]
-        h = self.encode(batch["input_ids"], values.masked_fill(masked, self.value_mask_id),
+        h = self.encode(batch["input_ids"], values.index_fill(0, idx, self.value_mask_id),
                         batch["cu_seqlens"], int(batch["max_seqlen"]))
-        logits = self.head_out(self.head_ln(F.gelu(self.head_dense(h[masked]))))
-        target = values[masked] - 1
-        return F.cross_entropy(logits.float(), target), masked.sum()
+        logits = self.head_out(self.head_ln(F.gelu(self.head_dense(h.index_select(0, idx)))))
+        target = values.index_select(0, idx) - 1
+        return F.cross_entropy(logits.float(), target), idx.numel()
 
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:

@@ -190,7 +190,8 @@ class Trainer:
                                            mask_generator(r.seed, (step - 1) * gas + micro, self.rank))
                     batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                              for k, v in batch.items()}
-                    loss, _ = self.engine(batch, masked.to(self.device))
+                    # Indices picked on the host: a bool mask on the GPU would cost a sync in the model.
+                    loss, _ = self.engine(batch, masked.nonzero().squeeze(1).to(self.device, non_blocking=True))
                     lv = loss.detach().double().cpu()
                     flags = torch.stack([(~torch.isfinite(lv)).double(), torch.tensor(float(self._stop)),
                                          torch.nan_to_num(lv), torch.tensor(float(batch["input_ids"].numel())),

@@ -93,3 +93,52 @@ def test_varlen_bad_shapes():
 def test_kernel_checks(call, match):
     with pytest.raises(RuntimeError, match=match):
         call(*_qkv())
+
+
+@pytest.mark.parametrize("max_seqlen,match", [
+    (torch.tensor(10, device="meta"), "max_seqlen must be a Python int .*meta tensor"),
+    (torch.tensor([10, 10]), "max_seqlen must be a Python int"),
+    (10.0, "max_seqlen must be a Python int, got float"),
+    (True, "max_seqlen must be a Python int, got bool"),
+    (-1, "max_seqlen must be ≥ 0"),
+])
+def test_bad_max_seqlen(max_seqlen, match):
+    with pytest.raises(ValueError, match=match):
+        sigmoid_attention_varlen(*_packed(), torch.tensor([0, 6, 10], dtype=I32), max_seqlen)
+
+
+def test_max_seqlen_accepts_integers():
+    import numpy as np
+    cu = torch.tensor([0, 6, 10], dtype=I32)
+    ref = sigmoid_attention_varlen(*(t.clone() for t in _packed()), cu, 6)
+    for m in (np.int64(6), torch.tensor(6)):
+        assert sigmoid_attention_varlen(*_packed(), cu, m).shape == ref.shape
+
+
+def _no_host_reads(monkeypatch):
+    """Make any host read of an index tensor fail, as a GPU sync would under set_sync_debug_mode('error')."""
+    def boom(*a, **k):
+        raise AssertionError("host read of a device index tensor")
+    for name in ("tolist", "item", "__int__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+
+
+def test_device_index_values_not_read_unless_checks_on(monkeypatch):
+    """Non-CPU index tensors (meta here, CUDA in use) are never read on the host by default; input_checks() reads
+    them. The values below are wrong on purpose: without checks the API passes them on unread."""
+    from sigattn import input_checks
+    q, k, v = (t.to("meta") for t in _packed())
+    cu = torch.tensor([0, 6, 99], dtype=I32, device="meta")
+    qp, kp, vp = (t.to("meta") for t in _qkv())
+    sl = torch.tensor([3, 99], dtype=I32, device="meta")
+    with monkeypatch.context() as m:
+        _no_host_reads(m)
+        assert sigmoid_attention_varlen(q, k, v, cu, 6).device.type == "meta"
+        assert sigmoid_attention(qp, kp, vp, seq_lens=sl).device.type == "meta"
+        with input_checks(), pytest.raises(AssertionError, match="host read"):
+            sigmoid_attention_varlen(q, k, v, cu, 6)
+        with input_checks(), pytest.raises(AssertionError, match="host read"):
+            sigmoid_attention(qp, kp, vp, seq_lens=sl)
+    with input_checks(False):   # CPU tensors are always checked (no GPU sync to avoid)
+        with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+            sigmoid_attention_varlen(*_packed(), torch.tensor([0, 6, 4, 10], dtype=I32), 6)

@@ -102,6 +102,10 @@ def test_loss_only_on_masked_genes(attention):
     masked = choose_masked(b["cu_seqlens"], 0.3, mask_generator(int(rng.integers(100)), 3))
     loss, n = model(b, masked)
     assert n == masked.sum() > 0
+    # The same positions as int64 indices (the sync-free form the GPU path uses) give the same loss.
+    loss_idx, n_idx = model(b, masked.nonzero().squeeze(1))
+    assert n_idx == n
+    torch.testing.assert_close(loss_idx, loss, rtol=0, atol=0)
     # Reference: CE over the masked rows only, from the encoder run on MASK-ed values.
     h = model.encode(b["input_ids"], b["values"].masked_fill(masked, tok.value_mask), b["cu_seqlens"],
                      b["max_seqlen"])
