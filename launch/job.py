@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,16 @@ log = logging.getLogger(__name__)
 
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 DEFAULT_ENTRY = "launch.trainer_entry:build_trainer"
+# Rendezvous ports lie below Linux's default ephemeral range (32768–60999). submitit's own pick (20000–60000, seeded
+# by the job id) can land on a port the kernel has just given to an outgoing connection on the master node, and
+# init_distributed then fails with EADDRINUSE now and then.
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The MASTER_PORT of a Slurm job: the same on every task and node (derived from the job id alone), outside the
+    ephemeral range; array tasks ("123_4") get different ports."""
+    return RENDEZVOUS_PORTS[zlib.crc32(str(job_id).encode()) % len(RENDEZVOUS_PORTS)]
 
 
 def load_entry(entry: str) -> Callable[..., Any]:
@@ -52,7 +63,7 @@ class TrainJob:
     overrides: list[str] = field(default_factory=list)
     entry: str = DEFAULT_ENTRY
     max_requeues: int = 3
-    master_port: int | None = None  # local executor: a port the submitter found free (else submitit's pick)
+    master_port: int | None = None  # local executor: a port the submitter found free (else rendezvous_port)
 
     def __call__(self) -> str:
         import submitit
@@ -60,8 +71,8 @@ class TrainJob:
         env = submitit.JobEnvironment()
         for var in DIST_VARS:  # inherited from the submitting shell (sbatch exports it): Slurm's values must win
             os.environ.pop(var, None)
-        if self.master_port is not None:  # read by TorchDistributedEnvironment below; same for every task
-            os.environ["MASTER_PORT"] = str(self.master_port)
+        # Read by TorchDistributedEnvironment below; the same for every task.
+        os.environ["MASTER_PORT"] = str(self.master_port if self.master_port is not None else rendezvous_port(env.job_id))
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{env.global_rank} %(name)s: %(message)s")
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         stopper = StopOnSignal().install()  # replaces submitit's rank-0-only USR2 handler, on every rank

@@ -121,3 +121,13 @@ def test_slurm_states_uses_sacct_once_the_job_left_the_queue_and_raises_when_squ
     (bin_ / "squeue").write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2; exit 1\n")
     with pytest.raises(RuntimeError, match="squeue failed 5 times: Unable to contact slurm controller"):
         slurm_states(["7"])
+
+
+def test_rendezvous_port_is_per_job_stable_and_outside_the_ephemeral_range():
+    from launch.job import rendezvous_port
+    ports = {j: rendezvous_port(j) for j in ["1", "2", "12345", "12345_0", "12345_1", "999999"]}
+    assert ports == {j: rendezvous_port(j) for j in ports}                     # every task computes the same
+    assert all(20000 <= p < 32768 for p in ports.values()), ports              # Linux ephemeral: 32768–60999
+    assert len(set(ports.values())) == len(ports)                              # array tasks differ
+    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert all(not lo <= p <= hi for p in ports.values()), (lo, hi)
