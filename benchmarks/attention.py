@@ -1,4 +1,7 @@
-"""Attention kernel benchmark (GPU): our Triton sigmoid kernels vs triton-sigmoid, SDPA flash/cuDNN, FlexAttention.
+"""Attention kernel benchmark (GPU): our sigmoid kernels vs triton-sigmoid, SDPA flash/cuDNN, FlexAttention.
+
+Ours: ``hopper_padded``/``hopper_varlen`` = the Gluon sm90 forward (sigattn/hopper_fwd.py; backward is the portable
+Triton one), ``ours_padded``/``ours_varlen`` = the portable Triton kernels (fwd and bwd).
 
 Setup (issue 3): bf16, 16,384 tokens per step, hidden 2048 (H = 2048/D), non-causal, −log n bias on for sigmoid
 kernels. Padding p ∈ {0, 25, 50}%: B = 16384/N sequences with lengths evenly spread over [(1−2p)·N, N] (mean
@@ -15,6 +18,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +33,7 @@ from sigattn.triton_bwd import launch_bwd  # noqa: E402
 from sigattn.triton_fwd import launch_fwd  # noqa: E402
 
 TOKENS, HIDDEN = 16384, 2048
-KERNELS = ["ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
+KERNELS = ["hopper_padded", "hopper_varlen", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
 
 
 def lengths(N: int, pad: float) -> list[int]:
@@ -66,6 +70,21 @@ def make_runner(kernel, D, N, pad):
         det = kernel.endswith("det")
         return (lambda: launch_fwd(q, k, v, seq, varlen=False, max_seqlen=N, **kw),
                 lambda: launch_bwd(do, q, k, v, seq, varlen=False, max_seqlen=N, deterministic=det, **kw))
+    if kernel in ("hopper_padded", "hopper_varlen"):
+        from sigattn import hopper_fwd
+
+        cfg = os.environ.get("SIGATTN_HOPPER_CONFIG")  # "BLOCK_M,BLOCK_N,STAGES" to try another tiling
+        hkw = dict(kw, config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
+
+        if kernel == "hopper_varlen":
+            pack = lambda t: torch.cat([t[i, :L] for i, L in enumerate(lens)])  # noqa: E731
+            qp, kp, vp, dop = pack(q), pack(k), pack(v), pack(do)
+            cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+            return (lambda: hopper_fwd.launch_fwd(qp, kp, vp, cu, varlen=True, max_seqlen=max(lens), **hkw),
+                    lambda: launch_bwd(dop, qp, kp, vp, cu, varlen=True, max_seqlen=max(lens), deterministic=False,
+                                       **kw))
+        return (lambda: hopper_fwd.launch_fwd(q, k, v, seq, varlen=False, max_seqlen=N, **hkw),
+                lambda: launch_bwd(do, q, k, v, seq, varlen=False, max_seqlen=N, deterministic=False, **kw))
     if kernel == "ours_varlen":
         pack = lambda t: torch.cat([t[i, :L] for i, L in enumerate(lens)])  # noqa: E731
         qp, kp, vp, dop = pack(q), pack(k), pack(v), pack(do)
@@ -162,7 +181,13 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
 
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
+    except OSError:
+        commit = None
+    commit = os.environ.get("SIGATTN_COMMIT", commit)  # the device copy may travel without .git
+    result = {"device": torch.cuda.get_device_name(), "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
               "env": {k: v for k, v in os.environ.items() if k.startswith("SIGATTN_")},
@@ -195,7 +220,8 @@ def main(argv=None):
         lens = lengths(N, p / 100)
         fl = flops_fwd(HIDDEN // D, D, lens)
         for mode, fn in zip(("fwd", "bwd"), fns):
-            if mode not in args.modes or (kern == "ours_padded_det" and mode == "fwd"):
+            if mode not in args.modes or (kern == "ours_padded_det" and mode == "fwd") or (
+                    kern.startswith("hopper") and mode == "bwd"):  # hopper rows' backward is ours_* backward
                 continue
             try:
                 fn()  # compile / autotune outside the timing
@@ -233,15 +259,16 @@ def _get(rows, **kw):
 def print_table(result):
     rows = result["rows"]
     print(f"\n{result['device']}  torch {result['versions']['torch']}  triton {result['versions']['triton']}")
-    hdr = ("D", "N", "pad", "mode", "ours_pad", "ours_vl", "tsig", "flash", "cudnn", "flex", "pad/tsig",
-           "pad/dense", "vl/dense")
+    hdr = ("D", "N", "pad", "mode", "hop_pad", "hop_vl", "ours_pad", "ours_vl", "tsig", "flash", "cudnn", "flex",
+           "hop/tsig", "hop/ours", "hpad/dns", "hvl/hpad")
     print(" ".join(f"{h:>9}" for h in hdr))
     keys = sorted({(r["D"], r["N"], r["pad"], r["mode"]) for r in rows if "mode" in r})
     for D, N, p, mode in keys:
         g = lambda k, pp=p: _get(rows, kernel=k, D=D, N=N, pad=pp, mode=mode)  # noqa: E731
-        ours, vl, ts = g("ours_padded"), g("ours_varlen"), g("tsig")
-        dense = _get(rows, kernel="ours_padded", D=D, N=N, pad=0, mode=mode)
-        vals = (ours, vl, ts, g("sdpa_flash"), g("sdpa_cudnn"), g("flex"), ours / ts, ours / dense, vl / dense)
+        hp, hv, ours, vl, ts = g("hopper_padded"), g("hopper_varlen"), g("ours_padded"), g("ours_varlen"), g("tsig")
+        dense = _get(rows, kernel="hopper_padded", D=D, N=N, pad=0, mode=mode)
+        vals = (hp, hv, ours, vl, ts, g("sdpa_flash"), g("sdpa_cudnn"), g("flex"), hp / ts, hp / ours, hp / dense,
+                hv / hp)
         print(f"{D:>9} {N:>9} {p:>9g} {mode:>9} " + " ".join(f"{x:>9.2f}" if x < 10 else f"{x:>9.0f}" for x in vals))
 
 

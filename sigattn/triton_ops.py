@@ -4,12 +4,37 @@ Importing this module registers them with ``torch.library.register_kernel(..., "
 (``attn_fwd`` …) are usable without the registration (tests, benchmarks). Inputs may be strided views
 (e.g. slices of a fused QKV projection) as long as the head dim is contiguous; no per-call host allocation
 besides the outputs, no host sync, so the ops are CUDA-graph and torch.compile friendly.
+
+Kernel choice, once per device (capability): on sm90 the forward runs the Gluon Hopper kernel (``hopper_fwd``)
+for the inputs it supports (bf16/fp16, D 64/128, non-causal, heads contiguous); everything else, other GPUs and
+the Triton interpreter use the portable Triton kernels. ``SIGATTN_HOPPER=0`` turns the Hopper kernel off.
 """
+
+import functools
 
 import torch
 
+from . import hopper_fwd
+from . import triton_tuning as tuning
 from .triton_bwd import launch_bwd
-from .triton_fwd import launch_fwd
+from .triton_fwd import launch_fwd as _portable_fwd
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_device(index: int) -> bool:
+    return (hopper_fwd.HAVE_GLUON and not tuning.INTERPRET
+            and torch.cuda.get_device_capability(index) == (9, 0))
+
+
+def launch_fwd(q, k, v, seq_info, *, varlen, max_seqlen, scale, bias, log_n_bias, causal):
+    """Forward through the kernel chosen for this device (see module docstring); same contract as triton_fwd's."""
+    if (q.is_cuda and _hopper_device(q.device.index or 0) and tuning._flag("SIGATTN_HOPPER", "1")
+            and hopper_fwd.supported(q, k, v, causal)):
+        return hopper_fwd.launch_fwd(q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale,
+                                     bias=bias, log_n_bias=log_n_bias, causal=causal,
+                                     fast_sigmoid=tuning.fast_sigmoid(q.dtype))
+    return _portable_fwd(q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale, bias=bias,
+                         log_n_bias=log_n_bias, causal=causal)
 
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:

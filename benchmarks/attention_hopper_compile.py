@@ -1,0 +1,68 @@
+"""Compile the Gluon Hopper forward for sm90 without a GPU (ahead of time), and report registers/spills/smem.
+
+Needs a Triton whose Gluon API matches the GPU image's (3.6): e.g. ``pip install --target /tmp/tri36 triton==3.6.0``
+then ``PYTHONPATH=/tmp/tri36:$PWD python benchmarks/attention_hopper_compile.py [--ptx out.ptx]``. The kernel
+cannot run here; this catches Gluon front-end/layout errors and register spills before spending device time.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+from sigattn import hopper_fwd  # noqa: E402
+
+
+def compile_fwd(D, varlen, config=None, dtype="bf16", probe=0):
+    BM, BN, ST, C, SIG = tuple(config or hopper_fwd.CONFIGS[D]) + (0, ) * (5 - len(config or hopper_fwd.CONFIGS[D]))
+    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+    desc = lambda rows: f"tensordesc<{dtype}[{rows},{D}],{gl.NVMMASharedLayout.get_default_for([rows, D], gdt)!r}>"  # noqa
+    sig = {"q_desc": desc(BM // C), "k_desc": desc(BN), "v_desc": desc(BN), "O": f"*{dtype}", "SeqInfo": "*i32",
+           "scale": "fp32", "bias": "fp32", "N": "i32", "H": "i32", "GROUP": "i32", "n_bh": "i32", "NUM_M": "i32",
+           "n_work": "i32", "stride_ot": "i32"}
+    const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN_V=not varlen, BLOCK_M=BM,
+                 BLOCK_N=BN, D=D, STAGES=ST, CONSUMERS=C, PROBE=probe, SIG=SIG)
+    for k, v in const.items():
+        sig[k] = "constexpr"
+    src = GluonASTSource(hopper_fwd.hopper_fwd_kernel, sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8 if C == 1 else 4})
+
+
+def resource_usage(k) -> str:
+    """Registers/spills per function from ``cuobjdump -res-usage`` (Triton's bundled copy) on the cubin."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    try:
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    return " | ".join(line.strip() for line in out.splitlines() if "REG" in line)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--ptx", type=Path)
+    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,STAGES,CONSUMERS (default: hopper_fwd.CONFIGS)")
+    args = ap.parse_args()
+    for D in args.d:
+        for varlen in (False, True):
+            k = compile_fwd(D, varlen, tuple(int(x) for x in args.config.split(",")) if args.config else None)
+            print(f"D={D} varlen={varlen}: smem {k.metadata.shared} B; {resource_usage(k)}")
+            if args.ptx:
+                args.ptx.with_suffix(f".d{D}{'v' if varlen else 'p'}.ptx").write_text(k.asm["ptx"])
+
+
+if __name__ == "__main__":
+    main()
