@@ -7,7 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
-STYLE = {"ours_padded": ("sigattn padded", "tab:blue", "-"), "ours_varlen": ("sigattn varlen", "tab:cyan", "-"),
+STYLE = {"hopper_padded": ("sigattn Hopper (Gluon) padded", "tab:red", "-"),
+         "hopper_varlen": ("sigattn Hopper (Gluon) varlen", "tab:pink", "-"),
+         "ours_padded": ("sigattn portable padded", "tab:blue", "-"), "ours_varlen": ("sigattn portable varlen", "tab:cyan", "-"),
          "tsig": ("triton-sigmoid", "tab:orange", "--"), "sdpa_flash": ("SDPA flash (softmax)", "tab:gray", ":"),
          "sdpa_cudnn": ("SDPA cuDNN (softmax)", "black", ":"), "flex": ("FlexAttention (softmax)", "tab:green", ":")}
 
@@ -16,6 +18,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", type=Path)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--modes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     a = ap.parse_args(argv)
     import matplotlib
 
@@ -25,8 +28,9 @@ def main(argv=None):
     res = json.loads(a.json.read_text())
     rows = [r for r in res["rows"] if "tflops" in r]
     pads = sorted({r["pad"] for r in rows})
-    fig, axes = plt.subplots(2, len(pads), figsize=(4.3 * len(pads), 7), squeeze=False, sharey="row")
-    for i, mode in enumerate(("fwd", "bwd")):
+    fig, axes = plt.subplots(len(a.modes), len(pads), figsize=(4.3 * len(pads), 3.5 * len(a.modes) + 0.5),
+                             squeeze=False, sharey="row")
+    for i, mode in enumerate(a.modes):
         for j, pad in enumerate(pads):
             ax = axes[i][j]
             for kern, (label, color, ls) in STYLE.items():

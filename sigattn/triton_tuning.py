@@ -67,6 +67,10 @@ FIXED = {
     ("dq", "small"): _cfg(64, 64, 4, 3),
     ("dq", "large"): _cfg(32, 32, 8, 2),
 }
+# Backward at head dim 128: (32, 128, 4 warps) holds two 128×128 fp32 accumulators in 128 threads and spills —
+# 110-117 TFLOP/s vs 339-406 for this one, which is also what autotuning picks (H200, N=1024/4096,
+# benchmarks/results/attention_fixed_bwd_d128_h200.json).
+FIXED_BWD_D128 = _cfg(64, 128, 8, 3)
 INTERPRET_CFG = _cfg(16, 16, 1, 1)
 
 
@@ -106,4 +110,6 @@ def fixed(kind: str, d_pad: int, fp32: bool = False) -> triton.Config:
     """The fixed config for a kernel kind ("fwd", "bwd", "dq") and head-dim tile."""
     if INTERPRET:
         return INTERPRET_CFG
-    return FIXED_FP32[kind] if fp32 else FIXED[(kind, size_class(d_pad))]
+    if fp32:
+        return FIXED_FP32[kind]
+    return FIXED_BWD_D128 if (kind == "bwd" and d_pad == 128) else FIXED[(kind, size_class(d_pad))]
