@@ -10,9 +10,9 @@ TORCH_LIBRARY(sigattn, m) {
       "attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? seq_lens, float scale, float bias, "
       "bool log_n_bias, bool causal) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, float bias, "
+      "attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, float bias, "
       "bool log_n_bias, bool causal) -> Tensor");
   m.def(
-      "attn_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+      "attn_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
       "float scale, float bias, bool log_n_bias, bool causal) -> (Tensor, Tensor, Tensor)");
 }

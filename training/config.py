@@ -85,6 +85,7 @@ class RunConfig:
     log_cell_ids: bool = False          # write cells.jsonl (cell ids per step) for audits
     tensorboard: bool = True
     progress: bool = True
+    compile: bool = False               # regional torch.compile of each encoder block (training/compile.py)
 
     def __post_init__(self):
         if self.nan_policy not in ("stop", "skip"):

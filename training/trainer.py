@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from training import checkpoint
+from training.compile import compile_blocks
 from training.config import Config
 from training.deepspeed_config import deepspeed_config
 from training.distributed import init_distributed
@@ -78,6 +79,8 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, model=mcfg)
         torch.manual_seed(r.seed)
         model = build_model(mcfg)
+        if r.compile:
+            compile_blocks(model)
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
         cuda = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,

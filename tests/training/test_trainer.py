@@ -174,3 +174,17 @@ def test_close_releases_the_engine(corpus, tmp_path):
     del t
     gc.collect()
     assert param() is None
+
+
+@pytest.mark.slow
+def test_compiled_trainer_matches_eager_losses(corpus, tmp_path):
+    """run.compile=true (regional torch.compile of the blocks) gives the eager run's per-step losses."""
+    losses = {}
+    for mode in ("eager", "compile"):
+        t = make_trainer(corpus, tmp_path / mode, **{"run.max_steps": 3, "run.compile": mode == "compile"})
+        assert t.train() == "finished"
+        if mode == "compile":
+            assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in t.engine.module.blocks)
+        t.close()
+        losses[mode] = [r["loss"] for r in records(tmp_path / mode)]
+    assert losses["compile"] == pytest.approx(losses["eager"], rel=1e-5)
