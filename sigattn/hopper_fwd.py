@@ -4,8 +4,10 @@ Structure (one persistent CTA per SM, warp-specialised):
   loader partition (1 warp): TMA loads of the Q tile and of K/V tiles into a STAGES-deep shared-memory ring,
       signalled on mbarriers (``k_ready``/``v_ready``; freed by the consumers through ``k_empty``/``v_empty``).
   consumer (default partition, 8 warps = 2 warpgroups × 64 query rows; or two 4-warp partitions, CONSUMERS=2):
-      wgmma S_{j+1} = Q·K_{j+1}ᵀ is issued asynchronously *before* the sigmoid of S_j runs on the MUFU/FMA pipes,
-      then O += P_j·V_j (P from registers). Sigmoid needs no running max or rescale: a tile is S → P → PV.
+      DEPTH 1: wgmma S_{j+1} = Q·K_{j+1}ᵀ is issued asynchronously *before* the sigmoid of S_j runs on the MUFU/FMA
+      pipes, then O += P_j·V_j (P from registers). DEPTH 2 (_consumer_pairs): key tiles in pairs, so the sigmoid of
+      one tile runs while the tensor cores hold the previous PV and the next S. Sigmoid needs no running max or
+      rescale: a tile is S → P → PV.
 Work items are (sequence b, head h, query tile m), walked by each CTA with stride = grid size, (b, h)-major so the
 CTAs running at one time share a few heads' K/V in L2 (m-major order, i.e. longest-first by tile index, measured
 0.87× slower at N=4096 on an H200: every CTA streamed a different head's K/V from HBM). Within a head the highest
@@ -41,10 +43,11 @@ except ImportError:  # older/newer Triton without the Gluon Hopper API
     HAVE_GLUON = False
 
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG) per head dim: 128 query rows per CTA, split over CONSUMERS partitions
-# (1: one 8-warp partition, 2 warpgroups in lockstep; 2: two 4-warp partitions, FA3's layout); SIG: see _prob.
-# Chosen from benchmarks/results/attention_hopper_variants_*.json (H200, side by side in one run).
-CONFIGS = {64: (128, 128, 4, 1, 3), 128: (128, 64, 4, 1, 3)}
+# (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH]) per head dim: 128 query rows per CTA, split over CONSUMERS
+# partitions (1: one 8-warp partition, 2 warpgroups in lockstep; 2: two 4-warp partitions, FA3's layout); SIG: see
+# _prob; DEPTH 1: _consumer, DEPTH 2: _consumer_pairs. Chosen from benchmarks/results/attention_hopper_variants_*.json
+# (H200, side by side in one run).
+CONFIGS = {64: (128, 128, 4, 1, 3), 128: (128, 64, 4, 1, 3, 2)}
 
 
 def supported(q, k, v, causal: bool) -> bool:
@@ -169,7 +172,7 @@ if HAVE_GLUON:
                   FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                   PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  DEPTH: gl.constexpr, num_warps: gl.constexpr):
         """Rows [PART·ROWS, (PART+1)·ROWS) of each 128-row query tile (ROWS = BLOCK_M / CONSUMERS)."""
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -266,12 +269,180 @@ if HAVE_GLUON:
                 gl.store(ptrs, o, mask=(rows < n_rows)[:, None])
 
     @gluon.jit
+    def _scores(q_tile, k_smem, k_ready, kv, regs, STAGES: gl.constexpr):
+        """Issue S = Q·Kᵀ for the kv-th K tile of the ring (async), written into ``regs``' registers."""
+        s = kv % STAGES
+        mbarrier.wait(k_ready.index(s), (kv // STAGES) & 1)
+        return warpgroup_mma(q_tile, k_smem.index(s).permute((1, 0)), regs, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _probs(sc, c1, c0, col0, L, cols_s, MASK: gl.constexpr, FAST_SIGMOID: gl.constexpr, SIG: gl.constexpr,
+               PROBE: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr):
+        if PROBE == 1:  # timing probe only: no sigmoid
+            p = sc
+        else:
+            p = _prob(sc * c1 + c0, FAST_SIGMOID, SIG)
+        if MASK:
+            p = gl.where((col0 + cols_s)[None, :] < L, p, 0.0)
+        return gl.convert_layout(p.to(dtype), p_layout)
+
+    @gluon.jit
+    def _clean_v(v_tile, tile_row0, L, v_clean, n_clean, vrows, io_layout: gl.constexpr, PART: gl.constexpr,
+                 VR: gl.constexpr):
+        """Zero this consumer's share of the V tile's rows ≥ L (padding may hold NaN), then wait for the others."""
+        vpart = v_tile.slice(PART * VR, VR)
+        vt = vpart.load(io_layout)
+        vpart.store(gl.where((tile_row0 + vrows)[:, None] < L, vt, 0.0))
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(v_clean)
+        mbarrier.wait(v_clean, n_clean & 1)
+        return n_clean + 1
+
+    @gluon.jit
+    def _consumer_pairs(O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
+                        q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean,
+                        VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
+                        FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                        PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr, num_warps: gl.constexpr):
+        """DEPTH 2: key tiles in pairs (j, j+1) with two score register sets sa, sb. σ(S_{j+1}) runs while the
+        tensor cores hold PV_j and S_{j+2}; σ(S_j) while they hold PV_{j-1}. Score tiles never cross the loop's
+        back-edge in flight (ptxas would copy them and serialise every wgmma, warning C7514); P_{j-1} (the register
+        A operand of PV_{j-1}) stays alive as ``p_prev`` until PV_{j-1} is known complete. An odd tile count runs
+        its first tile on its own."""
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        TPW_N: gl.constexpr = D // 8
+        io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+        dtype: gl.constexpr = O.dtype.element_ty
+        VR: gl.constexpr = BLOCK_N // CONSUMERS
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        rows_io = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout)) + PART * ROWS
+        cols_io = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
+        vrows = gl.arange(0, VR, layout=gl.SliceLayout(1, io_layout)) + PART * VR
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        kv = 0
+        it = 0
+        n_clean = 0
+        for w in range(pid, n_work, nprog):
+            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS)
+            start_m = m * BLOCK_M
+            if start_m < n_rows:
+                acc = gl.zeros([ROWS, D], gl.float32, o_layout)
+                if start_m < L:
+                    bb = bias
+                    if LOG_N_BIAS:
+                        bb = bb - gl.log(gl.maximum(L, 1).to(gl.float32))
+                    c1 = -scale * 1.4426950408889634
+                    c0 = -bb * 1.4426950408889634
+                    n_kv = gl.cdiv(L, BLOCK_N)
+                    odd = n_kv % 2
+                    qb = it % 2
+                    q_tile = q_smem.index(qb * CONSUMERS + PART)
+                    mbarrier.wait(q_ready.index(qb), (it // 2) & 1)
+                    if odd == 1:  # first tile on its own (also the last one when n_kv == 1)
+                        s = kv % STAGES
+                        t0 = _scores(q_tile, k_smem, k_ready, kv, s_zero, STAGES)
+                        s0 = warpgroup_mma_wait(0, deps=(t0, ))
+                        gl.thread_barrier()
+                        mbarrier.arrive(k_empty.index(s))
+                        p = _probs(s0, c1, c0, 0, L, cols_s, True, FAST_SIGMOID, SIG, PROBE, dtype, p_layout)
+                        mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
+                        if CLEAN_V:
+                            if L < BLOCK_N:
+                                n_clean = _clean_v(v_smem.index(s), 0, L, v_clean, n_clean, vrows, io_layout, PART,
+                                                   VR)
+                        a0 = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
+                        acc, p = warpgroup_mma_wait(0, deps=(a0, p))
+                        gl.thread_barrier()
+                        mbarrier.arrive(v_empty.index(s))
+                        kv += 1
+                    if n_kv >= 2:
+                        kv_first = kv
+                        ta = _scores(q_tile, k_smem, k_ready, kv, s_zero, STAGES)
+                        tb = _scores(q_tile, k_smem, k_ready, kv + 1, s_zero, STAGES)
+                        sa, sb = warpgroup_mma_wait(0, deps=(ta, tb))
+                        gl.thread_barrier()
+                        mbarrier.arrive(k_empty.index(kv % STAGES))
+                        mbarrier.arrive(k_empty.index((kv + 1) % STAGES))
+                        p_prev = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+                        for i in range((n_kv - odd - 2) // 2):
+                            # A: σ(S_j) overlaps PV_{j-1}; then PV_j and S_{j+2} (into sa) are queued
+                            p = _probs(sa, c1, c0, 0, L, cols_s, False, FAST_SIGMOID, SIG, PROBE, dtype, p_layout)
+                            s = kv % STAGES
+                            mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
+                            a1 = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
+                            tn = _scores(q_tile, k_smem, k_ready, kv + 2, sa, STAGES)
+                            sb, acc, sa, p_prev = warpgroup_mma_wait(2, deps=(sb, a1, tn, p_prev))
+                            gl.thread_barrier()
+                            if kv > kv_first:
+                                mbarrier.arrive(v_empty.index((kv + STAGES - 1) % STAGES))
+                            p_prev = p
+                            kv += 1
+                            # B: σ(S_{j+1}) overlaps PV_j + S_{j+2}; S_{j+3} (into sb) and PV_{j+1} are queued, and
+                            # every S completes before the loop's back-edge (an in-flight accumulator crossing it is
+                            # copied, and ptxas then serialises every wgmma: warning C7514); only PV stays in flight
+                            p = _probs(sb, c1, c0, 0, L, cols_s, False, FAST_SIGMOID, SIG, PROBE, dtype, p_layout)
+                            s = kv % STAGES
+                            mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
+                            tn2 = _scores(q_tile, k_smem, k_ready, kv + 2, sb, STAGES)
+                            a2 = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
+                            sa, sb, acc, p_prev = warpgroup_mma_wait(1, deps=(sa, tn2, a2, p_prev))
+                            gl.thread_barrier()
+                            mbarrier.arrive(k_empty.index((kv + 1) % STAGES))
+                            mbarrier.arrive(k_empty.index((kv + 2) % STAGES))
+                            mbarrier.arrive(v_empty.index((kv + STAGES - 1) % STAGES))
+                            p_prev = p
+                            kv += 1
+                        # tile n_kv − 2 (sa)
+                        p = _probs(sa, c1, c0, 0, L, cols_s, False, FAST_SIGMOID, SIG, PROBE, dtype, p_layout)
+                        s = kv % STAGES
+                        mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
+                        a3 = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
+                        acc, p_prev = warpgroup_mma_wait(1, deps=(a3, p_prev))
+                        gl.thread_barrier()
+                        if kv > kv_first:
+                            mbarrier.arrive(v_empty.index((kv + STAGES - 1) % STAGES))
+                        p_prev = p
+                        kv += 1
+                        # last tile (possibly partial)
+                        p = _probs(sb, c1, c0, (n_kv - 1) * BLOCK_N, L, cols_s, True, FAST_SIGMOID, SIG, PROBE,
+                                   dtype, p_layout)
+                        s = kv % STAGES
+                        mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
+                        if CLEAN_V:
+                            if L % BLOCK_N != 0:
+                                n_clean = _clean_v(v_smem.index(s), (n_kv - 1) * BLOCK_N, L, v_clean, n_clean,
+                                                   vrows, io_layout, PART, VR)
+                        a4 = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
+                        acc, p_prev, p = warpgroup_mma_wait(0, deps=(a4, p_prev, p))
+                        gl.thread_barrier()
+                        mbarrier.arrive(v_empty.index((kv + STAGES - 1) % STAGES))
+                        mbarrier.arrive(v_empty.index(s))
+                        kv += 1
+                    mbarrier.arrive(q_empty.index(qb))
+                    it += 1
+                o = gl.convert_layout(acc.to(dtype), io_layout)
+                rows = start_m + rows_io
+                o = gl.where(rows[:, None] < L, o, 0.0)
+                ptrs = O + (row0 + rows).to(gl.int64)[:, None] * stride_ot + h * D + cols_io[None, :]
+                gl.store(ptrs, o, mask=(rows < n_rows)[:, None])
+
+    @gluon.jit
     def hopper_fwd_kernel(q_desc, k_desc, v_desc, O, SeqInfo, scale, bias, N, H, GROUP, n_bh, NUM_M, n_work,
                           stride_ot,
                           VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                           FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-                          PROBE: gl.constexpr, SIG: gl.constexpr):
+                          PROBE: gl.constexpr, SIG: gl.constexpr, DEPTH: gl.constexpr):
+        gl.static_assert(DEPTH == 1 or (STAGES >= 3 and CONSUMERS == 1), "DEPTH 2: one consumer, ≥ 3 K/V stages")
         dtype: gl.constexpr = q_desc.dtype
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         q_smem = gl.allocate_shared_memory(dtype, [2 * CONSUMERS, ROWS, D], q_desc.layout)
@@ -294,12 +465,21 @@ if HAVE_GLUON:
             mbarrier.init(v_empty.index(i), count=CONSUMERS)
         mbarrier.init(v_clean, count=CONSUMERS)
         fence_async_shared()
-        if CONSUMERS == 1:  # one 8-warp consumer (2 warpgroups in lockstep)
+        if DEPTH == 2:
+            gl.warp_specialize([
+                (_consumer_pairs, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem,
+                                   v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN,
+                                   HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
+                                   0, PROBE, SIG, gl.num_warps())),
+                (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                           v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
+                           D, STAGES, CONSUMERS))], [1], [24])
+        elif CONSUMERS == 1:  # one 8-warp consumer (2 warpgroups in lockstep)
             gl.warp_specialize([
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN, HAS_LENS,
                              LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 0, PROBE,
-                             SIG, gl.num_warps())),
+                             SIG, DEPTH, gl.num_warps())),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
                            D, STAGES, CONSUMERS))], [1], [24])
@@ -307,10 +487,12 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN, HAS_LENS,
-                             LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 0, PROBE, SIG, 4)),
+                             LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 0, PROBE, SIG,
+                             DEPTH, 4)),
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN, HAS_LENS,
-                             LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 1, PROBE, SIG, 4)),
+                             LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 1, PROBE, SIG,
+                             DEPTH, 4)),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
                            D, STAGES, CONSUMERS))], [4, 1], [232, 24])
@@ -345,7 +527,7 @@ def launch_fwd(q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float
     N = 0 if varlen else q.shape[1]
     if B == 0 or max_seqlen == 0 or q.numel() == 0:
         return out.zero_()
-    BM, BN, STAGES, CONSUMERS, sig = (config or CONFIGS[D]) + (() if len(config or CONFIGS[D]) == 5 else (0, ))
+    BM, BN, STAGES, CONSUMERS, sig, depth = tuple(config or CONFIGS[D]) + (0, 1)[len(config or CONFIGS[D]) - 4:]
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     qd = _desc(_as_2d(q, varlen), [BM // CONSUMERS, D], gdt)
     kd = _desc(_as_2d(k, varlen), [BN, D], gdt)
@@ -361,5 +543,6 @@ def launch_fwd(q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float
     hopper_fwd_kernel[grid](qd, kd, vd, out, seq_info, float(scale), float(bias), N, H, H // H_kv, n_bh, num_m,
                             n_work, stride_ot, VARLEN=varlen, HAS_LENS=has_lens, LOG_N_BIAS=bool(log_n_bias),
                             FAST_SIGMOID=bool(fast_sigmoid), CLEAN_V=not varlen, BLOCK_M=BM, BLOCK_N=BN, D=D,
-                            STAGES=STAGES, CONSUMERS=CONSUMERS, PROBE=probe, SIG=sig, num_warps=8 if CONSUMERS == 1 else 4)
+                            STAGES=STAGES, CONSUMERS=CONSUMERS, PROBE=probe, SIG=sig, DEPTH=depth,
+                            num_warps=8 if CONSUMERS == 1 else 4)
     return out
