@@ -92,6 +92,8 @@ class SingleCellEncoder(nn.Module):
                         batch["cu_seqlens"], int(batch["max_seqlen"]))
         logits = self.head_out(self.head_ln(F.gelu(self.head_dense(h[masked]))))
         target = values[masked] - 1
+        if "loss_denominator" in batch:   # context parallel: this rank's share Σ_shard CE / M (training.parallel)
+            return F.cross_entropy(logits.float(), target, reduction="sum") / batch["loss_denominator"], masked.sum()
         return F.cross_entropy(logits.float(), target), masked.sum()
 
     @torch.no_grad()
