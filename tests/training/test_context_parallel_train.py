@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from trainer_helpers import ATTENTION_KINDS, ENV, REPO, sigattn_works
+from trainer_helpers import ATTENTION_KINDS, ENV, REPO, sigattn_works, skip_unless_sigattn
 
 pytestmark = [pytest.mark.slow]
 DRIVER = str(REPO / "tests" / "training" / "cp_train_driver.py")
@@ -80,3 +80,23 @@ def test_dp2_cp2_equals_dp2_and_resume_with_cp(tmp_path, seed):
     for k in KINDS:
         by_step = {r["step"]: r for r in resumed[k]}          # the log holds steps 1–3, then 4 after the resume
         _same([by_step[s] for s in range(1, STEPS + 1)], both[k], f"{k}: CP=2 resumed vs uninterrupted")
+
+
+def test_benchmark_script_runs_a_tiny_shape_on_cpu(tmp_path):
+    """benchmarks/context_parallel.py end to end (launcher → torchrun → worker) on 2 gloo ranks: a tiny CP=2 row
+    with world size, degrees, throughput, memory and a non-zero all-to-all share; the JSON names the commit."""
+    skip_unless_sigattn("sigmoid")
+    out = tmp_path / "cp.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "context_parallel.py"), "--nproc", "2", "--runs", "tiny:96:2",
+           "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1", "--override=model.n_layers=1",
+           "--override=model.d_model=32", "--override=model.d_ff=64", "--override=data.n_bins=11",
+           "--override=data.batch_size=2", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert "error" not in row, row
+    assert (row["world_size"], row["context_parallel_degree"], row["data_parallel_degree"]) == (2, 2, 1)
+    assert row["tokens_per_s"] > 0 and row["peak_mem_gib"] > 0 and 0 < row["cp_comm_share"] < 1
+    assert len(data["commit"]) == 40 and data["device"] == "cpu"
+    assert "| tiny | 96 | sigmoid | 2 | 2 | 1 |" in out.with_suffix(".md").read_text()
