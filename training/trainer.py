@@ -11,7 +11,11 @@ policy ``skip`` drops the step (no backward, no update, no LR-schedule advance; 
 global gradient norm after the step (finite loss) is handled the same way: ``stop`` raises,
 ``skip`` counts it (DeepSpeed's ZeRO optimizers do not apply an update with a non-finite norm).
 
-Exactness: masking uses a generator seeded from (seed, step, micro-batch, rank); the data order
+Context parallelism (``parallel.context_parallel_degree`` P, :mod:`training.parallel`): world = DP × P; data
+and masks come from the DP rank, each micro-batch is cut into P equal token shards after masking, the loss
+logged is the DP ranks' mean (each CP rank contributes its share).
+
+Exactness: masking uses a generator seeded from (seed, step, micro-batch, DP rank); the data order
 is the loader's resumable state; no other randomness is used in training (no dropout).
 """
 
@@ -109,7 +113,8 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
         if self.rank == 0:
             print(f"[sigattn] model {mcfg.preset or 'custom'} ({mcfg.attention}): {self.n_params:,} parameters "
-                  f"({self.n_params_nonemb:,} non-embedding); world {self.world}; "
+                  f"({self.n_params_nonemb:,} non-embedding); world {self.world}"
+                  f"{f' = DP {self.parallel.dp} x CP {self.parallel.cp}' if self.parallel.cp > 1 else ''}; "
                   f"{'resumed at step ' + str(self.step) if client else 'fresh start'}", flush=True)
 
     def _build_loader(self):
