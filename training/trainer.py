@@ -40,7 +40,7 @@ from training.distributed import init_distributed
 from training.encoder import build_model
 from training.masking import choose_masked, mask_generator
 from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token
-from training.parallel import apply_context_parallel, init_parallel, shard_batch
+from training.parallel import apply_context_parallel, backward_scale, init_parallel, shard_batch
 
 
 class NonFiniteError(RuntimeError):
@@ -215,7 +215,7 @@ class Trainer:
                     if flags[0] > 0:
                         bad = True
                         break
-                    self.engine.backward(loss)
+                    self.engine.backward(loss * backward_scale(cp, r.zero_stage) if cp > 1 else loss)
                     self.engine.step()
                     sums += flags
                 record = {"step": step}

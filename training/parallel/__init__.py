@@ -7,8 +7,8 @@
   (all-to-all over heads) around our unchanged packed-varlen attention core.
 """
 
-from training.parallel.dims import ParallelDims, init_parallel
+from training.parallel.dims import ParallelDims, backward_scale, init_parallel
 from training.parallel.sharding import CPShard, shard_batch
 from training.parallel.ulysses import apply_context_parallel
 
-__all__ = ["CPShard", "ParallelDims", "apply_context_parallel", "init_parallel", "shard_batch"]
+__all__ = ["CPShard", "ParallelDims", "apply_context_parallel", "backward_scale", "init_parallel", "shard_batch"]

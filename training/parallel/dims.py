@@ -16,6 +16,12 @@ consecutive ranks the same samples.
   DP = d, CP = 1 gradient (up to summation order). The gradient norm for clipping is counted once per
   CP group (the mpu is DeepSpeed's "model parallel" group for ``clip_grad_norm_``; ZeRO 1/2 compute it
   over their partitions).
+* ZeRO-3 exception (DeepSpeed 0.19.8): its default coalesced reduce-scatter pre-divides by the whole
+  DP × CP group and ignores the sequence-parallel size (stages 0–2 divide by ``dp``; DeepSpeed issue
+  #6841), which would leave gradients ``P×`` too small — harmless to Adam's direction but wrong for the
+  norm, clipping and ``eps``. :func:`backward_scale` gives the factor P the trainer multiplies the loss by
+  before ``backward`` under ZeRO-3 (the logged loss is unscaled); the CP = 2 vs 1 test under ZeRO-3
+  fails if DeepSpeed changes this.
 """
 
 from __future__ import annotations
@@ -57,6 +63,11 @@ def check_degree(cp: int, world: int, n_heads: int) -> None:
     if n_heads % cp:
         raise ValueError(f"parallel.context_parallel_degree={cp} does not divide model.n_heads={n_heads}: the "
                          f"Ulysses all-to-all gives each CP rank n_heads/P whole heads")
+
+
+def backward_scale(cp: int, zero_stage: int) -> float:
+    """Factor on the loss before ``engine.backward`` so every ZeRO stage applies ``Σ_world g / dp`` (see above)."""
+    return float(cp) if cp > 1 and zero_stage == 3 else 1.0
 
 
 def init_parallel(cp: int, n_heads: int) -> ParallelDims:
