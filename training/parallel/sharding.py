@@ -23,8 +23,6 @@ import torch
 
 from data_prep.tokenize import PAD_ID, VALUE_PAD
 
-TOKEN_KEYS = ("input_ids", "values")
-
 
 @dataclass(frozen=True)
 class CPShard:
