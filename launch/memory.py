@@ -12,6 +12,12 @@ with full activation checkpointing only each layer's input (``2·d·L·b·s``) p
 recomputed (``34·d·b·s``). The head adds ``b·s·(2·d + 4·n_bins)`` (mask ratio ignored: upper bound).
 ``usable = gpu_mem · (1 − reserve)`` leaves room for the CUDA context, allocator fragmentation and
 communication buffers.
+
+Context parallelism of degree P (``training.parallel``, Ulysses) gives each GPU ``⌈s/P⌉`` tokens of every
+cell; the attention core holds all tokens for H/P heads, the same bytes, so activations per GPU are
+those of ``⌈s/P⌉`` tokens (÷ P). ZeRO shards over all ``gpus`` = DP × P. The price is 4 all-to-alls per
+layer forward (q, k, v, out) and 4 backward (+4 for the recomputed forward under checkpointing), each
+sending ``(P−1)/P`` of the rank's ``t·d`` bf16 elements: ``cp_comm_bytes`` per GPU and local token.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ from dataclasses import dataclass
 from launch.model_size import ModelSize
 
 GiB = 2**30
+
+
+def cp_comm_bytes(m: ModelSize, context_parallel: int, checkpointing: bool = False) -> float:
+    """Bytes each GPU sends per local token and step in the Ulysses all-to-alls (0 without CP)."""
+    P = context_parallel
+    return (24.0 if checkpointing else 16.0) * m.d_model * m.n_layers * (P - 1) / P
 
 
 def model_state_bytes(n_params: int, zero_stage: int, gpus: int) -> float:
@@ -54,9 +66,12 @@ class Feasibility:
 
 
 def feasibility(m: ModelSize, tokens_per_cell: int, zero_stage: int, gpus: int, gpu_mem_gib: float = 80.0,
-                reserve: float = 0.1) -> Feasibility:
+                reserve: float = 0.1, context_parallel: int = 1) -> Feasibility:
+    if context_parallel < 1 or gpus % context_parallel:
+        raise ValueError(f"context_parallel={context_parallel} must be >= 1 and divide gpus={gpus}")
     states = model_state_bytes(m.n_params, zero_stage, gpus)
     free = gpu_mem_gib * GiB * (1 - reserve) - states
+    tokens_per_cell = -(-tokens_per_cell // context_parallel)      # this GPU's share of every cell
     a1 = activation_bytes(m, 1, tokens_per_cell, False)
     # with checkpointing one recomputed layer is a fixed cost per micro-batch as well
     a1c = activation_bytes(m, 1, tokens_per_cell, True)

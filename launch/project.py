@@ -11,6 +11,9 @@ the preset, L layers, width d; see ``launch.model_size``). Throughput per GPU is
 ``GPU-hours = cells · epochs / (cells/s per GPU) / 3600``; wall-clock hours divide by ``--gpus``.
 Each row also carries the memory check of ``launch.memory`` (model states under the preset's ZeRO
 stage over ``--gpus`` GPUs, activations with/without checkpointing, the micro-batch that fits).
+``--context-parallel P`` splits every cell over P GPUs (``training.parallel``): activations per GPU ÷ P,
+and each row gives the all-to-all bytes each GPU sends per cell (``cp_comm_gib_per_cell``); the FLOPs, so
+the analytic GPU-hours, do not change.
 Writes ``projection.{md,csv,json,png}`` to ``--out``; the plot compares sigmoid and softmax GPU-hours
 per size, one panel per context (like Figure 3 of the sigmoid-attention paper).
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from launch.memory import feasibility
+from launch.memory import cp_comm_bytes, feasibility
 from launch.model_size import flops_per_cell, model_size
 
 ATTENTIONS = ("sigmoid", "softmax")
@@ -34,8 +37,8 @@ H100_BF16_PEAK = 989e12
 
 
 def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int, gpu_mem_gib: float,
-         cells_per_s: float, source: str, measured=None) -> dict:
-    f = feasibility(m, context, m.zero_stage, gpus, gpu_mem_gib)
+         cells_per_s: float, source: str, measured=None, context_parallel: int = 1) -> dict:
+    f = feasibility(m, context, m.zero_stage, gpus, gpu_mem_gib, context_parallel=context_parallel)
     gpu_hours = cells * epochs / cells_per_s / 3600 if cells_per_s else None
     row = {"size": m.name, "context": context, "attention": attention, "n_params": m.n_params,
            "n_params_nonemb": m.n_params_nonemb, "flops_per_cell": flops_per_cell(m, context),
@@ -43,7 +46,8 @@ def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int
            "wall_hours": gpu_hours / gpus if gpu_hours else None, "zero_stage": m.zero_stage,
            "model_state_gib": f.model_state_gib, "act_gib_per_cell": f.act_gib_per_cell,
            "act_gib_per_cell_ckpt": f.act_gib_per_cell_ckpt, "max_cells": f.max_cells,
-           "max_cells_ckpt": f.max_cells_ckpt, "memory": f.verdict}
+           "max_cells_ckpt": f.max_cells_ckpt, "memory": f.verdict, "context_parallel_degree": context_parallel,
+           "cp_comm_gib_per_cell": -(-context // context_parallel) * cp_comm_bytes(m, context_parallel) / 2**30}
     if measured is not None:
         row.update(measured_batch=measured.batch_size, measured_mem_gb=measured.mem_gb,
                    measured_tokens_per_cell=measured.tokens_per_cell, measured_steps=measured.steps)
@@ -52,7 +56,8 @@ def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int
 
 def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mfu: float | None = 0.4,
             peak_flops: float = H100_BF16_PEAK, measure_steps: tuple[int, int] | None = None,
-            gpu_mem_gib: float = 80.0, attentions=ATTENTIONS, batch_size: int | None = None) -> list[dict]:
+            gpu_mem_gib: float = 80.0, attentions=ATTENTIONS, batch_size: int | None = None,
+            context_parallel: int = 1) -> list[dict]:
     """One row per size × context × attention (analytic when ``measure_steps`` is None)."""
     models = {s: model_size(s) for s in sizes}
     rows = []
@@ -65,7 +70,8 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                     m = models[s]
                     if measure_steps is None:
                         rate = mfu * peak_flops / flops_per_cell(m, ctx)
-                        rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, rate, f"mfu={mfu:g}"))
+                        rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, rate, f"mfu={mfu:g}",
+                                         context_parallel=context_parallel))
                     else:
                         from launch.measure import DoesNotFit, measure
 
@@ -91,6 +97,8 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
 def _markdown(rows: list[dict], header: str) -> str:
     cols = ["size", "context", "attention", "n_params", "cells_per_s_per_gpu", "gpu_hours", "wall_hours",
             "sigmoid_saving_pct", "zero_stage", "model_state_gib", "max_cells", "max_cells_ckpt", "memory"]
+    if any(r.get("context_parallel_degree", 1) > 1 for r in rows):
+        cols += ["context_parallel_degree", "cp_comm_gib_per_cell"]
     if any("measured_batch" in r for r in rows):
         cols += ["measured_batch", "measured_mem_gb"]
 
@@ -165,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--gpus", type=int, default=16)
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--context-parallel", type=int, default=1, metavar="P",
+                   help="GPUs sharing each cell's sequence (activations / P; must divide --gpus)")
     p.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for the analytic path (0.4)")
@@ -183,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--cells, --epochs must be > 0 and --gpus >= 1")
     if any(c < 2 for c in a.context):
         p.error("--context values must be >= 2")
+    if a.context_parallel < 1 or a.gpus % a.context_parallel:
+        p.error(f"--context-parallel {a.context_parallel} must be >= 1 and divide --gpus {a.gpus}")
+    if a.measure and a.context_parallel > 1:
+        p.error("--measure times one GPU; use benchmarks/context_parallel.py for context parallelism")
     from launch.configs import ConfigError, resolve_config
     try:
         for s in a.sizes:
@@ -193,12 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = project(a.sizes, a.context, cells=a.cells, gpus=a.gpus, epochs=a.epochs, mfu=mfu,
                    peak_flops=a.peak_flops, gpu_mem_gib=a.gpu_mem_gib,
                    measure_steps=(a.warmup_steps, a.timed_steps) if a.measure else None, attentions=a.attention,
-                   batch_size=a.batch_size)
+                   batch_size=a.batch_size, context_parallel=a.context_parallel)
     device = "cpu"
     if a.measure:
         import torch
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     meta = {"cells": a.cells, "epochs": a.epochs, "gpus": a.gpus, "gpu_mem_gib": a.gpu_mem_gib,
+            "context_parallel_degree": a.context_parallel,
             "throughput": f"measured on {device}" if a.measure else f"MFU {mfu:g} of {a.peak_flops:.3g} FLOP/s",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
             "argv": sys.argv[1:] if argv is None else argv,

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=1, help="one task per GPU; 0 = CPU tasks")
     p.add_argument("--tasks-per-node", type=int, default=None, help="CPU processes per node when --gpus-per-node 0")
     p.add_argument("--cpus-per-task", type=int, default=1)
+    p.add_argument("--context-parallel", type=int, default=None, metavar="P",
+                   help="context-parallel degree: P ranks share each cell's sequence (parallel.context_parallel_degree; "
+                        "must divide nodes x tasks per node and the model's n_heads)")
     p.add_argument("--mem-gb", type=float, default=None, help="memory per node (Slurm)")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
@@ -99,6 +102,12 @@ def validate(args: argparse.Namespace, use_slurm: bool) -> tuple[Path, list[list
         fail(f"--time {args.time!r}: expected HH:MM:SS")
     if args.signal_delay_s >= args.timeout_min * 60:
         fail(f"--signal-delay-s {args.signal_delay_s} is not shorter than --time {args.time}")
+    if args.context_parallel is not None:
+        world = args.nodes * tasks
+        if args.context_parallel < 1 or world % args.context_parallel:
+            fail(f"--context-parallel {args.context_parallel} must be >= 1 and divide the world size "
+                 f"{world} (= --nodes {args.nodes} x {tasks} task(s) per node)")
+        args.overrides = [*args.overrides, f"parallel.context_parallel_degree={args.context_parallel}"]
     entry_module = args.entry.partition(":")[0]
     try:
         cfg_path = configs.resolve_config(args.config)

@@ -65,13 +65,19 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.kind, self.sigmoid_bias = n_heads, d_model // n_heads, kind, sigmoid_bias
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
+        self.context_parallel = None    # set by training.parallel.apply_context_parallel: wraps core()
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv(x).view(T, 3, self.n_heads, self.head_dim).unbind(1)
+        o = (self.core if self.context_parallel is None else self.context_parallel)(q, k, v, cu_seqlens, max_seqlen)
+        return self.out(o.reshape(T, -1))
+
+    def core(self, q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Attention of packed q/k/v ``[T, H, D]`` within each cell of ``cu_seqlens`` → ``[T, H, D]``."""
         if self.kind == "sigmoid":
             from sigattn import sigmoid_attention_varlen
             o = sigmoid_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bias=self.sigmoid_bias)
         else:
             o = softmax_attention_varlen(q, k, v, cu_seqlens, max_seqlen)
-        return self.out(o.reshape(T, -1))
+        return o

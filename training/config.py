@@ -1,6 +1,6 @@
 """Run configuration: dataclasses, YAML files and dotted command-line overrides.
 
-A config file is nested YAML with sections ``model``, ``data``, ``optim``, ``run``. The model
+A config file is nested YAML with sections ``model``, ``data``, ``optim``, ``run``, ``parallel``. The model
 section may name a ``preset`` (see :mod:`training.presets`); the preset fills every
 architecture field the file does not set. Overrides ``a.b=value`` are parsed with YAML
 (``run.zero_stage=2``, ``optim.grad_clip=null``) and applied before the dataclasses are built, so
@@ -99,11 +99,29 @@ class RunConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # P ranks share each cell's sequence (Ulysses all-to-all over heads; docs/context_parallel.md):
+    # world = data-parallel × P; P must divide the world size and model.n_heads.
+    context_parallel_degree: int = 1
+
+    def __post_init__(self):
+        if self.context_parallel_degree < 1:
+            raise ValueError(f"parallel.context_parallel_degree must be >= 1, got {self.context_parallel_degree}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        P, H = self.parallel.context_parallel_degree, self.model.n_heads
+        if H % P:
+            raise ValueError(f"parallel.context_parallel_degree={P} does not divide model.n_heads={H} "
+                             f"(each context-parallel rank attends with n_heads/P whole heads)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +132,8 @@ class Config:
         Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig,
+            "parallel": ParallelConfig}
 
 
 def _coerce(value, tp, key: str):

@@ -96,6 +96,8 @@ class SingleCellEncoder(nn.Module):
                         batch["cu_seqlens"], int(batch["max_seqlen"]))
         logits = self.head_out(self.head_ln(F.gelu(self.head_dense(h.index_select(0, idx)))))
         target = values.index_select(0, idx) - 1
+        if "loss_denominator" in batch:   # context parallel: this rank's share Σ_shard CE / M (training.parallel)
+            return F.cross_entropy(logits.float(), target, reduction="sum") / batch["loss_denominator"], idx.numel()
         return F.cross_entropy(logits.float(), target), idx.numel()
 
     @torch.no_grad()

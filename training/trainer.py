@@ -11,7 +11,11 @@ policy ``skip`` drops the step (no backward, no update, no LR-schedule advance; 
 global gradient norm after the step (finite loss) is handled the same way: ``stop`` raises,
 ``skip`` counts it (DeepSpeed's ZeRO optimizers do not apply an update with a non-finite norm).
 
-Exactness: masking uses a generator seeded from (seed, step, micro-batch, rank); the data order
+Context parallelism (``parallel.context_parallel_degree`` P, :mod:`training.parallel`): world = DP × P; data
+and masks come from the DP rank, each micro-batch is cut into P equal token shards after masking, the loss
+logged is the DP ranks' mean (each CP rank contributes its share).
+
+Exactness: masking uses a generator seeded from (seed, step, micro-batch, DP rank); the data order
 is the loader's resumable state; no other randomness is used in training (no dropout).
 """
 
@@ -37,6 +41,7 @@ from training.distributed import init_distributed
 from training.encoder import build_model
 from training.masking import choose_masked, mask_generator
 from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token
+from training.parallel import apply_context_parallel, backward_scale, init_parallel, shard_batch
 
 
 class NonFiniteError(RuntimeError):
@@ -66,6 +71,7 @@ class Trainer:
         if r.nan_policy == "skip" and o.grad_accum != 1:
             raise ValueError("run.nan_policy=skip needs optim.grad_accum=1 (a skipped step must hold no partial gradients)")
         self.rank, self.world, self.device = init_distributed()
+        self.parallel = init_parallel(cfg.parallel.context_parallel_degree, cfg.model.n_heads)   # DP × CP
         if d.mds is not None:
             from data_prep.vocab import GeneVocab
             vocab_path = Path(d.mds) / "vocab.tsv"
@@ -79,14 +85,19 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, model=mcfg)
         torch.manual_seed(r.seed)
         model = build_model(mcfg)
+        if self.parallel.cp > 1:
+            apply_context_parallel(model, self.parallel.cp_group)
         if r.compile:
+            if self.parallel.cp > 1:   # the Ulysses all-to-all inside a block is not traced by fullgraph compile
+                raise ValueError("run.compile=true is not supported with parallel.context_parallel_degree > 1 yet")
             compile_blocks(model)
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
         cuda = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                       fused=cuda or None)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, cuda))
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.parallel.dp, cuda),
+            mpu=self.parallel.mpu)
         # DeepSpeed builds the scheduler "before it has started" (LR 0) and steps it after each update,
         # which would spend two steps at LR 0; one step here makes update k use iteration k−1.
         if self.scheduler is not None:
@@ -107,7 +118,8 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
         if self.rank == 0:
             print(f"[sigattn] model {mcfg.preset or 'custom'} ({mcfg.attention}): {self.n_params:,} parameters "
-                  f"({self.n_params_nonemb:,} non-embedding); world {self.world}; "
+                  f"({self.n_params_nonemb:,} non-embedding); world {self.world}"
+                  f"{f' = DP {self.parallel.dp} x CP {self.parallel.cp}' if self.parallel.cp > 1 else ''}; "
                   f"{'resumed at step ' + str(self.step) if client else 'fresh start'}", flush=True)
 
     def _build_loader(self):
@@ -115,11 +127,12 @@ class Trainer:
         if d.mds is None:
             from training.synthetic import SyntheticCellLoader
             return SyntheticCellLoader(self.tokenizer, d.batch_size, mean_genes=d.synthetic_mean_genes,
-                                       seed=r.seed, rank=self.rank, world_size=self.world,
+                                       seed=r.seed, rank=self.parallel.dp_rank, world_size=self.parallel.dp,
                                        num_workers=d.num_workers)
         from data_prep.loader import build_loader
         return build_loader(d.mds, d.split, tokenizer=self.tokenizer, batch_size=d.batch_size,
-                            shuffle=d.shuffle, seed=r.seed, num_workers=d.num_workers)
+                            shuffle=d.shuffle, seed=r.seed, num_workers=d.num_workers,
+                            **({"replication": self.parallel.cp} if self.parallel.cp > 1 else {}))
 
     def close(self) -> None:
         """Release the DeepSpeed engine: its model, optimizer states and gradient hooks (GPU memory on CUDA).
@@ -168,7 +181,7 @@ class Trainer:
     def train(self) -> str:
         """Run to ``run.max_steps``; return ``"finished"`` or ``"stopped"`` (after ``request_stop``)."""
         cfg, r = self.cfg, self.cfg.run
-        gas = cfg.optim.grad_accum
+        gas, cp = cfg.optim.grad_accum, self.parallel.cp
         logger = MetricsLogger(self.run_dir, r.tensorboard) if self.rank == 0 else None
         cells_log = (self.run_dir / f"cells_rank{self.rank}.jsonl").open("a") if r.log_cell_ids else None
         peak = device_peak_flops(self.device)
@@ -190,22 +203,25 @@ class Trainer:
                         cell_ids += batch["cell_id"].tolist()
                     seq_len += effective_seq_len(batch["cu_seqlens"]) / gas
                     masked = choose_masked(batch["cu_seqlens"], r.mask_ratio,
-                                           mask_generator(r.seed, (step - 1) * gas + micro, self.rank))
+                                           mask_generator(r.seed, (step - 1) * gas + micro, self.parallel.dp_rank))
+                    n_tokens, n_cells = batch["input_ids"].numel() / cp, (batch["cu_seqlens"].numel() - 1) / cp
+                    if cp > 1:      # this rank's equal share of the micro-batch's tokens (training.parallel)
+                        batch, masked = shard_batch(batch, masked, cp, self.parallel.cp_rank)
                     batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                              for k, v in batch.items()}
                     # Indices picked on the host: a bool mask on the GPU would cost a sync in the model.
                     loss, _ = self.engine(batch, masked.nonzero().squeeze(1).to(self.device, non_blocking=True))
                     lv = loss.detach().double().cpu()
                     flags = torch.stack([(~torch.isfinite(lv)).double(), torch.tensor(float(self._stop)),
-                                         torch.nan_to_num(lv), torch.tensor(float(batch["input_ids"].numel())),
-                                         torch.tensor(float(batch["cu_seqlens"].numel() - 1))]).to(self.device)
+                                         torch.nan_to_num(lv), torch.tensor(n_tokens),
+                                         torch.tensor(n_cells)]).to(self.device)
                     dist.all_reduce(flags)
                     flags = flags.cpu()
                     stop = stop or flags[1] > 0
                     if flags[0] > 0:
                         bad = True
                         break
-                    self.engine.backward(loss)
+                    self.engine.backward(loss * backward_scale(cp, r.zero_stage) if cp > 1 else loss)
                     self.engine.step()
                     sums += flags
                 record = {"step": step}
@@ -224,7 +240,7 @@ class Trainer:
                     if peak is not None:
                         f = flops_per_token(self.n_params_nonemb, cfg.model.n_layers, cfg.model.d_model, seq_len)
                         mfu = f * tokens_per_s / (peak * self.world)
-                    record.update(loss=float(sums[2]) / (gas * self.world), grad_norm=gn,
+                    record.update(loss=float(sums[2]) / (gas * self.parallel.dp), grad_norm=gn,
                                   lr=lr,
                                   tokens_per_s=tokens_per_s, cells_per_s=float(sums[4]) / dt, mfu=mfu,
                                   mem_gb=self._mem_gb(), skipped_steps=self.skipped_steps)

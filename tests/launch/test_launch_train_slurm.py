@@ -88,3 +88,18 @@ def test_deepspeed_job_completes_then_preempted_job_resumes_exactly(slurm_cluste
     assert steps == list(range(1, STEPS + 1)), f"steps lost or repeated across the requeue: {steps}"
     assert len(list((run_dir / "checkpoints").glob("*"))) >= 2  # the preemption save and the final one
     assert [v for _, v in got] == pytest.approx([v for _, v in ref], rel=1e-5, abs=1e-6)
+
+
+def test_context_parallel_job_matches_one_task(slurm_cluster, corpus, tmp_path):
+    """2 tasks with --context-parallel 2 (one DP rank, each cell split over both; mosaicml-streaming replicates
+    the samples to the pair) give the per-step losses of a 1-task job on the same corpus and seed."""
+    seed, steps = int(time.time()) % 89, 8
+    _, one_job, one_dir = _run(corpus, tmp_path / "one", seed, ["--tasks-per-node", "1", f"run.max_steps={steps}"])
+    _, cp_job, cp_dir = _run(corpus, tmp_path / "cp", seed, ["--context-parallel", "2", f"run.max_steps={steps}"])
+    for job in (one_job, cp_job):
+        _wait(job)
+        assert job_state(job) == "COMPLETED", job.stderr()
+    assert cp_job.results() == ["finished", "finished"]
+    one, cp = _losses(one_dir), _losses(cp_dir)
+    assert [s for s, _ in cp] == [s for s, _ in one] == list(range(1, steps + 1))
+    assert [v for _, v in cp] == pytest.approx([v for _, v in one], rel=1e-5, abs=1e-6)
