@@ -192,3 +192,32 @@ def test_worker_processes_give_the_same_cells_and_tokens(pbmc_corpus):
 
     a, b = by_cell(0), by_cell(2)
     assert a == b and len(a) > 100
+
+
+def test_state_at_the_end_of_an_epoch_resumes_into_the_next(pbmc_corpus):
+    """A state saved right after an epoch's last batch resumes with the next epoch's first batch
+    (streaming alone would replay the finished epoch from its end and yield nothing)."""
+    corpus, m = pbmc_corpus
+    tok = _tok(corpus, L=32)
+    n_val = m["split"]["n_cells"]["val"]
+    bs = int(np.random.default_rng().integers(7, 40))
+    ref = build_loader(corpus, "val", tokenizer=tok, batch_size=bs, seed=3)
+    epoch0 = list(ref)
+    epoch1 = list(ref)
+    _release(ref)
+    assert sum(len(b["cell_id"]) for b in epoch0) == n_val
+    dl = build_loader(corpus, "val", tokenizer=tok, batch_size=bs, seed=3)
+    it = iter(dl)
+    for _ in epoch0:
+        next(it)                      # every batch of epoch 0, without asking the iterator for one more
+    state = dl.state_dict()
+    del it
+    _release(dl)
+    assert state["epoch"] == 1 and state["sample_in_epoch"] == 0
+    dl = build_loader(corpus, "val", tokenizer=tok, batch_size=bs, seed=3)
+    dl.load_state_dict(state)
+    again = list(dl)
+    _release(dl)
+    assert [b["cell_id"].tolist() for b in again] == [b["cell_id"].tolist() for b in epoch1]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, epoch1))   # epoch-1 genes
+    assert _ids(epoch1) != _ids(epoch0)                                                      # reshuffled

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,35 @@ def test_close_releases_the_engine(corpus, tmp_path):
     del t
     gc.collect()
     assert param() is None
+
+
+def test_checkpoint_on_the_last_step_of_an_epoch_resumes_into_the_next(corpus, tmp_path):
+    """A save on the epoch's last (partial) batch — a pre-emption or ckpt_every landing there — resumes with
+    exactly the batches an uninterrupted run sees: the next epoch from its start (issue 20.1)."""
+    import math
+    n_train = json.loads((Path(corpus) / "manifest.json").read_text())["split"]["n_cells"]["val"]  # a small split
+    bs = 32
+    k = math.ceil(n_train / bs)                        # step k holds the epoch's last cells
+    assert n_train % bs                                 # ... in a partial batch
+    extra = {"data.split": "val", "data.batch_size": bs, "run.max_steps": k + 3, "run.ckpt_every": 100,
+             "run.log_cell_ids": True}
+    ref = make_trainer(corpus, tmp_path / "ref", **extra)
+    assert ref.train() == "finished"
+    ref.close()
+    cut = make_trainer(corpus, tmp_path / "cut", callbacks=[lambda tr, rec: rec["step"] == k - 1 and tr.request_stop()],
+                       **extra)
+    assert cut.train() == "stopped" and cut.step == k
+    cut.close()
+    resumed = make_trainer(corpus, tmp_path / "cut", **extra)
+    assert resumed.step == k
+    assert resumed.train() == "finished" and resumed.step == k + 3
+    resumed.close()
+
+    def by_step(run_dir, name, key):
+        return {r["step"]: r[key] for r in map(json.loads, (run_dir / name).read_text().splitlines())}
+    for name, key in (("metrics.jsonl", "loss"), ("metrics.jsonl", "grad_norm"), ("cells_rank0.jsonl", "cell_ids")):
+        assert by_step(tmp_path / "cut", name, key) == by_step(tmp_path / "ref", name, key), key
+    cells = by_step(tmp_path / "ref", "cells_rank0.jsonl", "cell_ids")
+    assert len(cells[k]) == n_train % bs and len(cells[k + 1]) == bs
+    epoch0 = [c for s in range(1, k + 1) for c in cells[s]]
+    assert len(epoch0) == len(set(epoch0)) == n_train                 # the first epoch: every train cell once
