@@ -8,8 +8,10 @@ Non-finite values: a non-finite loss on any rank is caught before ``backward``; 
 raises :class:`NonFiniteError` (no checkpoint is written, the last good one stays ``latest``),
 policy ``skip`` drops the step (no backward, no update, no LR-schedule advance; counted in
 ``skipped_steps``; needs ``grad_accum = 1`` so that no partial gradients exist). A non-finite
-global gradient norm after the step (finite loss) is handled the same way: ``stop`` raises,
-``skip`` counts it (DeepSpeed's ZeRO optimizers do not apply an update with a non-finite norm).
+global gradient norm (finite loss) is handled the same way: ``stop`` raises, ``skip`` counts it, and
+no update is applied. DeepSpeed's wrapped optimizers (ZeRO, bf16) compute the norm and skip such an
+update themselves; on its plain-optimizer path (ZeRO stage 0 in fp32) it does neither, so the trainer
+computes ‖g‖₂ of the all-reduced gradients before ``engine.step()`` and drops the gradients instead.
 
 Exactness: masking uses a generator seeded from (seed, step, micro-batch, rank); the data order
 is the loader's resumable state; no other randomness is used in training (no dropout).
@@ -88,6 +90,8 @@ class Trainer:
         # which would spend two steps at LR 0; one step here makes update k use iteration k−1.
         if self.scheduler is not None:
             self.scheduler.step()
+        # ZeRO 0 + fp32: DeepSpeed steps the torch optimizer unwrapped, with no global norm and no check.
+        self._plain_optimizer = self.engine.optimizer is self.engine.basic_optimizer
         self.loader = self._build_loader()
         self.run_dir = Path(r.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -179,7 +183,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.engine.train()
                 sums = torch.zeros(5, dtype=torch.float64)
-                cell_ids, seq_len, bad, stop = [], 0.0, False, False
+                cell_ids, seq_len, bad, stop, grad_norm = [], 0.0, False, False, None
                 lr = self.engine.get_lr()[0]                 # the LR this step applies
                 for micro in range(gas):
                     batch = next(batches)
@@ -202,6 +206,12 @@ class Trainer:
                         bad = True
                         break
                     self.engine.backward(loss)
+                    if micro == gas - 1 and self._plain_optimizer:
+                        grad_norm = self._reduced_grad_norm()
+                        if not math.isfinite(grad_norm):          # as DeepSpeed's wrapped optimizers do:
+                            self.engine.zero_grad()               # no update, no LR-schedule advance
+                            sums += flags
+                            break
                     self.engine.step()
                     sums += flags
                 record = {"step": step}
@@ -209,8 +219,9 @@ class Trainer:
                     self._nonfinite("loss", step)
                     record.update(loss=None, skipped=True, skipped_steps=self.skipped_steps)
                 else:
-                    gn = self.engine.get_global_grad_norm()
-                    gn = float(gn) if gn is not None else None
+                    if not self._plain_optimizer:
+                        grad_norm = self.engine.get_global_grad_norm()
+                    gn = float(grad_norm) if grad_norm is not None else None
                     if gn is not None and not math.isfinite(gn):
                         self._nonfinite("gradient norm", step)
                         record["skipped"] = True
@@ -247,6 +258,12 @@ class Trainer:
             if cells_log is not None:
                 cells_log.close()
         return status
+
+    def _reduced_grad_norm(self) -> float:
+        """‖g‖₂ over all parameters after the boundary backward (whose all-reduce leaves every rank the same
+        gradients); the step's one host read of it."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _mem_gb(self) -> float:
         if self.device.type == "cuda":

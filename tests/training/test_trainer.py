@@ -4,6 +4,7 @@ request_stop + resume, inference loading, and a short convergence run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -137,8 +138,9 @@ def test_loss_drops_on_real_pbmc_tokens(corpus, tmp_path, attention):
     assert last < first - 0.1, losses
 
 
+@pytest.mark.parametrize("stage", [0, 1])         # 0 + fp32: DeepSpeed's plain-optimizer path, which has no norm
 @pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy):
+def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy, stage):
     from training.trainer import NonFiniteError
     state = {}
 
@@ -151,7 +153,8 @@ def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy):
             state["hook"].remove()
             state["after"] = [p.detach().clone() for p in module.parameters()]
 
-    t = make_trainer(corpus, tmp_path, callbacks=[poison], **{"run.nan_policy": policy, "run.max_steps": 5})
+    t = make_trainer(corpus, tmp_path, callbacks=[poison], **{"run.nan_policy": policy, "run.max_steps": 5,
+                                                                "run.zero_stage": stage})
     if policy == "stop":
         with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 3"):
             t.train()
@@ -161,6 +164,8 @@ def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy):
     assert recs[2]["skipped"] and recs[2]["skipped_steps"] == 1 and not recs[1].get("skipped") and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     assert all(torch.equal(a, b) for a, b in zip(state["before"], state["after"]))    # update not applied
     assert all(torch.isfinite(p).all() for p in t.engine.module.parameters())
+    assert all(r["grad_norm"] > 0 for i, r in enumerate(recs) if i != 2)              # logged on every path
+    assert recs[2]["grad_norm"] is None or not math.isfinite(recs[2]["grad_norm"])
 
 
 def test_close_releases_the_engine(corpus, tmp_path):
@@ -180,7 +185,6 @@ def test_close_releases_the_engine(corpus, tmp_path):
 def test_checkpoint_on_the_last_step_of_an_epoch_resumes_into_the_next(corpus, tmp_path):
     """A save on the epoch's last (partial) batch — a pre-emption or ckpt_every landing there — resumes with
     exactly the batches an uninterrupted run sees: the next epoch from its start (issue 20.1)."""
-    import math
     n_train = json.loads((Path(corpus) / "manifest.json").read_text())["split"]["n_cells"]["val"]  # a small split
     bs = 32
     k = math.ceil(n_train / bs)                        # step k holds the epoch's last cells
