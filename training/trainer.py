@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -78,6 +79,10 @@ class Trainer:
         self.tokenizer = CellTokenizer(vocab_size, d.context_length, d.n_bins, r.seed, d.gene_selection)
         mcfg = dataclasses.replace(cfg.model, n_tokens=self.tokenizer.n_tokens, n_bins=d.n_bins)
         self.cfg = cfg = dataclasses.replace(cfg, model=mcfg)
+        self.run_dir = Path(r.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        # Before anything is built or written: a resume may not change what its checkpoint means.
+        self.resume_changes = checkpoint.check_resume(self.ckpt_dir, cfg)
         torch.manual_seed(r.seed)
         model = build_model(mcfg)
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
@@ -93,11 +98,9 @@ class Trainer:
         # ZeRO 0 + fp32: DeepSpeed steps the torch optimizer unwrapped, with no global norm and no check.
         self._plain_optimizer = self.engine.optimizer is self.engine.basic_optimizer
         self.loader = self._build_loader()
-        self.run_dir = Path(r.dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
+            self._record_config()
         dist.barrier()
         self.step, self.skipped_steps, self._stop = 0, 0, False
         self.callbacks = list(callbacks)
@@ -110,6 +113,24 @@ class Trainer:
             print(f"[sigattn] model {mcfg.preset or 'custom'} ({mcfg.attention}): {self.n_params:,} parameters "
                   f"({self.n_params_nonemb:,} non-embedding); world {self.world}; "
                   f"{'resumed at step ' + str(self.step) if client else 'fresh start'}", flush=True)
+
+    def _record_config(self) -> None:
+        """``config.yaml``: the config of this start (each checkpoint keeps the one it was trained with);
+        a resume's allowed changes are appended to ``resumes.jsonl``."""
+        run_config = self.run_dir / "config.yaml"
+        if run_config.is_file():                   # checkpoints written before they kept their config
+            for tag_dir in self.ckpt_dir.glob("step_*"):
+                if tag_dir.is_dir() and not (tag_dir / checkpoint.CONFIG).is_file():
+                    shutil.copyfile(run_config, tag_dir / checkpoint.CONFIG)
+        if checkpoint.latest_tag(self.ckpt_dir) is not None:
+            record = {"tag": checkpoint.latest_tag(self.ckpt_dir), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "changed": {k: list(v) for k, v in self.resume_changes.items()}}
+            with (self.run_dir / "resumes.jsonl").open("a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+            if self.resume_changes:
+                print("[sigattn] resuming with changed " + ", ".join(
+                    f"{k}: {o} → {n}" for k, (o, n) in self.resume_changes.items()), flush=True)
+        self.cfg.save(run_config)
 
     def _build_loader(self):
         d, r = self.cfg.data, self.cfg.run
@@ -157,7 +178,7 @@ class Trainer:
     def _save(self) -> None:
         # Under one key: DeepSpeed's own checkpoint keys (e.g. skipped_steps) would shadow ours.
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict()}
-        checkpoint.save(self.engine, self.ckpt_dir, self.step, {"sigattn": state}, self.cfg.run.keep_last)
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, {"sigattn": state}, self.cfg.run.keep_last, self.cfg)
 
     def _nonfinite(self, what: str, step: int) -> None:
         if self.cfg.run.nan_policy == "stop":

@@ -211,3 +211,44 @@ def test_checkpoint_on_the_last_step_of_an_epoch_resumes_into_the_next(corpus, t
     assert len(cells[k]) == n_train % bs and len(cells[k + 1]) == bs
     epoch0 = [c for s in range(1, k + 1) for c in cells[s]]
     assert len(epoch0) == len(set(epoch0)) == n_train                 # the first epoch: every train cell once
+
+
+def test_resume_refuses_overrides_that_change_the_checkpoint_and_records_the_others(corpus, tmp_path):
+    """Each checkpoint keeps the config it was trained with; a resume that would change its tokenizer, corpus,
+    objective or model fails naming the keys and writes nothing; max_steps & co. are allowed and recorded (20.4)."""
+    import dataclasses
+    import shutil
+
+    from training.checkpoint import ResumeConfigError, check_resume, load_for_inference, trained_config
+    t = make_trainer(corpus, tmp_path, **{"run.max_steps": 2, "run.ckpt_every": 2})
+    assert t.train() == "finished"
+    cfg2 = t.cfg
+    t.close()
+    assert trained_config(tmp_path / "checkpoints" / "step_00000002")[0] == cfg2
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for key, value in [("run.mask_ratio", 0.3), ("run.seed", 7), ("data.gene_selection", "top"),
+                       ("data.context_length", 48), ("model.d_model", 64), ("model.attention", "sigmoid")]:
+        with pytest.raises(ResumeConfigError, match=rf"cannot resume .*step_00000002.*{key}: "):
+            make_trainer(corpus, tmp_path, **{"run.max_steps": 4, key: value})
+    moved = tmp_path.parent / f"{tmp_path.name}_other_corpus"
+    shutil.copytree(corpus, moved, ignore=shutil.ignore_patterns("mds"))
+    (moved / "manifest.json").write_text((moved / "manifest.json").read_text().replace('"fingerprint": "', '"fingerprint": "x'))
+    with pytest.raises(ResumeConfigError, match=r"data\.mds: .*fingerprint"):
+        make_trainer(corpus, tmp_path, **{"data.mds": moved})          # a different corpus (by its fingerprint)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before           # nothing written
+    same = tmp_path.parent / f"{tmp_path.name}_same_corpus"
+    shutil.copytree(corpus, same, ignore=shutil.ignore_patterns("mds"))                   # the corpus, moved
+    moved_cfg = dataclasses.replace(cfg2, data=dataclasses.replace(cfg2.data, mds=str(same)))
+    assert check_resume(tmp_path / "checkpoints", moved_cfg) == {"data.mds": (corpus, str(same))}
+
+    t = make_trainer(corpus, tmp_path, **{"run.max_steps": 4, "run.log_every": 2, "optim.lr": 1e-3})
+    assert t.step == 2 and t.resume_changes == {"run.max_steps": (2, 4), "run.log_every": (1, 2),
+                                                "optim.lr": (3e-3, 1e-3)}
+    assert t.train() == "finished"
+    t.close()
+    resumes = [json.loads(x) for x in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert resumes == [{"tag": "step_00000002", "time": resumes[0]["time"],
+                        "changed": {"run.max_steps": [2, 4], "run.log_every": [1, 2], "optim.lr": [3e-3, 1e-3]}}]
+    _, cfg_old, _ = load_for_inference(tmp_path / "checkpoints" / "step_00000002")
+    _, cfg_new, _ = load_for_inference(tmp_path)
+    assert cfg_old == cfg2 and cfg_old.run.max_steps == 2 and cfg_new.run.max_steps == 4 and cfg_new.optim.lr == 1e-3
