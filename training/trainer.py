@@ -38,7 +38,7 @@ from training.deepspeed_config import deepspeed_config
 from training.distributed import init_distributed
 from training.encoder import build_model
 from training.masking import choose_masked, mask_generator
-from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token
+from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token, head_params
 
 
 class NonFiniteError(RuntimeError):
@@ -86,6 +86,7 @@ class Trainer:
         torch.manual_seed(r.seed)
         model = build_model(mcfg)
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
+        self.n_params_head = head_params(model)
         cuda = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                       fused=cuda or None)
@@ -204,7 +205,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.engine.train()
                 sums = torch.zeros(5, dtype=torch.float64)
-                cell_ids, seq_len, bad, stop, grad_norm = [], 0.0, False, False, None
+                cell_ids, seq_len, masked_frac, bad, stop, grad_norm = [], 0.0, 0.0, False, False, None
                 lr = self.engine.get_lr()[0]                 # the LR this step applies
                 for micro in range(gas):
                     batch = next(batches)
@@ -213,6 +214,7 @@ class Trainer:
                     seq_len += effective_seq_len(batch["cu_seqlens"]) / gas
                     masked = choose_masked(batch["cu_seqlens"], r.mask_ratio,
                                            mask_generator(r.seed, (step - 1) * gas + micro, self.rank))
+                    masked_frac += float(masked.sum()) / max(1, masked.numel()) / gas     # a CPU tensor
                     batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                              for k, v in batch.items()}
                     loss, _ = self.engine(batch, masked.to(self.device))
@@ -250,7 +252,8 @@ class Trainer:
                     tokens_per_s = float(sums[3]) / dt
                     mfu = None
                     if peak is not None:
-                        f = flops_per_token(self.n_params_nonemb, cfg.model.n_layers, cfg.model.d_model, seq_len)
+                        f = flops_per_token(self.n_params_nonemb, cfg.model.n_layers, cfg.model.d_model, seq_len,
+                                            self.n_params_head, masked_frac)
                         mfu = f * tokens_per_s / (peak * self.world)
                     record.update(loss=float(sums[2]) / (gas * self.world), grad_norm=gn,
                                   lr=lr,

@@ -1,8 +1,9 @@
-"""training.metrics: the 6·N + 12·L·d·s FLOP formula against torch's FlopCounterMode, JSONL + TensorBoard."""
+"""training.metrics: the 6·(N − N_head) + 6·N_head·r + 12·L·d·s FLOP formula against torch's FlopCounterMode, JSONL + TensorBoard."""
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -10,7 +11,7 @@ from data_prep.tokenize import CellTokenizer, pack_batch
 from training.config import ModelConfig
 from training.encoder import build_model
 from training.masking import choose_masked, mask_generator
-from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token
+from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token, head_params
 
 
 def test_formula_matches_counted_flops_of_a_training_step():
@@ -38,9 +39,16 @@ def test_formula_matches_counted_flops_of_a_training_step():
         (torch.softmax(q @ k.transpose(1, 2), -1) @ v).sum().backward()
     assert fa.get_total_flops() == 12 * d * s * T
     counted = fc.get_total_flops() + layers * fa.get_total_flops()
-    # The documented per-token formula (N counts all non-embedding weights) is within a few % of it.
-    approx = flops_per_token(model.num_params(non_embedding=True), layers, d, s) * T
-    assert abs(approx - counted) / counted < 0.15
+    # The documented per-token formula, with the head on the masked fraction r = m/T of the tokens, differs
+    # from the count only by the vector parameters (biases, LayerNorms) it also counts as 6 FLOPs per token.
+    n_nonemb, n_head = model.num_params(non_embedding=True), head_params(model)
+    r = int(m) / T
+    formula = flops_per_token(n_nonemb, layers, d, s, n_head, r) * T
+    vectors = 6 * (n_nonemb - n_head - body) * T + 6 * (n_head - head) * int(m)
+    assert formula - counted == pytest.approx(vectors, rel=1e-12)
+    assert abs(formula - counted) / counted < 0.03
+    # Counting the head on every token (the old formula) overstates by 6·N_head·(T − m).
+    assert flops_per_token(n_nonemb, layers, d, s, n_head, 1.0) * T - formula == pytest.approx(6 * n_head * (T - int(m)))
 
 
 def test_effective_seq_len_and_cpu_peak():
