@@ -69,3 +69,31 @@ def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("train/loss")] == [1.0, 0.5]
+
+
+def test_recompute_mfu_rescales_logged_mfu_by_the_formula_ratio(tmp_path):
+    """benchmarks/recompute_mfu.py: mfu = mfu_as_logged · F_new/F_old at the row's tokens per cell; idempotent."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from launch.model_size import flops_per_cell, model_size
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("recompute_mfu", repo / "benchmarks" / "recompute_mfu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng()
+    s, logged = float(rng.uniform(500, 8192)), float(rng.uniform(0.1, 0.6))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"rows": [{"size": "160m", "context": 8192, "attention": "sigmoid", "tokens_per_cell": s,
+                                          "mfu": logged}, {"size": "160m", "context": 8192, "error": "x", "mfu": None}]}))
+    mod.recompute(path)
+    first = json.loads(path.read_text())
+    m = model_size("160m")
+    f_old = 6 * m.n_params_nonemb + 12 * m.n_layers * m.d_model * s
+    row = first["rows"][0]
+    assert row["mfu_as_logged"] == logged and row["mfu"] == pytest.approx(logged * flops_per_cell(m, s) / s / f_old)
+    assert 0.99 * logged < row["mfu"] < logged and "head" in first["mfu_recomputed"]["formula"]
+    shutil.copy(path, tmp_path / "again.json")
+    mod.recompute(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["rows"] == first["rows"]
