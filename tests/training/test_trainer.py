@@ -138,9 +138,10 @@ def test_loss_drops_on_real_pbmc_tokens(corpus, tmp_path, attention):
     assert last < first - 0.1, losses
 
 
-@pytest.mark.parametrize("stage", [0, 1])         # 0 + fp32: DeepSpeed's plain-optimizer path, which has no norm
-@pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy, stage):
+# fp32 + ZeRO 0 is DeepSpeed's plain-optimizer path (no norm, no check); bf16 + 0 its bf16 wrapper; + 1 BF16_Optimizer.
+@pytest.mark.parametrize("policy, stage, precision", [(p, z, "fp32") for p in ("skip", "stop") for z in (0, 1)]
+                         + [("skip", 0, "bf16"), ("skip", 1, "bf16")])
+def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy, stage, precision):
     from training.trainer import NonFiniteError
     state = {}
 
@@ -154,7 +155,7 @@ def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy, stage):
             state["after"] = [p.detach().clone() for p in module.parameters()]
 
     t = make_trainer(corpus, tmp_path, callbacks=[poison], **{"run.nan_policy": policy, "run.max_steps": 5,
-                                                                "run.zero_stage": stage})
+                                                                "run.zero_stage": stage, "run.precision": precision})
     if policy == "stop":
         with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 3"):
             t.train()
