@@ -123,8 +123,9 @@ class Trainer:
             for tag_dir in self.ckpt_dir.glob("step_*"):
                 if tag_dir.is_dir() and not (tag_dir / checkpoint.CONFIG).is_file():
                     shutil.copyfile(run_config, tag_dir / checkpoint.CONFIG)
-        if checkpoint.latest_tag(self.ckpt_dir) is not None:
-            record = {"tag": checkpoint.latest_tag(self.ckpt_dir), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is not None:
+            record = {"tag": tag, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "changed": {k: list(v) for k, v in self.resume_changes.items()}}
             with (self.run_dir / "resumes.jsonl").open("a") as f:
                 f.write(json.dumps(record, default=str) + "\n")
