@@ -147,7 +147,7 @@ from data_prep.loader import build_loader
 from data_prep.tokenize import CellTokenizer
 dl = build_loader(sys.argv[1], "train", tokenizer=CellTokenizer(40000, 16, 5), batch_size=10, seed=4)
 ids = [i for b in dl for i in b["cell_id"].tolist()]
-json.dump(ids, open(sys.argv[2], "w"))
+json.dump({"ids": ids, "state": dl.state_dict()}, open(sys.argv[2], "w"))
 """
 
 
@@ -162,8 +162,11 @@ def test_two_ranks_get_disjoint_samples(pbmc_corpus, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
-    r0, r1 = (json.load(open(tmp_path / f"r{r}.json")) for r in range(2))
+    out = [json.load(open(tmp_path / f"r{r}.json")) for r in range(2)]
+    r0, r1 = (o["ids"] for o in out)
     n = m["split"]["n_cells"]["train"]
+    # after the whole (padded) epoch, each rank's state is the next epoch's start
+    assert all((o["state"]["epoch"], o["state"]["sample_in_epoch"]) == (1, 0) for o in out), out[0]["state"]
     assert not set(r0) & set(r1)  # disjoint
     assert len(set(r0) | set(r1)) == n  # together the whole split
     assert len(r0) == len(r1) == -(-n // 2)  # equal shares (streaming repeats a sample to pad an odd split)
