@@ -4,7 +4,8 @@ Each run is ``launch.measure.measure`` (the real ``training.trainer.Trainer``: D
 preset's ZeRO stage, bf16, activation checkpointing where the preset sets it) on synthetic cells whose
 expressed-gene count fills the context. Reported per run: median tokens/s, cells/s and MFU over the timed
 steps (warm-up excluded), peak GPU memory (``torch.cuda.max_memory_allocated``), first/last loss.
-MFU = (6·N_nonemb + 12·L·d·s)·tokens/s / bf16 peak (``training.metrics``). Writes JSON (device, versions, date,
+MFU = (6·(N_nonemb − N_head) + 6·N_head·r + 12·L·d·s)·tokens/s / bf16 peak (``training.metrics``; the head
+runs on the masked fraction r of the tokens). Writes JSON (device, versions, date,
 rows) and a markdown table; prints the sigmoid/softmax ratio per preset × context.
 
     python benchmarks/training_gpu.py --runs 160m:2048 160m:8192 1.4b:8192 --steps 200 \

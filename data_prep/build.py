@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from data_prep.ingest import IngestJob, ingest_all
 from data_prep.malloc_env import MALLOC_ENV
-from data_prep.split import assign_splits
+from data_prep.split import ALGORITHM as SPLIT_ALGORITHM, assign_splits
 from data_prep.source import Source, SourceError
 from data_prep.vocab import GeneVocab, read_symbol_table, var_gene_ids, var_symbols
 
@@ -84,7 +84,7 @@ def file_xxh3(path: str, chunk: int = 1 << 20) -> str:
 
 def _fingerprint(input_hashes: list[str], opts: BuildOptions, vocab_hash: str | None, table_hash: str | None) -> str:
     payload = {"format": FORMAT_VERSION, "inputs": input_hashes, "options": opts.fingerprint_fields(),
-               "vocab": vocab_hash, "symbol_table": table_hash}
+               "vocab": vocab_hash, "symbol_table": table_hash, "split_algorithm": SPLIT_ALGORITHM}
     return xxhash.xxh3_128(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -68,6 +68,19 @@ class CellLoader(StreamingDataLoader):
     def _get_batch_size(self, batch: Any) -> int:
         return len(batch["cu_seqlens"]) - 1
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """streaming's state, with a finished epoch written as the start of the next one.
+
+        Right after an epoch's last batch streaming reports ``sample_in_epoch ≥ epoch_size`` of the
+        current epoch; loading that replays the finished epoch from its end and yields nothing. An
+        uninterrupted run would start the next epoch at sample 0 (same seed, next epoch's shuffle
+        and gene sampling), so that is the state saved: ``{epoch + 1, sample_in_epoch 0}``.
+        """
+        state = super().state_dict()
+        if state is not None and state["sample_in_epoch"] >= self.dataset.epoch_size:
+            state = {**state, "epoch": state["epoch"] + 1, "sample_in_epoch": 0}
+        return state
+
 
 def resolve_split_dir(mds: str, split: str) -> str:
     """``mds`` may be the corpus dir (holding ``mds/``) or the MDS root itself; returns ``…/mds/<split>``."""

@@ -6,10 +6,11 @@ fp32 master weights, Adam m and v 12 B = 16 B. Over G data-parallel GPUs, ZeRO s
 3 (+ weights): ``16·P/G`` (plus the largest layer gathered, ignored here).
 
 Activations per token and layer in bf16 (Korthikanti et al. 2022, "Reducing Activation Recomputation",
-without the ``5·a·s`` attention-score term because the attention kernels never store the scores):
-``34·d`` bytes. Without checkpointing a micro-batch of ``b`` cells × ``s`` tokens keeps ``34·d·L·b·s``;
-with full activation checkpointing only each layer's input (``2·d·L·b·s``) plus one layer being
-recomputed (``34·d·b·s``). The head adds ``b·s·(2·d + 4·n_bins)`` (mask ratio ignored: upper bound).
+``34·d + 5·a·s``, without the ``5·a·s`` attention-score term because the attention kernels never store
+the scores, and without the two 1-byte dropout masks, ``2·d``, of the attention and MLP outputs because
+the encoder has no dropout): ``32·d`` bytes. Without checkpointing a micro-batch of ``b`` cells × ``s``
+tokens keeps ``32·d·L·b·s``; with full activation checkpointing only each layer's input (``2·d·L·b·s``)
+plus one layer being recomputed (``32·d·b·s``). The head adds ``b·s·(2·d + 4·n_bins)`` (mask ratio ignored: upper bound).
 ``usable = gpu_mem · (1 − reserve)`` leaves room for the CUDA context, allocator fragmentation and
 communication buffers.
 
@@ -50,7 +51,7 @@ def model_state_bytes(n_params: int, zero_stage: int, gpus: int) -> float:
 
 def activation_bytes(m: ModelSize, cells: int, tokens_per_cell: int, checkpointing: bool, n_bins: int = 51) -> float:
     t = float(cells) * tokens_per_cell
-    per_layer = 34.0 * m.d_model * t
+    per_layer = 32.0 * m.d_model * t
     body = (2.0 * m.d_model * t * m.n_layers + per_layer) if checkpointing else per_layer * m.n_layers
     return body + t * (2 * m.d_model + 4 * n_bins)
 

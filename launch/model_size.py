@@ -25,6 +25,8 @@ class ModelSize:
     context: int             # preset context length
     zero_stage: int
     activation_checkpointing: bool
+    n_params_head: int = 0   # the masked-expression head's (part of n_params_nonemb; runs on masked tokens only)
+    mask_ratio: float = 0.15  # the preset's run.mask_ratio
 
 
 def model_size(name: str, vocab: int | None = None) -> ModelSize:
@@ -35,6 +37,7 @@ def model_size(name: str, vocab: int | None = None) -> ModelSize:
     from launch.configs import resolve_config
     from training.config import load_config
     from training.encoder import build_model
+    from training.metrics import head_params
     from training.presets import NOMINAL_VOCAB
 
     cfg = load_config(resolve_config(name))
@@ -44,11 +47,15 @@ def model_size(name: str, vocab: int | None = None) -> ModelSize:
     return ModelSize(name=Path(name).stem if name.endswith((".yaml", ".yml")) else name, n_layers=mcfg.n_layers, d_model=mcfg.d_model, n_heads=mcfg.n_heads,
                      d_ff=mcfg.d_ff, n_params=model.num_params(), n_params_nonemb=model.num_params(non_embedding=True),
                      batch_size=cfg.data.batch_size, context=cfg.data.context_length, zero_stage=cfg.run.zero_stage,
-                     activation_checkpointing=mcfg.activation_checkpointing)
+                     activation_checkpointing=mcfg.activation_checkpointing, n_params_head=head_params(model),
+                     mask_ratio=cfg.run.mask_ratio)
 
 
 def flops_per_cell(m: ModelSize, tokens_per_cell: float) -> float:
-    """Training FLOPs of one cell of ``s`` tokens: ``(6·N + 12·L·d·s)·s`` (``training.metrics.flops_per_token``)."""
+    """Training FLOPs of one cell of ``s`` tokens: ``(6·(N − N_head) + 6·N_head·r + 12·L·d·s)·s`` with r the
+    masked fraction of its tokens, ``round(mask_ratio·(s − 1))/s`` (``training.metrics.flops_per_token``,
+    ``training.masking``)."""
     from training.metrics import flops_per_token
 
-    return flops_per_token(m.n_params_nonemb, m.n_layers, m.d_model, tokens_per_cell) * tokens_per_cell
+    r = max(1, round(m.mask_ratio * (tokens_per_cell - 1))) / tokens_per_cell
+    return flops_per_token(m.n_params_nonemb, m.n_layers, m.d_model, tokens_per_cell, m.n_params_head, r) * tokens_per_cell

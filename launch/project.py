@@ -1,8 +1,9 @@
 """``python -m launch.project``: GPU-hours to train each model size × context × attention on a corpus.
 
 Per cell of ``s`` tokens (the context: every cell is assumed to fill it) a bidirectional encoder costs
-``F_cell = (6·N + 12·L·d·s)·s`` training FLOPs (N non-embedding parameters from a meta-device build of
-the preset, L layers, width d; see ``launch.model_size``). Throughput per GPU is either
+``F_cell = (6·(N − N_head) + 6·N_head·r + 12·L·d·s)·s`` training FLOPs (N non-embedding parameters from a
+meta-device build of the preset, N_head of them in the masked-expression head, which runs on the masked
+fraction r of the tokens; L layers, width d; see ``launch.model_size``). Throughput per GPU is either
 
 * analytic (``--mfu``): ``cells/s = mfu · peak / F_cell`` (same for sigmoid and softmax, which do the
   same FLOPs), or
@@ -217,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             "throughput": f"measured on {device}" if a.measure else f"MFU {mfu:g} of {a.peak_flops:.3g} FLOP/s",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
             "argv": sys.argv[1:] if argv is None else argv,
-            "note": "F_cell = (6·N + 12·L·d·s)·s with s = context; memory: bf16 AdamW states under the preset's "
-                    "ZeRO stage over the GPUs, activations 34·d B/token/layer (2·d with checkpointing)."}
+            "note": "F_cell = (6·(N − N_head) + 6·N_head·r + 12·L·d·s)·s with s = context, r the masked fraction "
+                    "(head on masked tokens only); memory: bf16 AdamW states under the preset's "
+                    "ZeRO stage over the GPUs, activations 32·d B/token/layer (2·d with checkpointing)."}
     for path in write_outputs(rows, a.out, meta):
         print(path)
     print(_markdown(rows, ""))

@@ -1,18 +1,29 @@
-"""Checkpoints: DeepSpeed save/load, an atomic ``latest`` pointer, keep-last-K, inference loading.
+"""Checkpoints: DeepSpeed save/load, an atomic ``latest`` pointer, keep-last-K, the config each
+checkpoint was trained with, inference loading.
 
 Layout under ``<run.dir>/checkpoints/``: one DeepSpeed tag dir per save (``step_00000100/``: model,
 ZeRO optimizer and LR-scheduler states; ``client_state`` with the step, counters and the data
-loader's ``state_dict``; ``rng_rank<r>.pt`` with each rank's torch/numpy/python RNG states) and the
-file ``latest`` holding the newest complete tag. ``latest`` is written to a temporary file and
-``os.replace``-d after every rank has finished writing, so a run killed at any moment resumes from
-a complete checkpoint; older tags beyond ``keep_last`` are then removed.
+loader's ``state_dict``; ``rng_rank<r>.pt`` with each rank's torch/numpy/python RNG states;
+``config.yaml``, the resolved config it was trained with, and ``corpus.json``, the identity of its
+corpus) and the file ``latest`` holding the newest complete tag. ``latest`` is written to a temporary
+file and ``os.replace``-d after every rank has finished writing, so a run killed at any moment resumes
+from a complete checkpoint; older tags beyond ``keep_last`` are then removed.
+
+Resume with other settings (:func:`check_resume`): a key in :data:`RESUMABLE` (steps, logging,
+checkpointing, ZeRO stage, precision, optimizer, micro-batch) may change and the change is reported;
+any other change alters what the checkpoint means — its tokenizer (vocabulary, context, bins, gene
+selection, seed), its corpus, objective (mask ratio) or architecture — and is refused, naming the keys.
+The corpus is compared by the build fingerprint in its ``manifest.json``, so a corpus copied elsewhere
+resumes and one rebuilt in place with other inputs or options does not.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +31,20 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+CONFIG = "config.yaml"
+CORPUS = "corpus.json"
+
+# Keys that may differ between a checkpoint's config and the config that resumes it (reported, allowed).
+RESUMABLE = frozenset({
+    "run.dir", "run.max_steps", "run.ckpt_every", "run.keep_last", "run.log_every", "run.log_cell_ids",
+    "run.tensorboard", "run.progress", "run.nan_policy", "run.zero_stage", "run.precision", "run.compile",
+    "data.num_workers", "data.batch_size", "model.activation_checkpointing",
+}) | {f"optim.{k}" for k in ("lr", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio", "grad_clip",
+                               "grad_accum")}
+
+
+class ResumeConfigError(ValueError):
+    """A resume whose config changes what the checkpoint means (tokenizer, corpus, objective, model)."""
 
 
 def tag_for(step: int) -> str:
@@ -61,13 +86,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int) -> str:
-    """Collective save of ``step``; then rank 0 moves ``latest`` and prunes old tags."""
+def corpus_id(mds: str | None) -> str | None:
+    """The corpus's build fingerprint (``manifest.json``), else its path (None: synthetic cells)."""
+    if mds is None:
+        return None
+    manifest = Path(mds) / "manifest.json"
+    if manifest.is_file():
+        fp = json.loads(manifest.read_text()).get("fingerprint")
+        if fp:
+            return f"fingerprint {fp}"
+    return f"path {mds}"
+
+
+def save_config(tag_dir: Path, cfg) -> None:
+    """Write the config ``tag_dir`` was trained with, and its corpus identity."""
+    cfg.save(tag_dir / CONFIG)
+    (tag_dir / CORPUS).write_text(json.dumps({"mds": cfg.data.mds, "id": corpus_id(cfg.data.mds)}) + "\n")
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int, cfg=None) -> str:
+    """Collective save of ``step`` (with ``cfg``, the config it was trained with); then rank 0 moves
+    ``latest`` and prunes old tags."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    if rank == 0 and cfg is not None:
+        save_config(ckpt_dir / tag, cfg)
     dist.barrier()
     if rank == 0:
         _write_atomic(ckpt_dir / LATEST, tag)
@@ -93,15 +139,54 @@ def resume(engine, ckpt_dir: str | Path) -> dict | None:
     return client
 
 
-def _run_dir(path: Path) -> Path:
-    for p in (path, path.parent, path.parent.parent):
-        if (p / "config.yaml").is_file():
-            return p
-    raise FileNotFoundError(f"no config.yaml found at or above {path} (expected a run dir or a checkpoint in one)")
+def trained_config(tag_dir: str | Path):
+    """``(cfg, corpus id)`` a checkpoint was trained with: its own ``config.yaml``, or for a checkpoint
+    written before checkpoints kept one, the run dir's (corpus id then unknown: None)."""
+    from training.config import load_config
+
+    tag_dir = Path(tag_dir)
+    if (tag_dir / CONFIG).is_file():
+        corpus = json.loads((tag_dir / CORPUS).read_text())["id"] if (tag_dir / CORPUS).is_file() else None
+        return load_config(tag_dir / CONFIG), corpus
+    run_config = tag_dir.parent.parent / CONFIG
+    if run_config.is_file():
+        return load_config(run_config), None
+    raise FileNotFoundError(f"no {CONFIG} in checkpoint {tag_dir} nor in its run dir {tag_dir.parent.parent}")
+
+
+def _flat(cfg) -> dict:
+    return {f"{section}.{k}": v for section, values in asdict(cfg).items() for k, v in values.items()}
+
+
+def check_resume(ckpt_dir: str | Path, cfg) -> dict[str, tuple]:
+    """Compare ``cfg`` (resolved) with the config of the ``latest`` checkpoint in ``ckpt_dir``.
+
+    Returns ``{key: (checkpoint value, new value)}`` of the allowed changes (empty: same config or
+    nothing to resume); raises :class:`ResumeConfigError` naming every key that would change what the
+    checkpoint means."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return {}
+    old, old_corpus = trained_config(Path(ckpt_dir) / tag)
+    a, b = _flat(old), _flat(cfg)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    refused = {k: v for k, v in changed.items() if k not in RESUMABLE and k != "data.mds"}
+    new_corpus = corpus_id(cfg.data.mds)
+    if old_corpus is not None and old_corpus != new_corpus:          # other content, wherever it lies
+        refused["data.mds"] = (f"{old.data.mds} ({old_corpus})", f"{cfg.data.mds} ({new_corpus})")
+    elif old_corpus is None and "data.mds" in changed:               # identity not recorded: the path decides
+        refused["data.mds"] = changed["data.mds"]
+    if refused:
+        lines = "; ".join(f"{k}: {o!r} → {n!r}" for k, (o, n) in sorted(refused.items()))
+        raise ResumeConfigError(
+            f"cannot resume {Path(ckpt_dir) / tag} with this config: it changes what the checkpoint means "
+            f"({lines}). Drop these overrides to resume, or train in a new run.dir.")
+    return changed
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """``(model, cfg, tokenizer)`` from a run dir, its ``checkpoints/`` dir or one tag dir.
+    """``(model, cfg, tokenizer)`` from a run dir (its ``latest``), its ``checkpoints/`` dir or one tag dir,
+    built with the config that checkpoint was trained with.
 
     Weights are consolidated to fp32 with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
     (any ZeRO stage); the model is returned in eval mode on ``device``.
@@ -109,19 +194,17 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from data_prep.tokenize import N_SPECIAL, CellTokenizer
-    from training.config import load_config
     from training.encoder import build_model
 
     path = Path(path)
-    run_dir = _run_dir(path)
-    cfg = load_config(run_dir / "config.yaml")
-    if (path / LATEST).is_file() or path == run_dir:
-        ckpt_dir = path if (path / LATEST).is_file() else run_dir / "checkpoints"
+    if path.name.startswith("step_") or (path.parent / LATEST).is_file():
+        ckpt_dir, tag = path.parent, path.name                    # one checkpoint
+    else:
+        ckpt_dir = path if (path / LATEST).is_file() else path / "checkpoints"
         tag = latest_tag(ckpt_dir)
         if tag is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    else:
-        ckpt_dir, tag = path.parent, path.name
+    cfg, _ = trained_config(ckpt_dir / tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     model = build_model(cfg.model)
     model.load_state_dict(state)

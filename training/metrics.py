@@ -2,11 +2,14 @@
 
 Training FLOPs per token of a bidirectional encoder (forward + backward = 3× forward)::
 
-    F_token = 6·N + 12·L·d·s
+    F_token = 6·(N − N_head) + 6·N_head·r + 12·L·d·s
 
-N = non-embedding parameters (embedding lookups are not matmuls; the head is included), L layers,
-d width, s the token-weighted sequence length ``s = Σ n_i² / Σ n_i`` of the packed cells (each
-token attends to its own cell only: QKᵀ and PV cost 2·2·n·d per token forward, ×3 with backward).
+N = non-embedding parameters (embedding lookups are not matmuls), of which N_head belong to the
+masked-expression head (``head_*``: dense, LayerNorm, projection to the bins), which runs on the
+masked tokens only, a fraction r of all tokens (≈ the mask ratio; the trainer uses the step's own
+count); L layers, d width, s the token-weighted sequence length ``s = Σ n_i² / Σ n_i`` of the packed
+cells (each token attends to its own cell only: QKᵀ and PV cost 2·2·n·d per token forward, ×3 with
+backward).
 MFU = F_token · tokens/s ÷ (peak bf16 dense FLOP/s × number of devices). Peaks (dense, no
 sparsity) come from vendor datasheets; on CPU ``mfu`` is ``null`` (no meaningful bf16 peak).
 """
@@ -39,9 +42,18 @@ def device_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def flops_per_token(n_params_nonembedding: int, n_layers: int, d_model: int, seq_len: float) -> float:
-    """``6·N + 12·L·d·s`` training FLOPs per token."""
-    return 6.0 * n_params_nonembedding + 12.0 * n_layers * d_model * seq_len
+def flops_per_token(n_params_nonembedding: int, n_layers: int, d_model: int, seq_len: float,
+                    n_params_head: int, masked_frac: float) -> float:
+    """``6·(N − N_head) + 6·N_head·r + 12·L·d·s`` training FLOPs per token."""
+    if not 0.0 <= masked_frac <= 1.0:
+        raise ValueError(f"masked_frac must lie in [0, 1], got {masked_frac}")
+    return (6.0 * (n_params_nonembedding - n_params_head) + 6.0 * n_params_head * masked_frac
+            + 12.0 * n_layers * d_model * seq_len)
+
+
+def head_params(model: torch.nn.Module) -> int:
+    """N_head: parameters of the masked-expression head (modules named ``head_*``)."""
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith("head_"))
 
 
 def effective_seq_len(cu_seqlens: torch.Tensor) -> float:

@@ -4,7 +4,7 @@ Works as a single process, under ``torchrun``/the ``deepspeed`` launcher, or in 
 (see :mod:`training.distributed`). SIGTERM/SIGUSR1 (Slurm pre-emption) call
 ``Trainer.request_stop()``: every rank checkpoints at the end of the step and the run exits 0;
 ``sbatch --requeue`` then resumes from ``latest``. Exit code 1 on a non-finite loss under
-``nan_policy: stop``.
+``nan_policy: stop`` and on a resume whose overrides change what the checkpoint means.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
+    from training.checkpoint import ResumeConfigError
     from training.trainer import NonFiniteError, Trainer
     try:
         trainer = Trainer(cfg)
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.rank == 0:
             print(f"[sigattn] {status} at step {trainer.step} → {cfg.run.dir}", flush=True)
         return 0
-    except NonFiniteError as e:
+    except (NonFiniteError, ResumeConfigError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -8,8 +8,10 @@ Non-finite values: a non-finite loss on any rank is caught before ``backward``; 
 raises :class:`NonFiniteError` (no checkpoint is written, the last good one stays ``latest``),
 policy ``skip`` drops the step (no backward, no update, no LR-schedule advance; counted in
 ``skipped_steps``; needs ``grad_accum = 1`` so that no partial gradients exist). A non-finite
-global gradient norm after the step (finite loss) is handled the same way: ``stop`` raises,
-``skip`` counts it (DeepSpeed's ZeRO optimizers do not apply an update with a non-finite norm).
+global gradient norm (finite loss) is handled the same way: ``stop`` raises, ``skip`` counts it, and
+no update is applied. DeepSpeed's wrapped optimizers (ZeRO, bf16) compute the norm and skip such an
+update themselves; on its plain-optimizer path (ZeRO stage 0 in fp32) it does neither, so the trainer
+computes ‖g‖₂ of the all-reduced gradients before ``engine.step()`` and drops the gradients instead.
 
 Context parallelism (``parallel.context_parallel_degree`` P, :mod:`training.parallel`): world = DP × P; data
 and masks come from the DP rank, each micro-batch is cut into P equal token shards after masking, the loss
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import math
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,7 +43,7 @@ from training.deepspeed_config import deepspeed_config
 from training.distributed import init_distributed
 from training.encoder import build_model
 from training.masking import choose_masked, mask_generator
-from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token
+from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token, head_params
 from training.parallel import apply_context_parallel, backward_scale, init_parallel, shard_batch
 
 
@@ -83,6 +86,10 @@ class Trainer:
         self.tokenizer = CellTokenizer(vocab_size, d.context_length, d.n_bins, r.seed, d.gene_selection)
         mcfg = dataclasses.replace(cfg.model, n_tokens=self.tokenizer.n_tokens, n_bins=d.n_bins)
         self.cfg = cfg = dataclasses.replace(cfg, model=mcfg)
+        self.run_dir = Path(r.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        # Before anything is built or written: a resume may not change what its checkpoint means.
+        self.resume_changes = checkpoint.check_resume(self.ckpt_dir, cfg)
         torch.manual_seed(r.seed)
         model = build_model(mcfg)
         if self.parallel.cp > 1:
@@ -92,6 +99,7 @@ class Trainer:
                 raise ValueError("run.compile=true is not supported with parallel.context_parallel_degree > 1 yet")
             compile_blocks(model)
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
+        self.n_params_head = head_params(model)
         cuda = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                       fused=cuda or None)
@@ -102,12 +110,12 @@ class Trainer:
         # which would spend two steps at LR 0; one step here makes update k use iteration k−1.
         if self.scheduler is not None:
             self.scheduler.step()
+        # ZeRO 0 + fp32: DeepSpeed steps the torch optimizer unwrapped, with no global norm and no check.
+        self._plain_optimizer = self.engine.optimizer is self.engine.basic_optimizer
         self.loader = self._build_loader()
-        self.run_dir = Path(r.dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
+            self._record_config()
         dist.barrier()
         self.step, self.skipped_steps, self._stop = 0, 0, False
         self.callbacks = list(callbacks)
@@ -121,6 +129,25 @@ class Trainer:
                   f"({self.n_params_nonemb:,} non-embedding); world {self.world}"
                   f"{f' = DP {self.parallel.dp} x CP {self.parallel.cp}' if self.parallel.cp > 1 else ''}; "
                   f"{'resumed at step ' + str(self.step) if client else 'fresh start'}", flush=True)
+
+    def _record_config(self) -> None:
+        """``config.yaml``: the config of this start (each checkpoint keeps the one it was trained with);
+        a resume's allowed changes are appended to ``resumes.jsonl``."""
+        run_config = self.run_dir / "config.yaml"
+        if run_config.is_file():                   # checkpoints written before they kept their config
+            for tag_dir in self.ckpt_dir.glob("step_*"):
+                if tag_dir.is_dir() and not (tag_dir / checkpoint.CONFIG).is_file():
+                    shutil.copyfile(run_config, tag_dir / checkpoint.CONFIG)
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is not None:
+            record = {"tag": tag, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "changed": {k: list(v) for k, v in self.resume_changes.items()}}
+            with (self.run_dir / "resumes.jsonl").open("a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+            if self.resume_changes:
+                print("[sigattn] resuming with changed " + ", ".join(
+                    f"{k}: {o} → {n}" for k, (o, n) in self.resume_changes.items()), flush=True)
+        self.cfg.save(run_config)
 
     def _build_loader(self):
         d, r = self.cfg.data, self.cfg.run
@@ -169,7 +196,7 @@ class Trainer:
     def _save(self) -> None:
         # Under one key: DeepSpeed's own checkpoint keys (e.g. skipped_steps) would shadow ours.
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict()}
-        checkpoint.save(self.engine, self.ckpt_dir, self.step, {"sigattn": state}, self.cfg.run.keep_last)
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, {"sigattn": state}, self.cfg.run.keep_last, self.cfg)
 
     def _nonfinite(self, what: str, step: int) -> None:
         if self.cfg.run.nan_policy == "stop":
@@ -195,7 +222,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.engine.train()
                 sums = torch.zeros(5, dtype=torch.float64)
-                cell_ids, seq_len, bad, stop = [], 0.0, False, False
+                cell_ids, seq_len, masked_frac, bad, stop, grad_norm = [], 0.0, 0.0, False, False, None
                 lr = self.engine.get_lr()[0]                 # the LR this step applies
                 for micro in range(gas):
                     batch = next(batches)
@@ -204,6 +231,7 @@ class Trainer:
                     seq_len += effective_seq_len(batch["cu_seqlens"]) / gas
                     masked = choose_masked(batch["cu_seqlens"], r.mask_ratio,
                                            mask_generator(r.seed, (step - 1) * gas + micro, self.parallel.dp_rank))
+                    masked_frac += float(masked.sum()) / max(1, masked.numel()) / gas     # a CPU tensor
                     n_tokens, n_cells = batch["input_ids"].numel() / cp, (batch["cu_seqlens"].numel() - 1) / cp
                     if cp > 1:      # this rank's equal share of the micro-batch's tokens (training.parallel)
                         batch, masked = shard_batch(batch, masked, cp, self.parallel.cp_rank)
@@ -222,6 +250,12 @@ class Trainer:
                         bad = True
                         break
                     self.engine.backward(loss * backward_scale(cp, r.zero_stage) if cp > 1 else loss)
+                    if micro == gas - 1 and self._plain_optimizer:
+                        grad_norm = self._reduced_grad_norm()
+                        if not math.isfinite(grad_norm):          # as DeepSpeed's wrapped optimizers do:
+                            self.engine.zero_grad()               # no update, no LR-schedule advance
+                            sums += flags
+                            break
                     self.engine.step()
                     sums += flags
                 record = {"step": step}
@@ -229,8 +263,9 @@ class Trainer:
                     self._nonfinite("loss", step)
                     record.update(loss=None, skipped=True, skipped_steps=self.skipped_steps)
                 else:
-                    gn = self.engine.get_global_grad_norm()
-                    gn = float(gn) if gn is not None else None
+                    if not self._plain_optimizer:
+                        grad_norm = self.engine.get_global_grad_norm()
+                    gn = float(grad_norm) if grad_norm is not None else None
                     if gn is not None and not math.isfinite(gn):
                         self._nonfinite("gradient norm", step)
                         record["skipped"] = True
@@ -238,7 +273,8 @@ class Trainer:
                     tokens_per_s = float(sums[3]) / dt
                     mfu = None
                     if peak is not None:
-                        f = flops_per_token(self.n_params_nonemb, cfg.model.n_layers, cfg.model.d_model, seq_len)
+                        f = flops_per_token(self.n_params_nonemb, cfg.model.n_layers, cfg.model.d_model, seq_len,
+                                            self.n_params_head, masked_frac)
                         mfu = f * tokens_per_s / (peak * self.world)
                     record.update(loss=float(sums[2]) / (gas * self.parallel.dp), grad_norm=gn,
                                   lr=lr,
@@ -267,6 +303,12 @@ class Trainer:
             if cells_log is not None:
                 cells_log.close()
         return status
+
+    def _reduced_grad_norm(self) -> float:
+        """‖g‖₂ over all parameters after the boundary backward (whose all-reduce leaves every rank the same
+        gradients); the step's one host read of it."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _mem_gb(self) -> float:
         if self.device.type == "cuda":

@@ -147,7 +147,7 @@ from data_prep.loader import build_loader
 from data_prep.tokenize import CellTokenizer
 dl = build_loader(sys.argv[1], "train", tokenizer=CellTokenizer(40000, 16, 5), batch_size=10, seed=4)
 ids = [i for b in dl for i in b["cell_id"].tolist()]
-json.dump(ids, open(sys.argv[2], "w"))
+json.dump({"ids": ids, "state": dl.state_dict()}, open(sys.argv[2], "w"))
 """
 
 
@@ -162,8 +162,11 @@ def test_two_ranks_get_disjoint_samples(pbmc_corpus, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
-    r0, r1 = (json.load(open(tmp_path / f"r{r}.json")) for r in range(2))
+    out = [json.load(open(tmp_path / f"r{r}.json")) for r in range(2)]
+    r0, r1 = (o["ids"] for o in out)
     n = m["split"]["n_cells"]["train"]
+    # after the whole (padded) epoch, each rank's state is the next epoch's start
+    assert all((o["state"]["epoch"], o["state"]["sample_in_epoch"]) == (1, 0) for o in out), out[0]["state"]
     assert not set(r0) & set(r1)  # disjoint
     assert len(set(r0) | set(r1)) == n  # together the whole split
     assert len(r0) == len(r1) == -(-n // 2)  # equal shares (streaming repeats a sample to pad an odd split)
@@ -192,3 +195,32 @@ def test_worker_processes_give_the_same_cells_and_tokens(pbmc_corpus):
 
     a, b = by_cell(0), by_cell(2)
     assert a == b and len(a) > 100
+
+
+def test_state_at_the_end_of_an_epoch_resumes_into_the_next(pbmc_corpus):
+    """A state saved right after an epoch's last batch resumes with the next epoch's first batch
+    (streaming alone would replay the finished epoch from its end and yield nothing)."""
+    corpus, m = pbmc_corpus
+    tok = _tok(corpus, L=32)
+    n_val = m["split"]["n_cells"]["val"]
+    bs = int(np.random.default_rng().integers(7, 40))
+    ref = build_loader(corpus, "val", tokenizer=tok, batch_size=bs, seed=3)
+    epoch0 = list(ref)
+    epoch1 = list(ref)
+    _release(ref)
+    assert sum(len(b["cell_id"]) for b in epoch0) == n_val
+    dl = build_loader(corpus, "val", tokenizer=tok, batch_size=bs, seed=3)
+    it = iter(dl)
+    for _ in epoch0:
+        next(it)                      # every batch of epoch 0, without asking the iterator for one more
+    state = dl.state_dict()
+    del it
+    _release(dl)
+    assert state["epoch"] == 1 and state["sample_in_epoch"] == 0
+    dl = build_loader(corpus, "val", tokenizer=tok, batch_size=bs, seed=3)
+    dl.load_state_dict(state)
+    again = list(dl)
+    _release(dl)
+    assert [b["cell_id"].tolist() for b in again] == [b["cell_id"].tolist() for b in epoch1]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, epoch1))   # epoch-1 genes
+    assert _ids(epoch1) != _ids(epoch0)                                                      # reshuffled

@@ -1,7 +1,14 @@
+import warnings
+
 import numpy as np
 import pytest
 
-from data_prep.split import assign_splits
+from data_prep.split import GroupSplitWarning, assign_splits
+
+
+def _groups(sizes: dict[str, int], rng) -> np.ndarray:
+    g = np.concatenate([np.full(n, name, dtype=object) for name, n in sizes.items()])
+    return g[rng.permutation(len(g))]
 
 
 def test_groups_never_straddle_and_fractions_roughly_met(rng):
@@ -11,7 +18,8 @@ def test_groups_never_straddle_and_fractions_roughly_met(rng):
     for g in np.unique(groups):
         assert len(np.unique(codes[groups == g])) == 1
     n = info["n_cells"]
-    assert n["test"] >= 0.2 * 5000 and n["val"] >= 0.1 * 5000 and n["train"] > 0.5 * 5000
+    largest = np.unique(groups, return_counts=True)[1].max()
+    assert abs(n["test"] - 0.2 * 5000) <= largest and abs(n["val"] - 0.1 * 5000) <= largest
     assert sorted(sum(info["groups"].values(), [])) == sorted(np.unique(groups).tolist())
 
 
@@ -27,7 +35,8 @@ def test_deterministic_in_seed_and_order_free(rng):
 
 
 def test_fallback_to_cells_is_explicit():
-    codes, info = assign_splits(np.array(["only"] * 1000), split_by="donor", val_frac=0.1, test_frac=0.1, seed=0)
+    with pytest.warns(GroupSplitWarning, match="1 donor group.*donors straddle"):
+        codes, info = assign_splits(np.array(["only"] * 1000), split_by="donor", val_frac=0.1, test_frac=0.1, seed=0)
     assert info["effective"] == "cell" and "1 donor group" in info["fallback_reason"]
     assert 50 < (codes == 1).sum() < 150 and 50 < (codes == 2).sum() < 150
 
@@ -38,3 +47,52 @@ def test_bad_fractions():
     with pytest.raises(ValueError, match="split_by"):
         assign_splits(np.array(["a"]), split_by="tissue", val_frac=0.1, test_frac=0.1, seed=0)
 
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_one_large_dataset_stays_in_train_and_held_out_splits_meet_their_targets(rng, seed):
+    """Issue 20.2: 100K + 20×1K cells, 5 % each for val and test (the old split gave e.g. train 9,000 /
+    val 105,000 / test 6,000 in 4 of 8 seeds)."""
+    sizes = {"big": 100_000} | {f"small{i:02d}": 1_000 for i in range(20)}
+    codes, info = assign_splits(_groups(sizes, rng), split_by="dataset", val_frac=0.05, test_frac=0.05, seed=seed)
+    n = info["n_cells"]
+    assert info["effective"] == "dataset" and "big" in info["groups"]["train"]
+    assert abs(n["val"] - 6_000) <= 1_000 and abs(n["test"] - 6_000) <= 1_000, n
+    assert n["train"] == 120_000 - n["val"] - n["test"] >= 106_000
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_few_small_groups_still_give_a_group_split(rng, seed):
+    """Issue 20.2: 100K + 3×2K used to send every group to val/test and fall back to a per-cell split silently."""
+    sizes = {"big": 100_000, "a": 2_000, "b": 2_000, "c": 2_000}
+    codes, info = assign_splits(_groups(sizes, rng), split_by="dataset", val_frac=0.05, test_frac=0.05, seed=seed)
+    assert info["effective"] == "dataset" and info["groups"]["train"] == ["big"]
+    assert sorted([info["n_cells"]["val"], info["n_cells"]["test"]]) == [2_000, 4_000]
+
+
+def test_impossible_group_split_says_why(rng):
+    sizes = {"big": 100_000, "mid": 20_000, "a": 2_000}       # 5 % targets: a fits test, nothing fits val
+    with pytest.warns(GroupSplitWarning, match=r"no dataset-level split: no dataset fits val \(target 6,100 cells"
+                                               r".*smallest one left holds 20,000.*datasets straddle"):
+        codes, info = assign_splits(_groups(sizes, rng), split_by="dataset", val_frac=0.05, test_frac=0.05, seed=0)
+    assert info["effective"] == "cell" and "no dataset fits val" in info["fallback_reason"]
+    assert abs(info["n_cells"]["val"] - 6_100) < 500 and abs(info["n_cells"]["test"] - 6_100) < 500
+
+
+def test_random_groups_land_near_targets_or_fall_back_loudly(rng):
+    for _ in range(100):
+        sizes = {f"g{i}": int(s) + 1 for i, s in enumerate(rng.lognormal(3.5, 1.5, int(rng.integers(2, 40))))}
+        val, test = (float(x) for x in rng.uniform(0, 0.3, 2))
+        groups = _groups(sizes, rng)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            codes, info = assign_splits(groups, split_by="donor", val_frac=val, test_frac=test, seed=int(rng.integers(99)))
+        n, total = info["n_cells"], len(groups)
+        if info["effective"] == "cell":
+            assert len(caught) == 1 and issubclass(caught[0].category, GroupSplitWarning)
+            continue
+        assert not caught
+        for name, frac in (("val", val), ("test", test)):
+            assert 0 < n[name] < 2 * frac * total
+        assert n["train"] >= total * (1 - 2 * (val + test))
+        assert len(np.unique(np.stack([groups.astype(str), codes.astype(str)]), axis=1)[0]) == len(sizes)  # no straddling

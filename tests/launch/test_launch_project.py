@@ -39,7 +39,12 @@ def test_flops_and_gpu_hours_follow_the_formula():
     m = model_size("400m")
     rng = random.Random()
     ctx, mfu, cells, gpus = rng.choice([1000, 3000, 8192]), rng.uniform(0.2, 0.6), rng.uniform(1e6, 1e8), rng.randint(1, 64)
-    f = (6 * m.n_params_nonemb + 12 * m.n_layers * m.d_model * ctx) * ctx
+    from training.config import load_config
+    nb = load_config(REPO / "training" / "configs" / "400m.yaml").data.n_bins
+    head = m.d_model * m.d_model + 3 * m.d_model + m.d_model * nb + nb        # head_dense, head_ln, head_out
+    masked = round(0.15 * (ctx - 1))                                          # the preset's mask ratio, CLS excluded
+    f = (6 * (m.n_params_nonemb - head) + 12 * m.n_layers * m.d_model * ctx) * ctx + 6 * head * masked
+    assert m.n_params_head == head and m.mask_ratio == 0.15
     assert flops_per_cell(m, ctx) == pytest.approx(f)
     rows = project.project(["400m"], [ctx], cells=cells, gpus=gpus, epochs=2.0, mfu=mfu, peak_flops=1e15)
     assert [r["attention"] for r in rows] == ["sigmoid", "softmax"]
@@ -58,6 +63,10 @@ def test_memory_model():
     assert states == sorted(states, reverse=True)
     assert model_state_bytes(p, 2, 1) == model_state_bytes(p, 0, 1)  # nothing to shard on one GPU
     m = model_size("1.4b")
+    # 32·d bytes per token and layer (Korthikanti et al.'s 34·d less the two 1-byte dropout masks; no dropout here)
+    s, L, d = random.randint(100, 8192), m.n_layers, m.d_model
+    assert activation_bytes(m, 1, s, False) == pytest.approx(32 * d * L * s + s * (2 * d + 4 * 51))
+    assert activation_bytes(m, 1, s, True) == pytest.approx(2 * d * L * s + 32 * d * s + s * (2 * d + 4 * 51))
     assert activation_bytes(m, 2, 4096, False) == pytest.approx(2 * activation_bytes(m, 1, 4096, False))
     assert activation_bytes(m, 1, 4096, True) < activation_bytes(m, 1, 4096, False) / 5
     small = feasibility(m, 8192, 0, 1, gpu_mem_gib=16)   # 16 B/param of 1.4B params alone exceed 16 GiB

@@ -1,8 +1,9 @@
-"""training.metrics: the 6·N + 12·L·d·s FLOP formula against torch's FlopCounterMode, JSONL + TensorBoard."""
+"""training.metrics: the 6·(N − N_head) + 6·N_head·r + 12·L·d·s FLOP formula against torch's FlopCounterMode, JSONL + TensorBoard."""
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -10,7 +11,7 @@ from data_prep.tokenize import CellTokenizer, pack_batch
 from training.config import ModelConfig
 from training.encoder import build_model
 from training.masking import choose_masked, mask_generator
-from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token
+from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token, head_params
 
 
 def test_formula_matches_counted_flops_of_a_training_step():
@@ -38,9 +39,16 @@ def test_formula_matches_counted_flops_of_a_training_step():
         (torch.softmax(q @ k.transpose(1, 2), -1) @ v).sum().backward()
     assert fa.get_total_flops() == 12 * d * s * T
     counted = fc.get_total_flops() + layers * fa.get_total_flops()
-    # The documented per-token formula (N counts all non-embedding weights) is within a few % of it.
-    approx = flops_per_token(model.num_params(non_embedding=True), layers, d, s) * T
-    assert abs(approx - counted) / counted < 0.15
+    # The documented per-token formula, with the head on the masked fraction r = m/T of the tokens, differs
+    # from the count only by the vector parameters (biases, LayerNorms) it also counts as 6 FLOPs per token.
+    n_nonemb, n_head = model.num_params(non_embedding=True), head_params(model)
+    r = int(m) / T
+    formula = flops_per_token(n_nonemb, layers, d, s, n_head, r) * T
+    vectors = 6 * (n_nonemb - n_head - body) * T + 6 * (n_head - head) * int(m)
+    assert formula - counted == pytest.approx(vectors, rel=1e-12)
+    assert abs(formula - counted) / counted < 0.03
+    # Counting the head on every token (the old formula) overstates by 6·N_head·(T − m).
+    assert flops_per_token(n_nonemb, layers, d, s, n_head, 1.0) * T - formula == pytest.approx(6 * n_head * (T - int(m)))
 
 
 def test_effective_seq_len_and_cpu_peak():
@@ -61,3 +69,31 @@ def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("train/loss")] == [1.0, 0.5]
+
+
+def test_recompute_mfu_rescales_logged_mfu_by_the_formula_ratio(tmp_path):
+    """benchmarks/recompute_mfu.py: mfu = mfu_as_logged · F_new/F_old at the row's tokens per cell; idempotent."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from launch.model_size import flops_per_cell, model_size
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("recompute_mfu", repo / "benchmarks" / "recompute_mfu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng()
+    s, logged = float(rng.uniform(500, 8192)), float(rng.uniform(0.1, 0.6))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"rows": [{"size": "160m", "context": 8192, "attention": "sigmoid", "tokens_per_cell": s,
+                                          "mfu": logged}, {"size": "160m", "context": 8192, "error": "x", "mfu": None}]}))
+    mod.recompute(path)
+    first = json.loads(path.read_text())
+    m = model_size("160m")
+    f_old = 6 * m.n_params_nonemb + 12 * m.n_layers * m.d_model * s
+    row = first["rows"][0]
+    assert row["mfu_as_logged"] == logged and row["mfu"] == pytest.approx(logged * flops_per_cell(m, s) / s / f_old)
+    assert 0.99 * logged < row["mfu"] < logged and "head" in first["mfu_recomputed"]["formula"]
+    shutil.copy(path, tmp_path / "again.json")
+    mod.recompute(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["rows"] == first["rows"]

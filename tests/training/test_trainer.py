@@ -4,7 +4,9 @@ request_stop + resume, inference loading, and a short convergence run."""
 from __future__ import annotations
 
 import json
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,8 +138,10 @@ def test_loss_drops_on_real_pbmc_tokens(corpus, tmp_path, attention):
     assert last < first - 0.1, losses
 
 
-@pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy):
+# fp32 + ZeRO 0 is DeepSpeed's plain-optimizer path (no norm, no check); bf16 + 0 its bf16 wrapper; + 1 BF16_Optimizer.
+@pytest.mark.parametrize("policy, stage, precision", [(p, z, "fp32") for p in ("skip", "stop") for z in (0, 1)]
+                         + [("skip", 0, "bf16"), ("skip", 1, "bf16")])
+def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy, stage, precision):
     from training.trainer import NonFiniteError
     state = {}
 
@@ -150,7 +154,8 @@ def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy):
             state["hook"].remove()
             state["after"] = [p.detach().clone() for p in module.parameters()]
 
-    t = make_trainer(corpus, tmp_path, callbacks=[poison], **{"run.nan_policy": policy, "run.max_steps": 5})
+    t = make_trainer(corpus, tmp_path, callbacks=[poison], **{"run.nan_policy": policy, "run.max_steps": 5,
+                                                                "run.zero_stage": stage, "run.precision": precision})
     if policy == "stop":
         with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 3"):
             t.train()
@@ -160,6 +165,8 @@ def test_nan_gradient_with_finite_loss(corpus, tmp_path, policy):
     assert recs[2]["skipped"] and recs[2]["skipped_steps"] == 1 and not recs[1].get("skipped") and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     assert all(torch.equal(a, b) for a, b in zip(state["before"], state["after"]))    # update not applied
     assert all(torch.isfinite(p).all() for p in t.engine.module.parameters())
+    assert all(r["grad_norm"] > 0 for i, r in enumerate(recs) if i != 2)              # logged on every path
+    assert recs[2]["grad_norm"] is None or not math.isfinite(recs[2]["grad_norm"])
 
 
 def test_close_releases_the_engine(corpus, tmp_path):
@@ -188,3 +195,73 @@ def test_compiled_trainer_matches_eager_losses(corpus, tmp_path):
         t.close()
         losses[mode] = [r["loss"] for r in records(tmp_path / mode)]
     assert losses["compile"] == pytest.approx(losses["eager"], rel=1e-5)
+def test_checkpoint_on_the_last_step_of_an_epoch_resumes_into_the_next(corpus, tmp_path):
+    """A save on the epoch's last (partial) batch — a pre-emption or ckpt_every landing there — resumes with
+    exactly the batches an uninterrupted run sees: the next epoch from its start (issue 20.1)."""
+    n_train = json.loads((Path(corpus) / "manifest.json").read_text())["split"]["n_cells"]["val"]  # a small split
+    bs = 32
+    k = math.ceil(n_train / bs)                        # step k holds the epoch's last cells
+    assert n_train % bs                                 # ... in a partial batch
+    extra = {"data.split": "val", "data.batch_size": bs, "run.max_steps": k + 3, "run.ckpt_every": 100,
+             "run.log_cell_ids": True}
+    ref = make_trainer(corpus, tmp_path / "ref", **extra)
+    assert ref.train() == "finished"
+    ref.close()
+    cut = make_trainer(corpus, tmp_path / "cut", callbacks=[lambda tr, rec: rec["step"] == k - 1 and tr.request_stop()],
+                       **extra)
+    assert cut.train() == "stopped" and cut.step == k
+    cut.close()
+    resumed = make_trainer(corpus, tmp_path / "cut", **extra)
+    assert resumed.step == k
+    assert resumed.train() == "finished" and resumed.step == k + 3
+    resumed.close()
+
+    def by_step(run_dir, name, key):
+        return {r["step"]: r[key] for r in map(json.loads, (run_dir / name).read_text().splitlines())}
+    for name, key in (("metrics.jsonl", "loss"), ("metrics.jsonl", "grad_norm"), ("cells_rank0.jsonl", "cell_ids")):
+        assert by_step(tmp_path / "cut", name, key) == by_step(tmp_path / "ref", name, key), key
+    cells = by_step(tmp_path / "ref", "cells_rank0.jsonl", "cell_ids")
+    assert len(cells[k]) == n_train % bs and len(cells[k + 1]) == bs
+    epoch0 = [c for s in range(1, k + 1) for c in cells[s]]
+    assert len(epoch0) == len(set(epoch0)) == n_train                 # the first epoch: every train cell once
+
+
+def test_resume_refuses_overrides_that_change_the_checkpoint_and_records_the_others(corpus, tmp_path):
+    """Each checkpoint keeps the config it was trained with; a resume that would change its tokenizer, corpus,
+    objective or model fails naming the keys and writes nothing; max_steps & co. are allowed and recorded (20.4)."""
+    import dataclasses
+    import shutil
+
+    from training.checkpoint import ResumeConfigError, check_resume, load_for_inference, trained_config
+    t = make_trainer(corpus, tmp_path, **{"run.max_steps": 2, "run.ckpt_every": 2})
+    assert t.train() == "finished"
+    cfg2 = t.cfg
+    t.close()
+    assert trained_config(tmp_path / "checkpoints" / "step_00000002")[0] == cfg2
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for key, value in [("run.mask_ratio", 0.3), ("run.seed", 7), ("data.gene_selection", "top"),
+                       ("data.context_length", 48), ("model.d_model", 64), ("model.attention", "sigmoid")]:
+        with pytest.raises(ResumeConfigError, match=rf"cannot resume .*step_00000002.*{key}: "):
+            make_trainer(corpus, tmp_path, **{"run.max_steps": 4, key: value})
+    moved = tmp_path.parent / f"{tmp_path.name}_other_corpus"
+    shutil.copytree(corpus, moved, ignore=shutil.ignore_patterns("mds"))
+    (moved / "manifest.json").write_text((moved / "manifest.json").read_text().replace('"fingerprint": "', '"fingerprint": "x'))
+    with pytest.raises(ResumeConfigError, match=r"data\.mds: .*fingerprint"):
+        make_trainer(corpus, tmp_path, **{"data.mds": moved})          # a different corpus (by its fingerprint)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before           # nothing written
+    same = tmp_path.parent / f"{tmp_path.name}_same_corpus"
+    shutil.copytree(corpus, same, ignore=shutil.ignore_patterns("mds"))                   # the corpus, moved
+    moved_cfg = dataclasses.replace(cfg2, data=dataclasses.replace(cfg2.data, mds=str(same)))
+    assert check_resume(tmp_path / "checkpoints", moved_cfg) == {"data.mds": (corpus, str(same))}
+
+    t = make_trainer(corpus, tmp_path, **{"run.max_steps": 4, "run.log_every": 2, "optim.lr": 1e-3})
+    assert t.step == 2 and t.resume_changes == {"run.max_steps": (2, 4), "run.log_every": (1, 2),
+                                                "optim.lr": (3e-3, 1e-3)}
+    assert t.train() == "finished"
+    t.close()
+    resumes = [json.loads(x) for x in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert resumes == [{"tag": "step_00000002", "time": resumes[0]["time"],
+                        "changed": {"run.max_steps": [2, 4], "run.log_every": [1, 2], "optim.lr": [3e-3, 1e-3]}}]
+    _, cfg_old, _ = load_for_inference(tmp_path / "checkpoints" / "step_00000002")
+    _, cfg_new, _ = load_for_inference(tmp_path)
+    assert cfg_old == cfg2 and cfg_old.run.max_steps == 2 and cfg_new.run.max_steps == 4 and cfg_new.optim.lr == 1e-3
