@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from training.reproduce.datasets import DATASETS, LABEL_KEY, prepare
+from training.reproduce.heldout import heldout_cells
 from training.reproduce.output import provenance, read_json, write_json, write_text
 from training.reproduce.stats import fmt_ci, mean_ci, paired_difference
 
@@ -62,7 +63,7 @@ class Scale:
 
 
 SCALES = {
-    "demo": Scale(seeds=(0, 1, 2, 3, 4), steps=80, batch_size=16, context=128, max_cells=1000, mask_patterns=3),
+    "demo": Scale(seeds=(0, 1, 2, 3, 4), steps=60, batch_size=16, context=64, max_cells=600, mask_patterns=3),
     # One H100: 160m at 2K (the datasets' cells have ~700–1,000 genes), 10 models × 400 steps of 32 cells
     # (~1.5 min each) + evaluation ≈ 25 min of device time.
     "gpu": Scale(seeds=(0, 1, 2, 3, 4), steps=400, batch_size=32, context=2048, max_cells=None, mask_patterns=5,
@@ -84,40 +85,6 @@ def build_corpus(scale: Scale, out: Path, quiet: bool) -> Path:
     return corpus
 
 
-def heldout_cells(corpus: Path, out: Path) -> dict[str, Path]:
-    """The val split's cells of each dataset as raw-count h5ad files (from the corpus's Zarr stores)."""
-    import anndata as ad
-
-    from data_prep._torchvision_shim import ensure_importable
-
-    ensure_importable()
-    from streaming import StreamingDataset
-
-    manifest = read_json(corpus / "manifest.json")
-    names = manifest["labels"]["dataset"]
-    offsets = np.cumsum([0] + [d["cells_out"] for d in manifest["datasets"]])
-    paths = {n: out / f"{n}.h5ad" for n in names}
-    if all(p.is_file() for p in paths.values()):
-        return paths
-    ds = StreamingDataset(local=str(corpus / "mds" / "val"), shuffle=False, batch_size=1)
-    rows: dict[int, list[int]] = {}
-    for i in range(ds.num_samples):
-        s = ds[i]
-        d = int(s["dataset"])
-        rows.setdefault(d, []).append(int(s["cell_id"]) - int(offsets[d]))
-    del ds
-    out.mkdir(parents=True, exist_ok=True)
-    for d, name in enumerate(names):
-        if len(rows.get(d, [])) < 10:
-            raise ValueError(f"dataset {name}: only {len(rows.get(d, []))} held-out cells; raise --max-cells")
-        store = ad.read_zarr(corpus / "zarr" / f"{name}.zarr")
-        sub = store[np.sort(rows[d])].copy()
-        tmp = paths[name].with_suffix(".tmp.h5ad")
-        ad.AnnData(X=sub.X, obs=sub.obs[[LABEL_KEY]].astype(str), var=sub.var).write_h5ad(tmp)
-        tmp.replace(paths[name])
-    return paths
-
-
 def val_loss(run_dir: Path, corpus: Path, patterns: int) -> dict[str, float]:
     """Masked-gene validation loss per dataset, averaged over ``patterns`` fixed masking patterns."""
     from training.evaluate import masked_validation_loss
@@ -132,11 +99,12 @@ def evaluate_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout:
     """Train (in this process) and evaluate one model; ``arm/result.json`` is reused unless ``force``."""
     import shutil
 
-    from training.config import load_config
+    import sys
+
+    from launch.configs import resolve_config
+    from training.demo import run_logged
     from training.embed import embed
     from training.evaluate import evaluate
-    from launch.configs import resolve_config
-    from training.trainer import Trainer
 
     done = arm / "result.json"
     if done.is_file() and not force:
@@ -147,9 +115,10 @@ def evaluate_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout:
         shutil.rmtree(arm)
     t0 = time.perf_counter()
     run_dir = arm / "run"
-    cfg = load_config(resolve_config(scale.preset), scale.overrides(attention, seed, corpus, run_dir, progress))
-    with Trainer(cfg) as trainer:
-        trainer.train()
+    # A fresh process per model (as make demo does): its own process group and streaming shared memory.
+    run_logged([sys.executable, "-m", "training.train", str(resolve_config(scale.preset)),
+                *scale.overrides(attention, seed, corpus, run_dir, False)], arm / "train.log",
+                f"training ({attention}, seed {seed})", quiet=not progress)
     t_train = time.perf_counter() - t0
     losses = val_loss(run_dir, corpus, scale.mask_patterns)
     metrics = {}
@@ -291,7 +260,7 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     corpus = build_corpus(scale, out, quiet=not progress)
-    heldout = heldout_cells(corpus, out / "heldout")
+    heldout = heldout_cells(corpus, out / "heldout", quiet=not progress)
     results = []
     arms = [(a, s) for s in scale.seeds for a in KINDS]
     for a, s in tqdm(arms, desc="quality arms", unit="model", disable=not progress):

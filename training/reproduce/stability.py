@@ -57,7 +57,7 @@ class Scale:
 
 
 SCALES = {
-    "demo": Scale("tiny", context=128, batch_size=16, steps=150, warmup=10, lrs=(1e-3, 1e-2, 5e-2)),
+    "demo": Scale("tiny", context=64, batch_size=8, steps=100, warmup=10, lrs=(1e-3, 1e-2, 5e-2)),
     # One H100: 160m at 8K, micro-batch 8 (~0.5 s/step) → 6 arms × 250 steps ≈ 15 min + start-up ≈ 20 min.
     "gpu": Scale("160m", context=8192, batch_size=8, steps=250, warmup=20, lrs=(2e-3, 6e-3, 1e-2)),
     # The paper's run; per-GPU micro-batch 8 × 16 GPUs = 128 cells of 8K tokens per step.
@@ -81,7 +81,7 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
     if done.is_file() and not force:
         row = read_json(done)
         if row.get("scale") == dataclasses.asdict(scale):
-            return row
+            return row | {"run_dir": f"{arm_dir.parent.name}/{arm_dir.name}"}
     if arm_dir.exists():
         shutil.rmtree(arm_dir)
     arm_dir.mkdir(parents=True)
@@ -95,7 +95,7 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
             pass                                            # logged by the monitor; the verdict reads it
     verdict = assess(read_records(arm_dir))
     row = {"arm": arm_name(attention, lr), "attention": attention, "lr": lr, **verdict.to_dict(),
-           "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(arm_dir),
+           "seconds": round(time.perf_counter() - t0, 1), "run_dir": f"{arm_dir.parent.name}/{arm_dir.name}",
            "overrides": overrides, "scale": dataclasses.asdict(scale)}
     write_json(done, row)
     return row
@@ -114,8 +114,9 @@ def read_records(arm_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot(rows: list[dict], path: Path, title: str) -> Path:
-    """Loss and gradient norm (log scale) against step, both attentions, one column per learning rate."""
+def plot(rows: list[dict], path: Path, title: str, root: Path) -> Path:
+    """Loss, gradient norm and largest attention logit (log scale) against step, both attentions, one column
+    per learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,21 +125,21 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     lrs = sorted({r["lr"] for r in rows})
     colours = {"sigmoid": "tab:blue", "softmax": "tab:red"}
     with plt.style.context("default"):
-        fig, axes = plt.subplots(2, len(lrs), figsize=(4.2 * len(lrs), 6.4), squeeze=False, sharex="col")
+        fig, axes = plt.subplots(3, len(lrs), figsize=(4.2 * len(lrs), 8.4), squeeze=False, sharex="col")
         for j, lr in enumerate(lrs):
             for r in (r for r in rows if r["lr"] == lr):
-                recs = read_records(Path(r["run_dir"]))
+                recs = read_records(root / r["run_dir"])
                 steps = [x["step"] for x in recs]
-                for i, key in enumerate(("loss", "grad_norm")):
-                    vals = [x[key] if x[key] is not None else float("nan") for x in recs]
+                for i, key in enumerate(("loss", "grad_norm", "max_attn_logit")):
+                    vals = [x[key] if x.get(key) is not None else float("nan") for x in recs]
                     axes[i][j].plot(steps, vals, color=colours.get(r["attention"]), lw=1.0,
                                     label=r["attention"] + (" (diverged)" if r["diverged"] else ""))
                     if r["instability_step"] is not None:
                         axes[i][j].axvline(r["instability_step"], color=colours.get(r["attention"]), ls="--", lw=0.8)
             axes[0][j].set_title(f"lr {lr:g}")
-            axes[1][j].set_xlabel("step")
-            for i, name in enumerate(("training loss", "global gradient norm")):
-                axes[i][j].set_yscale("log")
+            axes[2][j].set_xlabel("step")
+            for i, name in enumerate(("training loss", "global gradient norm", "max attention logit q·k/√D")):
+                axes[i][j].set_yscale("log" if i < 2 else "symlog")
                 axes[i][j].grid(alpha=0.3, which="both")
                 if j == 0:
                     axes[i][j].set_ylabel(name)
@@ -212,7 +213,7 @@ def run(scale_name: str, out: Path, *, scale: Scale, attentions=KINDS, force: bo
                             "diverged": "non-finite loss/grad norm, or final loss > 1.5 × best running-mean loss"},
                "provenance": provenance(), "arms": rows, "verdict": verdict_line(rows), "paper": PAPER,
                "caveat": caveat, "plots": ["stability.png"]}
-    plot(rows, out / "stability.png", f"{scale.preset}, context {scale.context}, no clipping")
+    plot(rows, out / "stability.png", f"{scale.preset}, context {scale.context}, no clipping", out)
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", markdown(summary))
     return summary
@@ -307,11 +308,11 @@ def collect(runs_root: Path, out: Path) -> dict:
         cfg = yaml.safe_load((log.parent / "config.yaml").read_text())
         v = assess(read_records(log.parent))
         rows.append({"arm": log.parent.name, "attention": cfg["model"]["attention"], "lr": cfg["optim"]["lr"],
-                     **v.to_dict(), "run_dir": str(log.parent)})
+                     **v.to_dict(), "run_dir": log.parent.name})
     if not rows:
         raise FileNotFoundError(f"no */stability.jsonl under {runs_root}")
     out.mkdir(parents=True, exist_ok=True)
-    plot(rows, out / "stability.png", f"runs under {runs_root}")
+    plot(rows, out / "stability.png", f"runs under {runs_root}", Path(runs_root))
     summary = {"recipe": "stability", "scale_name": "collected", "runs_root": str(runs_root), "arms": rows,
                "verdict": verdict_line(rows), "provenance": provenance(), "plots": ["stability.png"]}
     write_json(out / "summary.json", summary)
