@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lrs", type=float, nargs="+", help="the learning-rate ladder")
     s.add_argument("--seed", type=int)
     s.add_argument("--attention", nargs="+", choices=("sigmoid", "softmax"), default=["sigmoid", "softmax"],
-                   help="arms to train now (the report includes every finished arm in --out)")
+                   help="attentions to train (finished arms in --out are reused, also by a later run with a "
+                        "longer ladder)")
     s.add_argument("--force", action="store_true", help="re-train finished arms")
     s.add_argument("--collect", type=Path, help="judge runs trained elsewhere: a folder of run dirs")
     s.add_argument("--nodes", type=int, default=2, help="cluster scale: nodes per run")

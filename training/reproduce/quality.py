@@ -71,6 +71,11 @@ SCALES = {
 }
 
 
+def _budget(scale: dict) -> dict:
+    """What one model and its evaluation depend on: the scale without the list of seeds."""
+    return {k: v for k, v in scale.items() if k != "seeds"}
+
+
 def build_corpus(scale: Scale, out: Path, quiet: bool) -> Path:
     """The datasets' subsets → ``out/corpus`` (data_prep build, idempotent)."""
     import sys
@@ -109,7 +114,7 @@ def evaluate_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout:
     done = arm / "result.json"
     if done.is_file() and not force:
         r = read_json(done)
-        if r.get("scale") == dataclasses.asdict(scale):
+        if _budget(r.get("scale", {})) == _budget(dataclasses.asdict(scale)):
             return r
     if arm.exists():
         shutil.rmtree(arm)
@@ -140,7 +145,7 @@ def pca_arm(seed: int, heldout: dict[str, Path], arm: Path, scale: Scale) -> dic
     from training.evaluate import evaluate
 
     done = arm / "result.json"
-    if done.is_file() and read_json(done).get("scale") == dataclasses.asdict(scale):
+    if done.is_file() and _budget(read_json(done).get("scale", {})) == _budget(dataclasses.asdict(scale)):
         return read_json(done)
     metrics = {}
     for name, cells in heldout.items():

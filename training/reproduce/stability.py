@@ -65,6 +65,11 @@ SCALES = {
 }
 
 
+def _budget(scale: dict) -> dict:
+    """What an arm's training depends on: the scale without the ladder (an arm is one of its rungs)."""
+    return {k: v for k, v in scale.items() if k != "lrs"}
+
+
 def arm_name(attention: str, lr: float) -> str:
     return f"{attention}_lr{lr:g}"
 
@@ -80,7 +85,7 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
     done = arm_dir / "verdict.json"
     if done.is_file() and not force:
         row = read_json(done)
-        if row.get("scale") == dataclasses.asdict(scale):
+        if _budget(row.get("scale", {})) == _budget(dataclasses.asdict(scale)):
             return row | {"run_dir": f"{arm_dir.parent.name}/{arm_dir.name}"}
     if arm_dir.exists():
         shutil.rmtree(arm_dir)

@@ -45,4 +45,4 @@ def fmt_ci(s: dict, spec: str = ".3f") -> str:
         return "–"
     if s.get("half_width") is None:
         return format(s["mean"], spec)
-    return f"{format(s['mean'], spec)} ± {format(s['half_width'], spec)}"
+    return f"{format(s['mean'], spec)} ± {format(s['half_width'], spec.lstrip('+'))}"
