@@ -115,8 +115,8 @@ def test_speed_recipe_tiny(tmp_path):
 
 
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys):
-    assert main(["quality", "--out", str(tmp_path / "q"), "--seeds", "0", "--quiet"]) == 2
-    assert "at least 2 seeds" in capsys.readouterr().err
+    assert main(["quality", "--out", str(tmp_path / "q"), "--seeds", "3", "1", "3", "--quiet"]) == 2
+    assert "a seed is repeated" in capsys.readouterr().err
     assert main(["quality", "--out", str(tmp_path / "q"), "--datasets", "nope", "--quiet"]) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
     assert main(["stability", "--collect", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
