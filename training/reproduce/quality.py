@@ -118,7 +118,7 @@ def evaluate_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout:
     done = arm / "result.json"
     if done.is_file() and not force:
         r = read_json(done)
-        if _budget(r.get("scale", {})) == _budget(dataclasses.asdict(scale)):
+        if _budget(r.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))):
             return r
     if arm.exists():
         shutil.rmtree(arm)
@@ -149,7 +149,7 @@ def pca_arm(seed: int, heldout: dict[str, Path], arm: Path, scale: Scale) -> dic
     from training.evaluate import evaluate
 
     done = arm / "result.json"
-    if done.is_file() and _budget(read_json(done).get("scale", {})) == _budget(dataclasses.asdict(scale)):
+    if done.is_file() and _budget(read_json(done).get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))):
         return read_json(done)
     metrics = {}
     for name, cells in heldout.items():

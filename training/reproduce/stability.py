@@ -85,7 +85,7 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
     done = arm_dir / "verdict.json"
     if done.is_file() and not force:
         row = read_json(done)
-        if _budget(row.get("scale", {})) == _budget(dataclasses.asdict(scale)):
+        if _budget(row.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))):
             return row | {"run_dir": f"{arm_dir.parent.name}/{arm_dir.name}"}
     if arm_dir.exists():
         shutil.rmtree(arm_dir)
