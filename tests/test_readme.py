@@ -46,7 +46,7 @@ def test_readme_python_example_runs():
 @pytest.mark.parametrize("cmd", [c for c in _commands() if c[:2] == ["python", "-m"]], ids=lambda c: " ".join(c[2:4]))
 def test_readme_command_options_exist(cmd):
     module, rest = cmd[2], cmd[3:]
-    sub = [rest[0]] if module in ("launch", "data_prep") else []   # subcommands: launch status, data_prep build
+    sub = [rest[0]] if module in ("launch", "data_prep", "training.reproduce") else []   # subcommands: launch status, …
     proc = subprocess.run([sys.executable, "-m", module, *sub, "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

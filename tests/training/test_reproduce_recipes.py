@@ -1,0 +1,123 @@
+"""``python -m training.reproduce stability|quality|speed`` end to end on tiny configs: every field of the
+JSON summary is there and consistent with the per-arm logs, the plots and the report exist."""
+
+import json
+import math
+import shlex
+
+import pytest
+
+from training.reproduce.__main__ import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+pytestmark = pytest.mark.timeout(900)
+
+
+def _png(path):
+    assert path.read_bytes()[:8] == PNG, path
+
+
+@pytest.mark.slow
+def test_stability_recipe_tiny(tmp_path):
+    out = tmp_path / "stab"
+    argv = ["stability", "--out", str(out), "--steps", "3", "--context", "16", "--batch-size", "2", "--warmup", "1",
+            "--lrs", "1e-3", "--quiet"]
+    assert main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["recipe"] == "stability" and s["settings"]["lrs"] == [1e-3] and s["settings"]["steps"] == 3
+    assert {"commit", "device", "date", "host"} <= s["provenance"].keys()
+    assert {(r["attention"], r["lr"]) for r in s["arms"]} == {("sigmoid", 1e-3), ("softmax", 1e-3)}
+    for r in s["arms"]:
+        for key in ("diverged", "diverged_reason", "first_nonfinite_step", "first_grad_spike_step",
+                    "instability_step", "max_grad_norm", "max_attn_logit", "max_activation", "final_loss", "steps"):
+            assert key in r, key
+        logged = [json.loads(x) for x in (out / "arms" / r["arm"] / "stability.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in logged] == [1, 2, 3] and r["steps"] == 3
+        assert r["max_grad_norm"] == pytest.approx(max(x["grad_norm"] for x in logged))
+        assert all(math.isfinite(x["max_attn_logit"]) and x["max_activation"] > 0 for x in logged)
+        metrics = [json.loads(x) for x in (out / "arms" / r["arm"] / "metrics.jsonl").read_text().splitlines()]
+        assert [m["loss"] for m in metrics] == [x["loss"] for x in logged]      # the trainer's own log agrees
+    a, b = (next(r for r in s["arms"] if r["attention"] == k) for k in ("sigmoid", "softmax"))
+    assert a["first_loss"] == pytest.approx(b["first_loss"], rel=0.05)           # same weights, data, masks
+    _png(out / "stability.png")
+    md = (out / "report.md").read_text()
+    assert "| sigmoid | 0.001 |" in md and "](stability.png)" in md
+    before = (out / "arms" / "sigmoid_lr0.001" / "verdict.json").read_text()
+    assert main(argv + ["--attention", "sigmoid"]) == 0                          # finished arms are reused
+    assert (out / "arms" / "sigmoid_lr0.001" / "verdict.json").read_text() == before
+
+
+def test_stability_cluster_scale_writes_a_valid_sweep(tmp_path):
+    from launch.submit import parse_args, validate
+
+    out = tmp_path / "cluster"
+    assert main(["stability", "--scale", "cluster", "--out", str(out), "--nodes", "4", "--corpus", "/shared/corpus"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["steps"] == 80_000 and s["settings"]["context"] == 8192 and s["settings"]["preset"] == "160m"
+    assert s["global_batch_cells"] == 8 * 32
+    per_arm = {r["attention"]: r for r in s["projection"]}
+    for att, r in per_arm.items():
+        assert r["gpu_hours"] == pytest.approx(80_000 * 256 / r["cells_per_s_per_gpu"] / 3600)
+    assert s["gpu_hours_total"] == pytest.approx(3 * sum(r["gpu_hours"] for r in per_arm.values()))
+    cmd = (out / "submit_sweep.sh").read_text().strip().splitlines()[-1]
+    argv = shlex.split(cmd)
+    assert argv[:3] == ["python", "-m", "launch.submit"] and "optim.grad_clip=null" in argv
+    assert "data.mds=/shared/corpus" in argv
+    args = parse_args(argv[3:] + ["--nodes", "1", "--gpus-per-node", "0"])
+    _, jobs = validate(args, use_slurm=False)                                  # the command is one launch accepts
+    assert len(jobs) == 6 and all("optim.grad_clip=null" in j for j in jobs)
+    _png(out / "projection" / "projection.png")
+
+
+@pytest.mark.slow
+def test_quality_recipe_tiny(tmp_path):
+    out = tmp_path / "q"
+    assert main(["quality", "--out", str(out), "--seeds", "0", "1", "--steps", "2", "--batch-size", "8",
+                 "--context", "32", "--max-cells", "150", "--mask-patterns", "2", "--quiet"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["table"]) == {"pbmc3k", "kang2018"}
+    for name, t in s["table"].items():
+        for key in ("bio_conservation", "nmi", "ari", "asw_label", "val_loss"):
+            for arm in ("sigmoid", "softmax"):
+                e = t[key][arm]
+                assert e["n"] == 2 and e["ci_low"] <= e["mean"] <= e["ci_high"], (name, key, arm)
+                assert set(e["per_seed"]) == {"0", "1"}
+            d = t[key]["difference"]
+            per = t[key]
+            assert d["mean"] == pytest.approx(sum(per["sigmoid"]["per_seed"][k] - per["softmax"]["per_seed"][k]
+                                                  for k in ("0", "1")) / 2)
+        assert t["bio_conservation"]["PCA"]["n"] == 2 and "PCA" not in t["val_loss"]
+    r = next(r for r in s["results"] if r["attention"] == "sigmoid" and r["seed"] == 1)
+    assert 0 < r["metrics"]["kang2018"]["val_loss"] < 2 * math.log(51)
+    assert r["metrics"]["pbmc3k"]["n_cells"] == len(__import__("anndata").read_h5ad(out / "heldout" / "pbmc3k.h5ad"))
+    _png(out / "quality.png")
+    md = (out / "report.md").read_text()
+    assert "## kang2018" in md and "| bio-conservation |" in md and "](quality.png)" in md
+
+
+@pytest.mark.slow
+def test_speed_recipe_tiny(tmp_path):
+    out = tmp_path / "speed"
+    assert main(["speed", "--out", str(out), "--contexts", "32", "--warmup-steps", "1", "--timed-steps", "2",
+                 "--quiet"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    rows = {r["attention"]: r for r in s["throughput"]}
+    assert set(rows) == {"sigmoid", "softmax"} and all("error" not in r for r in rows.values())
+    assert rows["sigmoid"]["sigmoid_over_softmax"] == pytest.approx(
+        rows["sigmoid"]["tokens_per_s"] / rows["softmax"]["tokens_per_s"])
+    proj = s["projection"]
+    assert {(r["size"], r["context"]) for r in proj} == {(z, c) for z in ("160m", "400m", "600m", "1.4b")
+                                                         for c in (2048, 4096, 8192)}
+    assert len(proj) == 24 and all(r["gpu_hours"] > 0 for r in proj)
+    _png(out / "speed.png")
+    _png(out / "projection" / "projection.png")
+    assert "| 1.4b | 8192 |" in (out / "report.md").read_text()
+
+
+def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys):
+    assert main(["quality", "--out", str(tmp_path / "q"), "--seeds", "3", "1", "3", "--quiet"]) == 2
+    assert "a seed is repeated" in capsys.readouterr().err
+    assert main(["quality", "--out", str(tmp_path / "q"), "--datasets", "nope", "--quiet"]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err
+    assert main(["stability", "--collect", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    assert "no */stability.jsonl" in capsys.readouterr().err
