@@ -6,6 +6,9 @@ otherwise ``raw.X`` when that does; a file with neither (normalised / log / scal
 The choice is made on the first ``PROBE_CELLS`` cells; every later chunk is checked again, so a
 file that turns bad half way is refused with the row where it does.
 
+Chunks are at most ``chunk_cells`` rows and :data:`CHUNK_NNZ` non-zeros (memory bounded whatever the
+cells' length).
+
 QC per cell: dropped when it has fewer than ``min_genes`` expressed genes (count > 0) or when
 ``obs['is_primary_data']`` exists and is False. Both are counted.
 """
@@ -24,6 +27,9 @@ import scipy.sparse as sp
 
 COUNT_TOL = 1e-3
 PROBE_CELLS = 2000
+# Non-zeros read per chunk at most (with ``chunk_cells`` rows at most): ≈ 12 bytes each in read buffers,
+# so ≈ 200 MB, whether a chunk is 20,000 10x cells of 800 genes or 1,700 Smart-seq cells of 10,000.
+CHUNK_NNZ = 1 << 24
 INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -112,6 +118,12 @@ class _CSRRows:
         if b is None or len(b) < n or b.dtype != dtype:
             b = bufs[name] = np.empty(max(n, int(1.25 * len(b)) if b is not None else n), dtype)
         return b[:n]
+
+    def stop_within(self, start: int, stop: int, max_nnz: int) -> int:
+        """The largest ``s ≤ stop`` (at least ``start + 1``) such that rows ``start:s`` hold ≤ ``max_nnz`` non-zeros."""
+        ptr = self.indptr[start:stop + 1]
+        s = int(np.searchsorted(ptr, ptr[0] + max_nnz, side="right")) - 1
+        return start + min(max(s, 1), stop - start)
 
     def rows(self, start: int, stop: int, bufs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(indptr rebased to 0, indices, values, int32 output buffer)`` of rows ``start:stop``."""
@@ -220,18 +232,26 @@ class Source:
             return np.asarray(col.astype(str).str.lower().isin(["true", "1"]), dtype=bool)
         return np.ones(self.n_obs, dtype=bool)
 
-    def chunks(self, min_genes: int, chunk_cells: int, stats: QCStats,
-               buffers: dict | None = None) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+    def chunks(self, min_genes: int, chunk_cells: int, stats: QCStats, buffers: dict | None = None,
+               max_nnz: int = CHUNK_NNZ) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         """Yield ``(kept_row_indices, csr int32 counts of kept rows)``, validating every chunk.
 
-        A yielded block may share buffers with the next one: use it before asking for the next.
-        ``buffers``: a dict of read buffers to use (and grow), so that files read one after another
-        reuse the same memory.
+        A chunk is at most ``chunk_cells`` rows and, for on-disk CSR, at most ``max_nnz`` non-zeros
+        (at least one row), so memory is bounded whatever the cells' length. A yielded block may
+        share buffers with the next one: use it before asking for the next. ``buffers``: a dict of
+        read buffers to use (and grow), so that files read one after another reuse the same memory.
         """
         buffers = {} if buffers is None else buffers
         primary = self.keep_mask_obs()
-        for start in range(0, self.n_obs, chunk_cells):
+        start = 0
+        while start < self.n_obs:
             stop = min(start + chunk_cells, self.n_obs)
+            if self._rows is not None:
+                try:
+                    stop = self._rows.stop_within(start, stop, max_nnz)
+                except Exception as e:
+                    raise SourceError(f"{self.path}: cannot read the row pointers of rows {start}:{stop} "
+                                      f"(corrupt or truncated?): {type(e).__name__}: {e}") from e
             out, shape = None, (stop - start, len(self.var))
             try:
                 if self._rows is not None:
@@ -260,6 +280,7 @@ class Source:
                 yield rows + start, block
             elif len(rows):
                 yield rows + start, block[rows]
+            start = stop
 
     def close(self) -> None:
         if getattr(self, "_file", None) is not None:

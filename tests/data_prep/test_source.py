@@ -46,3 +46,27 @@ def test_as_counts_agrees_with_count_problem_on_random_values(rng):
         assert (problem is None) == (count_problem(v) is None)
         if problem is None:
             assert np.array_equal(out, np.rint(v).astype(np.int32))
+
+
+def test_chunks_are_capped_in_nonzeros_and_cover_every_row(tmp_path, rng):
+    """Long cells give short chunks (≤ max_nnz non-zeros, ≥ 1 row); together they are the whole matrix."""
+    import anndata as ad
+
+    from data_prep.source import QCStats, Source
+    from data_prep.synth_census import SynthOptions, write_dataset
+
+    r = write_dataset(tmp_path / "s.h5ad", 4, 300, SynthOptions(n_genes=2000, min_len=5, max_len=900,
+                                                                seed=int(rng.integers(1 << 30))))
+    X = ad.read_h5ad(r["path"]).X
+    cap = int(rng.integers(1500, 5000))
+    src = Source(r["path"])
+    blocks = [(rows.copy(), b.copy()) for rows, b in src.chunks(min_genes=1, chunk_cells=64, stats=QCStats(),
+                                                                    max_nnz=cap)]
+    src.close()
+    assert all(b.nnz <= cap or b.shape[0] == 1 for _, b in blocks)
+    assert all(b.shape[0] <= 64 for _, b in blocks) and len(blocks) > 300 * X.nnz / X.shape[0] / cap
+    keep = np.asarray(ad.read_h5ad(r["path"]).obs["is_primary_data"], dtype=bool)
+    rows = np.concatenate([r for r, _ in blocks])
+    assert np.array_equal(rows, np.flatnonzero(keep))
+    import scipy.sparse as sp
+    assert (sp.vstack([b for _, b in blocks]) != X[rows]).nnz == 0

@@ -96,3 +96,14 @@ def test_random_groups_land_near_targets_or_fall_back_loudly(rng):
             assert 0 < n[name] < 2 * frac * total
         assert n["train"] >= total * (1 - 2 * (val + test))
         assert len(np.unique(np.stack([groups.astype(str), codes.astype(str)]), axis=1)[0]) == len(sizes)  # no straddling
+
+
+def test_codes_with_group_names_give_the_same_split_as_names(rng):
+    """Integer codes into sorted names (the build's memory-light path) split exactly like per-cell names."""
+    names = np.array(sorted({f"ds{rng.integers(3)}/donor{rng.integers(40)}" for _ in range(60)}), dtype=object)
+    codes = rng.integers(0, len(names), 5000)
+    codes = codes[np.isin(codes, rng.choice(len(names), len(names) - 3, replace=False))]  # some names unused
+    seed = int(rng.integers(1000))
+    a, ia = assign_splits(names[codes], split_by="donor", val_frac=0.1, test_frac=0.15, seed=seed)
+    b, ib = assign_splits(codes, split_by="donor", val_frac=0.1, test_frac=0.15, seed=seed, group_names=names)
+    assert np.array_equal(a, b) and ia == ib and set(ia["groups"]["test"]) <= set(names)
