@@ -56,9 +56,9 @@ def test_demo_embeddings_keep_cells_and_differ_between_models(demo):
 def test_rerun_reuses_the_corpus(demo):
     manifest = (demo / "corpus" / "manifest.json").read_text()
     from data_prep.__main__ import main as data_prep_main
-    from data_prep.datasets import pbmc3k_path
+    from training.demo import pbmc3k_current_format
 
-    assert data_prep_main(["build", pbmc3k_path(), "--out", str(demo / "corpus"), "--cell-type-key", "celltype",
+    assert data_prep_main(["build", str(pbmc3k_current_format(demo)), "--out", str(demo / "corpus"), "--cell-type-key", "celltype",
                            "--split-by", "cell", "--seed", "0"]) == 0
     assert (demo / "corpus" / "manifest.json").read_text() == manifest
 
