@@ -155,6 +155,7 @@ def _batched_blobs(rng, n: int, batch_shift: float):
     return ad.AnnData(obs=obs, obsm={"e": emb.astype(np.float32)}), n_batches
 
 
+@pytest.mark.slow
 def test_ten_thousand_cells_with_batches_evaluate(tmp_path):
     """≥ 10,000 cells: scanpy's neighbors go through pynndescent (≥ 4,096 cells), which crashed with
     ``'csr_array' object has no attribute 'getnnz'`` under pynndescent 0.7 + scanpy 1.11 (constraints.txt)."""
