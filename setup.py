@@ -20,6 +20,7 @@ setup(
     description="Sigmoid-attention ops (C++ CPU, Triton CUDA) and a single-cell foundation-model training stack",
     python_requires=">=3.10",
     packages=find_packages(include=["sigattn*", "data_prep*", "training*", "launch*"]),
+    package_data={"data_prep": ["gene_tables/*.csv.gz", "gene_tables/README.md"]},
     ext_modules=[
         CppExtension(
             name="sigattn._C",

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("inputs", nargs="+", metavar="IN.h5ad")
     b.add_argument("--out", required=True, metavar="DIR")
     b.add_argument("--vocab", help="use this vocab.tsv instead of building one from the inputs")
-    b.add_argument("--symbol-table", help="CSV/TSV symbol→Ensembl ID table for files without gene IDs")
+    b.add_argument("--symbol-table", help="CSV/TSV symbol→Ensembl ID table (header optional) for files without "
+                   "gene IDs (default: the shipped GENCODE v44 human table)")
     b.add_argument("--min-genes", type=int, default=d.min_genes, help="drop cells with fewer expressed genes")
     b.add_argument("--min-match", type=float, default=d.min_match, help="refuse a dataset mapping fewer genes")
     b.add_argument("--split-by", choices=SPLIT_BY, default=d.split_by)
@@ -50,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if not m.get("skipped"):
         t = m["totals"]
         print(f"cells in {t['cells_in']}, out {t['cells_out']} (in MDS {t['cells_in_mds']}); "
-              f"genes matched " + ", ".join(f"{r['name']} {r['n_genes_mapped']}/{r['n_genes']}" for r in m["datasets"])
+              f"genes matched " + ", ".join(f"{r['name']} {r['n_genes_mapped']}/{r['n_genes']} "
+                                            f"({r['count_share_mapped']:.1%} of counts)" for r in m["datasets"])
               + f"; vocab {m['vocab']['size']}; split {m['split']['effective']} {m['split']['n_cells']}; "
               f"shards {m['mds']['shards']}; {m['seconds']:.1f} s → {a.out}")
+        for w in m.get("warnings", []):
+            print(f"WARNING: {w}", file=sys.stderr)
     return 0
 
 

@@ -36,10 +36,20 @@ from data_prep.ingest import IngestJob, ingest_all
 from data_prep.malloc_env import MALLOC_ENV
 from data_prep.split import ALGORITHM as SPLIT_ALGORITHM, assign_splits
 from data_prep.source import Source, SourceError
-from data_prep.vocab import GeneVocab, read_symbol_table, var_gene_ids, var_symbols
+from data_prep.vocab import (
+    DEFAULT_SYMBOL_TABLE,
+    DEFAULT_SYMBOL_TABLE_SOURCE,
+    GeneVocab,
+    read_symbol_table,
+    var_gene_ids,
+    var_symbols,
+)
 
 FORMAT_VERSION = 2  # 2: compact MDS dtypes (genes uint16/uint32, counts rightsized per cell)
 UNKNOWN = "unknown"
+#: A dataset whose mapped genes hold less than this share of its genes, or of its counts, gets a warning.
+WARN_GENE_SHARE = 0.8
+WARN_COUNT_SHARE = 0.9
 
 
 @dataclasses.dataclass
@@ -122,6 +132,20 @@ def _global_codes(local: list[tuple[list[str], np.ndarray]]) -> tuple[np.ndarray
     return names, np.concatenate(codes) if codes else np.zeros(0, np.int32)
 
 
+def mapping_warning(rec: dict) -> str | None:
+    """A clear warning when a dataset's mapped genes are few or hold few of its counts (None when fine)."""
+    genes, counts = rec["match_ratio"], rec["count_share_mapped"]
+    if genes >= WARN_GENE_SHARE and counts >= WARN_COUNT_SHARE:
+        return None
+    how = rec["gene_key"]
+    hint = ("symbols are matched to Ensembl IDs by name; symbols of an older or another annotation (or another "
+            "species) do not match: give a file with Ensembl IDs, or --symbol-table with a table for its annotation"
+            if how.startswith("symbols") else "check that --vocab fits this file's annotation and species")
+    return (f"{rec['name']}: only {rec['n_genes_mapped']}/{rec['n_genes']} genes ({genes:.1%}) holding "
+            f"{counts:.1%} of the counts map to the vocabulary (via {how}); unmapped genes are left out of the "
+            f"training data ({hint})")
+
+
 def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=print) -> dict:
     """Build the corpus at ``out``; returns the manifest (existing one when up to date)."""
     opts = opts or BuildOptions()
@@ -143,7 +167,7 @@ def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=pri
             raise SourceError(f"{p}: no such file")
     input_hashes = [file_xxh3(p) for p in inputs]
     vocab_hash = file_xxh3(opts.vocab) if opts.vocab else None
-    table_hash = file_xxh3(opts.symbol_table) if opts.symbol_table else None
+    table_hash = file_xxh3(opts.symbol_table if opts.symbol_table else DEFAULT_SYMBOL_TABLE)
     fp = _fingerprint(input_hashes, opts, vocab_hash, table_hash)
     manifest_path = os.path.join(out, "manifest.json")
     if not opts.force and os.path.isfile(manifest_path):
@@ -210,8 +234,16 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
     t = time.perf_counter()
     for p in inputs:
         sources.append(Source(p))
-    table = read_symbol_table(opts.symbol_table) if opts.symbol_table else None
     gene_ids = [var_gene_ids(s.var) for s in sources]
+    table, table_rec = None, None
+    if opts.symbol_table:
+        table = read_symbol_table(opts.symbol_table)
+        table_rec = {"path": os.path.abspath(opts.symbol_table), "source": "--symbol-table", "n_symbols": len(table)}
+    elif any(ids is None for ids, _ in gene_ids):  # symbol-only files: the shipped GENCODE table
+        table = read_symbol_table(DEFAULT_SYMBOL_TABLE)
+        table_rec = {"path": str(DEFAULT_SYMBOL_TABLE), "source": DEFAULT_SYMBOL_TABLE_SOURCE, "n_symbols": len(table)}
+        log(f"files without Ensembl IDs: mapping their symbols with {DEFAULT_SYMBOL_TABLE_SOURCE} "
+            f"({len(table)} symbols; --symbol-table to use another table)")
 
     # Vocabulary and per-dataset gene mapping.
     if opts.vocab:
@@ -248,7 +280,7 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
             for name, src, vid in zip(names, sources, mappings)]
     with tqdm(total=sum(s.n_obs for s in sources), desc="zarr", unit="cell", unit_scale=True, leave=False) as bar:
         results = ingest_all(jobs, opts.min_genes, opts.chunk_cells, opts.workers, sources, progress=bar.update)
-    cell_types, donors, kept_rows = [], [], []
+    cell_types, donors, kept_rows, warnings_ = [], [], [], []
     for name, src, rec, res in zip(names, sources, datasets, results):
         rows, stats = res["rows"], res["stats"]
         rec.update(stats, zarr=f"zarr/{name}.zarr", nnz=res["nnz"])
@@ -260,6 +292,13 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         kept_rows.append(len(rows))
         log(f"{name}: kept {stats['cells_out']}/{stats['cells_in']} cells (dropped {stats['dropped_min_genes']} "
             f"with < {opts.min_genes} genes, {stats['dropped_not_primary']} not primary)")
+        rec["counts_total"], rec["counts_mapped"] = res["counts_total"], res["counts_mapped"]
+        rec["count_share_mapped"] = round(res["counts_mapped"] / max(res["counts_total"], 1), 6)
+        log(f"{name}: mapped genes {rec['match_ratio']:.1%} of genes, {rec['count_share_mapped']:.1%} of counts")
+        low = mapping_warning(rec)
+        if low:
+            warnings_.append(low)
+            log(f"WARNING: {low}")
 
     timings["zarr"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -299,6 +338,8 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "options": dataclasses.asdict(opts),
         "vocab": {"path": "vocab.tsv", "sha256": vocab_sha, "size": len(vocab), "origin": vocab_origin},
+        "symbol_table": table_rec,
+        "warnings": warnings_,
         "datasets": datasets,
         "labels": {"cell_type": ct_names.tolist(), "dataset": list(names), "donor": donor_names.tolist(),
                    "cell_type_key": opts.cell_type_key, "donor_key": opts.donor_key},

@@ -28,7 +28,8 @@ class IngestJob:
 
 def ingest_dataset(job: IngestJob, min_genes: int, chunk_cells: int, source: Source | None = None,
                    progress=None, buffers: dict | None = None) -> dict:
-    """Write ``job.store`` from ``job.path``; returns QC counts, kept source rows and nnz.
+    """Write ``job.store`` from ``job.path``; returns QC counts, kept source rows, nnz, and the total counts
+    of the kept cells and those on mapped genes (``vocab_ids >= 0``).
 
     ``source``: the already open ``Source`` of ``job.path`` (else it is opened here). ``progress(n)``
     is called with the number of source cells read since the last call. ``buffers``: read buffers
@@ -38,8 +39,12 @@ def ingest_dataset(job: IngestJob, min_genes: int, chunk_cells: int, source: Sou
     try:
         writer = ZarrDatasetWriter(job.store, src.var.shape[0])
         stats, rows, done = QCStats(), [], 0
+        mapped = np.asarray(job.vocab_ids) >= 0
+        counts_total = counts_mapped = 0
         for r, block in src.chunks(min_genes, chunk_cells, stats, buffers):
             writer.append(block)  # before the next chunk: blocks share read buffers
+            counts_total += int(block.data.sum(dtype=np.int64))
+            counts_mapped += int(block.data.sum(dtype=np.int64, where=mapped[block.indices]))
             rows.append(r)
             if progress is not None:
                 progress(stats.cells_in - done)
@@ -52,7 +57,8 @@ def ingest_dataset(job: IngestJob, min_genes: int, chunk_cells: int, source: Sou
         var = src.var.copy()
         var["vocab_id"] = job.vocab_ids
         writer.finish(obs, var)
-        return {"stats": dataclasses.asdict(stats), "rows": rows, "nnz": int(writer.nnz)}
+        return {"stats": dataclasses.asdict(stats), "rows": rows, "nnz": int(writer.nnz),
+                "counts_total": counts_total, "counts_mapped": counts_mapped}
     finally:
         if source is None:
             src.close()

@@ -7,9 +7,10 @@ symbol may be empty). IDs are normalised by dropping the version suffix (``ENSG0
 1. by Ensembl ID, taken from ``var_names`` when most of them look like Ensembl IDs, else from the
    first of the columns ``gene_ids``, ``gene_id``, ``ensembl_id``, ``feature_id`` that exists;
 2. only when the file has no IDs at all: by symbol (``var_names`` or ``feature_name`` /
-   ``gene_symbols`` / ``gene_name``) through the vocabulary's own symbols, extended by an optional
-   ``symbol → ID`` table (e.g. GENCODE's, see :func:`read_symbol_table`). A symbol naming several IDs
-   is ambiguous and stays unmapped.
+   ``gene_symbols`` / ``gene_name``) through the vocabulary's own symbols, extended by a
+   ``symbol → ID`` table (:func:`read_symbol_table`): the user's, else :data:`DEFAULT_SYMBOL_TABLE`
+   (GENCODE release 44, human; provenance in ``data_prep/gene_tables/README.md``). A symbol naming
+   several IDs is ambiguous and stays unmapped.
 
 Unknown genes map to −1. Several source genes may map to the same vocabulary id (duplicate IDs, two
 versions of one ID); the MDS writer sums their counts per cell (see ``data_prep.mds``).
@@ -74,20 +75,46 @@ def var_symbols(var: pd.DataFrame) -> tuple[np.ndarray, str]:
     return np.asarray(var.index.astype(str), dtype=object), "var_names"
 
 
-def read_symbol_table(path: str | os.PathLike) -> dict[str, str]:
-    """Read a ``symbol → Ensembl ID`` table (CSV/TSV with an ID column and a symbol column).
+#: Default ``symbol → Ensembl ID`` table for files without IDs: GENCODE release 44 (human, GRCh38), headerless
+#: ``ENSG…,SYMBOL`` rows; source, licence and checksum in ``data_prep/gene_tables/README.md``.
+DEFAULT_SYMBOL_TABLE = Path(__file__).resolve().parent / "gene_tables" / "gencode_v44_human_gene_id2name.csv.gz"
+DEFAULT_SYMBOL_TABLE_SOURCE = "GENCODE release 44 (human, GRCh38; Ensembl 110), via celltypist 1.7.1"
+_ID_NAMES = ("gene_id", "ensembl_id", "gene_ids", "ensembl_gene_id", "id")
+_SYMBOL_NAMES = ("gene_name", "symbol", "gene_symbol", "gene_symbols", "name", "feature_name")
 
-    Column names are matched loosely (``gene_id``/``Gene_ID``/``ensembl_id`` and
-    ``gene_name``/``Gene_Name``/``symbol``), so GENCODE's ``GENCODEv44_Gene_id2name.csv`` (shipped by
-    the optional ``celltypist`` package) works as is. Symbols naming several IDs are left out.
+
+def read_symbol_table(path: str | os.PathLike) -> dict[str, str]:
+    """Read a ``symbol → Ensembl ID`` table: CSV or TSV (optionally gzipped), with or without a header.
+
+    With a header, columns are matched loosely by name (``gene_id``/``Gene_ID``/``ensembl_id`` and
+    ``gene_name``/``Gene_Name``/``symbol``); without one (the first row already holds an Ensembl ID, as in
+    GENCODE's ``GENCODEv44_Gene_id2name.csv``) the table must have two columns and the one holding Ensembl
+    IDs is the ID column. Symbols naming several IDs are left out.
     """
-    df = pd.read_csv(path, sep=None, engine="python", dtype=str)
-    cols = {c.lower(): c for c in df.columns}
-    id_col = next((cols[c] for c in ("gene_id", "ensembl_id", "gene_ids", "id") if c in cols), None)
-    sym_col = next((cols[c] for c in ("gene_name", "symbol", "gene_symbol", "name") if c in cols), None)
-    if id_col is None or sym_col is None:
-        raise ValueError(f"symbol table {path}: need an ID column and a symbol column, found {list(df.columns)}")
-    df = df[[id_col, sym_col]].dropna()
+    try:
+        df = pd.read_csv(path, sep=None, engine="python", dtype=str, header=None, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read symbol table {path}: {e}") from e
+    if df.empty:
+        raise ValueError(f"symbol table {path} is empty")
+    first = df.iloc[0].astype(str)
+    if ensembl_mask(first).any():  # headerless: the ID column is the one holding Ensembl IDs
+        if df.shape[1] != 2:
+            raise ValueError(f"symbol table {path} has no header and {df.shape[1]} columns: a table without a "
+                             "header needs exactly two (Ensembl ID and symbol, in either order)")
+        id_col = int(np.argmax([_looks_ensembl(df[c]) for c in df.columns]))
+        id_col, sym_col = df.columns[id_col], df.columns[1 - id_col]
+    else:
+        df = df.iloc[1:].set_axis(first.tolist(), axis=1)
+        cols = {c.lower(): c for c in df.columns}
+        id_col = next((cols[c] for c in _ID_NAMES if c in cols), None)
+        sym_col = next((cols[c] for c in _SYMBOL_NAMES if c in cols), None)
+        if id_col is None or sym_col is None:
+            raise ValueError(f"symbol table {path}: need an ID column and a symbol column, found "
+                             f"{first.tolist()} (names like gene_id / gene_name, or no header and two columns)")
+    df = df.loc[(df[id_col] != "") & (df[sym_col] != ""), [id_col, sym_col]].copy()
+    if not len(df) or _looks_ensembl(df[id_col]) < 0.5:
+        raise ValueError(f"symbol table {path}: column {id_col!r} does not hold Ensembl gene IDs")
     df[id_col] = normalize_ids(df[id_col])
     df = df.drop_duplicates()
     unique = df.groupby(sym_col)[id_col].transform("nunique") == 1

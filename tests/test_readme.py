@@ -52,3 +52,69 @@ def test_readme_command_options_exist(cmd):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for opt in (a.split("=")[0] for a in rest if a.startswith("--")):
         assert opt in proc.stdout, f"README passes {opt} to python -m {module}, which does not offer it"
+
+
+def _own_data_commands() -> list[list[str]]:
+    section = README.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def _symbol_only_file(path: Path, rng) -> None:
+    """A small file as users bring them: 600 real PBMC cells, gene symbols only (no Ensembl IDs), dense float
+    counts of the 3,000 genes with most counts, a cell-type column and 4 donors (assigned at random)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from data_prep.datasets import pbmc3k_path
+
+    full = ad.read_h5ad(pbmc3k_path())
+    cells = np.sort(rng.choice(full.n_obs, 600, replace=False))
+    x = full.X[cells]
+    genes = np.sort(np.argsort(-np.asarray(x.sum(axis=0)).ravel())[:3000])
+    obs = pd.DataFrame({"cell_type": full.obs["celltype"].iloc[cells].astype(str).to_numpy(),
+                        "donor": rng.choice(["d1", "d2", "d3", "d4"], len(cells))},
+                       index=full.obs_names[cells])
+    ad.AnnData(X=np.asarray(x[:, genes].toarray(), dtype=np.float32), obs=obs,
+               var=pd.DataFrame(index=full.var_names[genes])).write_h5ad(path)
+
+
+@pytest.mark.slow
+def test_readme_own_data_commands_run_on_a_symbol_only_file(tmp_path):
+    import json
+    import os
+
+    import anndata as ad
+    import numpy as np
+
+    cmds = _own_data_commands()
+    assert [c[2] for c in cmds] == ["data_prep", "training.train", "training.embed", "training.evaluate"]
+    _symbol_only_file(tmp_path / "my_cells.h5ad", np.random.default_rng())
+    assert "gene_ids" not in ad.read_h5ad(tmp_path / "my_cells.h5ad", backed="r").var
+    fast = ["run.max_steps=3", "run.ckpt_every=3", "data.batch_size=8", "data.context_length=64",
+            "optim.warmup_steps=1", "run.progress=false", "run.tensorboard=false"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "DS_BUILD_OPS": "0"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    for cmd in cmds:
+        args = [str(ROOT / a) if not (tmp_path / a).exists() and (ROOT / a).is_file() else a for a in cmd[3:]]
+        if cmd[2] == "training.train":
+            args += fast
+        proc = subprocess.run([sys.executable, "-m", cmd[2], *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        if cmd[2] == "data_prep":
+            assert "(" in proc.stdout and "% of counts)" in proc.stdout
+    manifest = json.loads((tmp_path / "runs/my_corpus/manifest.json").read_text())
+    [rec] = manifest["datasets"]
+    assert rec["gene_key"] == "symbols (var_names)" and "GENCODE" in manifest["symbol_table"]["source"]
+    assert rec["count_share_mapped"] > 0.9 and rec["match_ratio"] > 0.5
+    metrics = json.loads((tmp_path / "runs/my_model/eval/metrics.json").read_text())
+    for m in (metrics, metrics["pca_baseline"]):
+        assert m["n_cells"] == 600 and m["n_batches"] == 4
+        for k in ("nmi", "ari", "asw_label", "asw_batch", "graph_connectivity", "ilisi", "overall"):
+            assert 0 <= m[k] <= 1 or k == "ari"
+    assert metrics["pca_baseline"]["nmi"] > 0.5        # real PBMC structure is there
+    assert metrics["pca_baseline"]["ilisi"] > 0.5      # donors assigned at random mix well
+    assert (tmp_path / "runs/my_model/eval/umap.png").is_file()

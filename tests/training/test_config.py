@@ -45,3 +45,43 @@ def test_shipped_configs_load():
     for p in sorted(Path(__file__).parents[2].joinpath("training", "configs").glob("*.yaml")):
         cfg = load_config(p)
         assert cfg.model.preset in p.name or cfg.model.preset == "tiny"
+
+
+@pytest.mark.parametrize("text, value", [
+    ("2e-3", 2e-3), ("1e4", 1e4), ("5_000", 5000), ("-.5", -0.5), ("1.5E+3", 1500.0), ("+3", 3), ("7", 7),
+])
+def test_numbers_as_people_write_them_fit_every_numeric_field(tmp_path, text, value):
+    # YAML 1.1 reads 2e-3 and 1e4 as strings; float, int, optional and str|float fields must all take them.
+    over = [f"optim.lr={text}", f"optim.grad_clip={text}", f"model.sigmoid_bias={text}", f"run.mask_ratio=1e-1",
+            f"optim.betas=[{text}, 0.99]"]
+    cfg = load_config(None, over)
+    for got in (cfg.optim.lr, cfg.optim.grad_clip, cfg.model.sigmoid_bias, cfg.optim.betas[0]):
+        assert type(got) is float and got == value
+    assert cfg.run.mask_ratio == 0.1
+    if float(value).is_integer():   # int fields take integral numbers in any notation
+        cfg = load_config(None, [f"run.max_steps={text}", f"optim.warmup_steps={text}"])
+        assert type(cfg.run.max_steps) is int and cfg.run.max_steps == cfg.optim.warmup_steps == int(value)
+    p = tmp_path / "c.yaml"  # the same in a config file
+    p.write_text(f"optim:\n  lr: {text}\nrun:\n  max_steps: 1e4\n")
+    cfg = load_config(p)
+    assert cfg.optim.lr == value and cfg.run.max_steps == 10_000
+    cfg.save(tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, match", [
+    ("run.max_steps=1.5", "run.max_steps: expected int"),
+    ("run.max_steps=2e-3", "run.max_steps: expected int"),
+    ("optim.lr=2e-3x", "optim.lr: expected float"),
+    ("optim.lr=1..0", "optim.lr: expected float"),
+    ("optim.lr=e4", "optim.lr: expected float"),
+    ("run.zero_stage=true", "run.zero_stage: expected int"),
+])
+def test_non_numbers_are_still_refused(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_a_numeric_string_stays_a_string_in_a_str_field():
+    cfg = load_config(None, ["run.dir=1e4", "model.sigmoid_bias=log_n"])
+    assert cfg.run.dir == "1e4" and cfg.model.sigmoid_bias == "log_n"

@@ -56,9 +56,9 @@ def test_demo_embeddings_keep_cells_and_differ_between_models(demo):
 def test_rerun_reuses_the_corpus(demo):
     manifest = (demo / "corpus" / "manifest.json").read_text()
     from data_prep.__main__ import main as data_prep_main
-    from data_prep.datasets import pbmc3k_path
+    from training.demo import pbmc3k_current_format
 
-    assert data_prep_main(["build", pbmc3k_path(), "--out", str(demo / "corpus"), "--cell-type-key", "celltype",
+    assert data_prep_main(["build", str(pbmc3k_current_format(demo)), "--out", str(demo / "corpus"), "--cell-type-key", "celltype",
                            "--split-by", "cell", "--seed", "0"]) == 0
     assert (demo / "corpus" / "manifest.json").read_text() == manifest
 
@@ -119,3 +119,31 @@ def test_embed_feeds_the_model_the_same_genes_and_counts_as_training_saw(demo):
         np.testing.assert_array_equal(genes, s["genes"])
         np.testing.assert_array_equal(counts, s["counts"])
     cells.close()
+
+
+def test_validation_loss_device_and_precision(demo):
+    """On the CPU the validation loss is fp32 and equals the demo's; asking for CUDA without one is a clear error."""
+    import torch
+
+    from training.evaluate import masked_validation_loss
+
+    report = json.loads((demo / "report.json").read_text())
+    run = demo / "tiny-sigmoid"
+    v = masked_validation_loss(run, demo / "corpus", device="cpu", progress=False)
+    assert v["val_device"] == "cpu" and v["val_precision"] == "fp32"
+    assert v["val_loss"] == pytest.approx(report["runs"]["sigmoid"]["val_loss"], rel=1e-6)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            masked_validation_loss(run, demo / "corpus", device="cuda", progress=False)
+
+
+@pytest.mark.gpu
+def test_validation_loss_on_the_gpu_in_bf16_matches_cpu_fp32(demo):
+    from training.evaluate import masked_validation_loss
+
+    run = demo / "tiny-softmax"
+    cpu = masked_validation_loss(run, demo / "corpus", device="cpu", progress=False)
+    gpu = masked_validation_loss(run, demo / "corpus", device="auto", progress=False)
+    assert gpu["val_device"].startswith("cuda") and gpu["val_precision"] == "bf16"   # run.precision auto → bf16
+    assert gpu["val_masked_genes"] == cpu["val_masked_genes"]                        # same masks, host-drawn
+    assert gpu["val_loss"] == pytest.approx(cpu["val_loss"], rel=0.02)               # bf16 weights vs fp32

@@ -142,3 +142,83 @@ def test_per_dataset_sub_batches_recombine_to_the_full_batch_loss():
             total, n_total = total + float(loss) * int(n), n_total + int(n)
     assert n_total == int(n_full)
     assert total / n_total == pytest.approx(float(full), rel=1e-5)
+
+
+def _batched_blobs(rng, n: int, batch_shift: float):
+    """Cell types as separated blobs; batches shift every cell of a batch by ``batch_shift`` (0: mixed)."""
+    n_types, n_batches, dim = int(rng.integers(3, 6)), int(rng.integers(2, 5)), int(rng.integers(6, 17))
+    labels, batches = rng.integers(0, n_types, n), rng.integers(0, n_batches, n)
+    emb = (rng.normal(scale=10.0, size=(n_types, dim))[labels] + rng.normal(size=(n, dim))
+           + rng.normal(scale=batch_shift, size=(n_batches, dim))[batches] * (batch_shift > 0))
+    obs = pd.DataFrame({"ct": [f"t{i}" for i in labels], "donor": [f"d{b}" for b in batches]},
+                       index=[f"c{i}" for i in range(n)])
+    return ad.AnnData(obs=obs, obsm={"e": emb.astype(np.float32)}), n_batches
+
+
+@pytest.mark.slow
+def test_ten_thousand_cells_with_batches_evaluate(tmp_path):
+    """≥ 10,000 cells: scanpy's neighbors go through pynndescent (≥ 4,096 cells), which crashed with
+    ``'csr_array' object has no attribute 'getnnz'`` under pynndescent 0.7 + scanpy 1.11 (constraints.txt)."""
+    rng = np.random.default_rng()
+    adata, n_batches = _batched_blobs(rng, int(rng.integers(10_000, 10_400)), batch_shift=0.0)
+    adata.obs.loc[adata.obs_names[:7], "donor"] = None
+    m, _, cells = bio_conservation(adata, "e", "ct", batch_key="donor", resolutions=(0.1, 0.5))
+    assert m["n_cells"] == adata.n_obs - 7 and m["n_cells_no_batch"] == 7 and m["n_batches"] == n_batches
+    assert cells.obsp["connectivities"].shape == (m["n_cells"],) * 2
+    assert m["nmi"] > 0.95 and m["ari"] > 0.95
+    assert m["asw_batch"] > 0.9 and m["graph_connectivity"] > 0.95      # batches mixed within each type
+    assert m["batch_correction"] == pytest.approx(np.mean([m[k] for k in m["batch_correction_of"]]))
+    assert m["overall"] == pytest.approx(0.6 * m["bio_conservation"] + 0.4 * m["batch_correction"])
+    assert "kbet" in m["not_computed"] and ("ilisi" in m) != ("ilisi" in m["not_computed"])
+
+
+def test_batch_separated_embedding_scores_low_batch_correction():
+    rng = np.random.default_rng()
+    mixed, _ = _batched_blobs(rng, int(rng.integers(400, 700)), batch_shift=0.0)
+    split = mixed.copy()
+    shift = rng.normal(scale=40.0, size=(mixed.obs["donor"].nunique(), mixed.obsm["e"].shape[1]))
+    split.obsm["e"] = mixed.obsm["e"] + shift[pd.factorize(mixed.obs["donor"])[0]].astype(np.float32)
+    good, _, _ = bio_conservation(mixed, "e", "ct", batch_key="donor", resolutions=(0.1, 0.5))
+    bad, _, _ = bio_conservation(split, "e", "ct", batch_key="donor", resolutions=(0.1, 0.5))
+    assert good["asw_batch"] > 0.9 and bad["asw_batch"] < 0.3
+    assert good["graph_connectivity"] > 0.95 and bad["graph_connectivity"] < 0.8
+    assert bad["batch_correction"] < good["batch_correction"] - 0.4 and bad["overall"] < good["overall"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.obs.drop(columns="donor", inplace=True), "batch key 'donor' not found in obs"),
+    (lambda a: a.obs.__setitem__("donor", "only_one"), "batch 'donor' has fewer than 2 distinct values"),
+])
+def test_bad_batch_key_is_rejected_with_a_clear_error(mutate, message):
+    a, _ = _batched_blobs(np.random.default_rng(), 60, 0.0)
+    mutate(a)
+    with pytest.raises((KeyError, ValueError), match=message):
+        bio_conservation(a, "e", "ct", batch_key="donor")
+
+
+def test_cli_batch_key_and_pca_baseline(tmp_path, capsys):
+    """--batch-key and --pca-baseline on real PBMC cells (symbols only, dense counts, random donors)."""
+    rng = np.random.default_rng()
+    full = ad.read_h5ad(PBMC3K)
+    rows = np.sort(rng.choice(full.n_obs, 500, replace=False))
+    counts = ad.AnnData(X=full.X[rows].toarray(), obs=pd.DataFrame(
+        {"cell_type": full.obs["celltype"].iloc[rows].astype(str).to_numpy(),
+         "donor": rng.choice(["a", "b", "c"], len(rows))}, index=full.obs_names[rows]),
+        var=pd.DataFrame(index=full.var_names))
+    counts.write_h5ad(tmp_path / "cells.h5ad")
+    emb = counts[rng.permutation(counts.n_obs)].copy()         # the embedding file may order cells differently
+    emb.obsm["X_rand"] = rng.normal(size=(emb.n_obs, 8)).astype(np.float32)
+    ad.AnnData(obs=emb.obs, obsm={"X_rand": emb.obsm["X_rand"]}).write_h5ad(tmp_path / "emb.h5ad")
+    out = tmp_path / "eval"
+    assert main([str(tmp_path / "emb.h5ad"), "--obsm-key", "X_rand", "--batch-key", "donor", "--pca-baseline",
+                 str(tmp_path / "cells.h5ad"), "--no-umap", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "PCA" in printed and "batch_correction" in printed and "overall" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    base = m["pca_baseline"]
+    assert base["n_cells"] == m["n_cells"] == 500 and base["n_batches"] == m["n_batches"] == 3
+    assert base["nmi"] > 0.5 > m["nmi"]                          # PCA of real counts beats a random embedding
+    assert base["asw_batch"] > 0.8                               # random donors are mixed in both
+    assert main([str(tmp_path / "emb.h5ad"), "--obsm-key", "X_rand", "--pca-baseline", str(PBMC3K),
+                 "--label-key", "nope", "--out", str(out)]) == 2
+    assert "label key 'nope' not found" in capsys.readouterr().err
