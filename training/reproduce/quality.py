@@ -145,7 +145,7 @@ def evaluate_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout:
 
 
 def pca_arm(seed: int, heldout: dict[str, Path], arm: Path, scale: Scale) -> dict:
-    from training.demo import pca_baseline
+    from training.baseline import pca_baseline
     from training.evaluate import evaluate
 
     done = arm / "result.json"
