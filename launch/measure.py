@@ -48,7 +48,15 @@ class Measurement:
 
 def _attempt(size: str, context: int, attention: str, bs: int, steps: int, extra_overrides: list[str]):
     """Child process: run ``steps`` trainer steps at micro-batch ``bs``; return their records, or ``OOM``."""
+    import os
+
     import torch
+
+    # A one-process run of its own: a rendezvous inherited from the parent (e.g. a trainer built earlier in the
+    # same pytest or notebook process, whose store may still hold MASTER_PORT) must not be reused.
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
 
     from launch.configs import resolve_config
     from training.config import load_config
