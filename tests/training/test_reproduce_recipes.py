@@ -3,6 +3,7 @@ JSON summary is there and consistent with the per-arm logs, the plots and the re
 
 import json
 import math
+import os
 import shlex
 
 import pytest
@@ -11,6 +12,18 @@ from training.reproduce.__main__ import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_env():
+    """The recipes run trainers in this process: they leave a one-process rendezvous (RANK, WORLD_SIZE, MASTER_PORT
+    ...) in os.environ and a live process group, which later tests' subprocesses would inherit (EADDRINUSE)."""
+    before = dict(os.environ)
+    yield
+    from training.distributed import shutdown
+    shutdown()
+    os.environ.clear()
+    os.environ.update(before)
 
 
 def _png(path):
