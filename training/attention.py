@@ -26,16 +26,20 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, tor
     return seq, pos
 
 
+def pad_cells(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, n_cells: int, max_seqlen: int) -> torch.Tensor:
+    """Packed ``[T, H, D]`` (cell ``seq``, position ``pos`` per token) → ``[B, H, L, D]``, zeros past each cell."""
+    out = x.new_zeros(n_cells, max_seqlen, *x.shape[1:])
+    out[seq, pos] = x
+    return out.transpose(1, 2)
+
+
 def softmax_attention_padded(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     """Softmax attention per cell via pad → SDPA(key-padding mask) → unpad; q/k/v ``[T, H, D]``."""
-    T, H, D = q.shape
     B = cu_seqlens.numel() - 1
-    seq, pos = segment_ids(cu_seqlens, T)
+    seq, pos = segment_ids(cu_seqlens, q.shape[0])
 
     def pad(x):
-        out = x.new_zeros(B, max_seqlen, H, D)
-        out[seq, pos] = x
-        return out.transpose(1, 2)                      # [B, H, L, D]
+        return pad_cells(x, seq, pos, B, max_seqlen)
 
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     key_valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from training.attention import Attention, segment_ids
+from training.attention import Attention, pad_cells, segment_ids
 from training.encoder import Block
 
 
@@ -32,13 +32,7 @@ def max_logit(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_se
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
     seq, pos = segment_ids(cu_seqlens, T)
-
-    def pad(x):
-        out = x.new_zeros(B, max_seqlen, H, D)
-        out[seq, pos] = x
-        return out.transpose(1, 2)                                  # [B, H, L, D]
-
-    qp, kp = pad(q), pad(k)
+    qp, kp = (pad_cells(x, seq, pos, B, max_seqlen) for x in (q, k))   # [B, H, L, D]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     idx = torch.arange(max_seqlen, device=q.device)
     valid = idx[None, :] < lengths[:, None]                         # [B, L]
