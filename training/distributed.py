@@ -60,5 +60,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def shutdown() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Destroy the process group through DeepSpeed, which also drops the groups it cached (world clone, mpu,
+    sequence-parallel groups); a later trainer in the same process would otherwise meet dead group objects
+    ("Group ... is not registered")."""
+    if not torch.distributed.is_initialized():
+        return
+    import sys
+    if "deepspeed" in sys.modules:
+        import deepspeed.comm as ds_comm
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+            return
+    torch.distributed.destroy_process_group()

@@ -183,6 +183,18 @@ def test_close_releases_the_engine(corpus, tmp_path):
     assert param() is None
 
 
+def test_a_trainer_after_shutdown_gets_a_fresh_process_group(corpus, tmp_path):
+    """shutdown() between two trainers in one process (recipes, notebooks): DeepSpeed's cached groups go with the
+    process group, so the second trainer builds new ones instead of failing with "Group ... is not registered"."""
+    from training.distributed import shutdown
+    with make_trainer(corpus, tmp_path / "a", **{"run.max_steps": 1, "run.ckpt_every": 0}) as t:
+        assert t.train() == "finished"
+    shutdown()
+    assert not torch.distributed.is_initialized()
+    with make_trainer(corpus, tmp_path / "b", **{"run.max_steps": 1, "run.ckpt_every": 0}) as t:
+        assert t.train() == "finished" and torch.distributed.is_initialized()
+
+
 @pytest.mark.slow
 def test_compiled_trainer_matches_eager_losses(corpus, tmp_path):
     """run.compile=true (regional torch.compile of the blocks) gives the eager run's per-step losses."""
