@@ -26,6 +26,7 @@ Supported: sm90, bf16/fp16, D ∈ {64, 128}, non-causal, heads contiguous (strid
 ``supported()`` says so per call (shape checks only, no device reads); everything else uses the portable kernels.
 """
 
+import dataclasses
 import functools
 
 import torch
@@ -503,9 +504,27 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _desc(t2d, block, dtype):
-    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
-    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), block, layout)
+@functools.lru_cache(maxsize=None)
+def _layout(block: tuple, dtype: torch.dtype):
+    """The NVMMA shared layout of a TMA block (built once per block shape and dtype, not per call)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def _desc(t2d, block: tuple):
+    """A host TMA descriptor of ``t2d`` built without ``TensorDescriptor.__post_init__``: its checks (16-byte base
+    and strides, power-of-2 block, positive shape) cost ~8 µs a descriptor on the host, three per call, and
+    ``supported``/``launch_fwd`` already guarantee them (the blocks are CONFIGS' constants). Equal to the checked
+    constructor's result (tests/sigattn/test_hopper_host.py)."""
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(_DESC_DEFAULTS)          # the dataclass's defaulted fields (padding, ...; they vary by version)
+    d.base, d.shape, d.strides = t2d, list(t2d.shape), list(t2d.stride())
+    d.block_shape, d.layout = list(block), _layout(block, t2d.dtype)
+    return d
+
+
+if HAVE_GLUON:
+    _DESC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDescriptor)
+                      if f.default is not dataclasses.MISSING}
 
 
 def _as_2d(t, varlen: bool):
@@ -528,10 +547,9 @@ def launch_fwd(q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float
     if B == 0 or max_seqlen == 0 or q.numel() == 0:
         return out.zero_()
     BM, BN, STAGES, CONSUMERS, sig, depth = tuple(config or CONFIGS[D]) + (0, 1)[len(config or CONFIGS[D]) - 4:]
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    qd = _desc(_as_2d(q, varlen), [BM // CONSUMERS, D], gdt)
-    kd = _desc(_as_2d(k, varlen), [BN, D], gdt)
-    vd = _desc(_as_2d(v, varlen), [BN, D], gdt)
+    qd = _desc(_as_2d(q, varlen), (BM // CONSUMERS, D))
+    kd = _desc(_as_2d(k, varlen), (BN, D))
+    vd = _desc(_as_2d(v, varlen), (BN, D))
     has_lens = seq_info is not None
     if seq_info is None:
         seq_info = q.new_empty(1, dtype=torch.int32)
