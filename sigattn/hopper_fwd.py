@@ -46,7 +46,8 @@ except ImportError:  # older/newer Triton without the Gluon Hopper API
 LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH]) per head dim: 128 query rows per CTA, split over CONSUMERS
 # partitions (1: one 8-warp partition, 2 warpgroups in lockstep; 2: two 4-warp partitions, FA3's layout); SIG: see
-# _prob; DEPTH 1: _consumer, DEPTH 2: _consumer_pairs. Chosen from benchmarks/results/attention_hopper_variants_*.json
+# _prob; DEPTH 1: _consumer, DEPTH 2: _consumer_pairs, DEPTH 3: _consumer with CONSUMERS = 2 in ping-pong (compiles
+# without spills for sm90; not run on a GPU yet). Chosen from benchmarks/results/attention_hopper_variants_*.json
 # (H200, side by side in one run).
 CONFIGS = {64: (128, 128, 4, 1, 3), 128: (128, 64, 4, 1, 3, 2)}
 
@@ -168,13 +169,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
-                  q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean,
+                  q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn,
                   VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                   FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                   PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr,
                   DEPTH: gl.constexpr, num_warps: gl.constexpr):
-        """Rows [PART·ROWS, (PART+1)·ROWS) of each 128-row query tile (ROWS = BLOCK_M / CONSUMERS)."""
+        """Rows [PART·ROWS, (PART+1)·ROWS) of each 128-row query tile (ROWS = BLOCK_M / CONSUMERS).
+
+        DEPTH 1: S_{j+1} is issued before σ(S_j), PV_j after it. DEPTH 3 (two consumers, FA3's ping-pong): σ(S_j)
+        first, then S_{j+1} and PV_j are issued back to back in this consumer's turn (mbarriers ``turn``: each
+        consumer waits for its own, issues, and hands the turn to the other), so the tensor cores run one
+        warpgroup's GEMMs while the other computes its sigmoid."""
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -195,6 +201,7 @@ if HAVE_GLUON:
         kv = 0
         it = 0
         n_clean = 0
+        n_turn = 0
         for w in range(pid, n_work, nprog):
             m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS)
             start_m = m * BLOCK_M
@@ -220,16 +227,31 @@ if HAVE_GLUON:
                     for j in range(n_kv - 1):
                         s = kv % STAGES
                         s2 = (kv + 1) % STAGES
-                        mbarrier.wait(k_ready.index(s2), ((kv + 1) // STAGES) & 1)
-                        s_next = warpgroup_mma(q_tile, k_smem.index(s2).permute((1, 0)), s_zero, use_acc=False,
-                                               is_async=True)
-                        if PROBE == 1:  # timing probe only: no sigmoid
-                            p = sc.to(dtype)
+                        if DEPTH == 3:  # ping-pong: σ(S_j), then S_{j+1} and PV_j in this consumer's turn
+                            if PROBE == 1:  # timing probe only: no sigmoid
+                                p = sc.to(dtype)
+                            else:
+                                p = _prob(sc * c1 + c0, FAST_SIGMOID, SIG).to(dtype)
+                            p = gl.convert_layout(p, p_layout)
+                            mbarrier.wait(k_ready.index(s2), ((kv + 1) // STAGES) & 1)
+                            mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
+                            mbarrier.wait(turn.index(PART), n_turn & 1)
+                            s_next = warpgroup_mma(q_tile, k_smem.index(s2).permute((1, 0)), s_zero, use_acc=False,
+                                                   is_async=True)
+                            acc = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
+                            mbarrier.arrive(turn.index(1 - PART))
+                            n_turn += 1
                         else:
-                            p = _prob(sc * c1 + c0, FAST_SIGMOID, SIG).to(dtype)
-                        p = gl.convert_layout(p, p_layout)
-                        mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
-                        acc = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
+                            mbarrier.wait(k_ready.index(s2), ((kv + 1) // STAGES) & 1)
+                            s_next = warpgroup_mma(q_tile, k_smem.index(s2).permute((1, 0)), s_zero, use_acc=False,
+                                                   is_async=True)
+                            if PROBE == 1:  # timing probe only: no sigmoid
+                                p = sc.to(dtype)
+                            else:
+                                p = _prob(sc * c1 + c0, FAST_SIGMOID, SIG).to(dtype)
+                            p = gl.convert_layout(p, p_layout)
+                            mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
+                            acc = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
                         sc, acc = warpgroup_mma_wait(1, deps=(s_next, acc))
                         gl.thread_barrier()
                         mbarrier.arrive(k_empty.index(s2))
@@ -443,7 +465,8 @@ if HAVE_GLUON:
                           FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                           PROBE: gl.constexpr, SIG: gl.constexpr, DEPTH: gl.constexpr):
-        gl.static_assert(DEPTH == 1 or (STAGES >= 3 and CONSUMERS == 1), "DEPTH 2: one consumer, ≥ 3 K/V stages")
+        gl.static_assert(DEPTH == 1 or (DEPTH == 2 and STAGES >= 3 and CONSUMERS == 1) or (DEPTH == 3 and CONSUMERS == 2),
+                         "DEPTH 2: one consumer, ≥ 3 K/V stages; DEPTH 3 (ping-pong): two consumers")
         dtype: gl.constexpr = q_desc.dtype
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         q_smem = gl.allocate_shared_memory(dtype, [2 * CONSUMERS, ROWS, D], q_desc.layout)
@@ -456,6 +479,7 @@ if HAVE_GLUON:
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_clean = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # DEPTH 3's GEMM turns
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=CONSUMERS)
@@ -465,6 +489,10 @@ if HAVE_GLUON:
             mbarrier.init(k_empty.index(i), count=CONSUMERS)
             mbarrier.init(v_empty.index(i), count=CONSUMERS)
         mbarrier.init(v_clean, count=CONSUMERS)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        if DEPTH == 3:
+            mbarrier.arrive(turn.index(0))  # consumer 0 takes the first turn
         fence_async_shared()
         if DEPTH == 2:
             gl.warp_specialize([
@@ -478,22 +506,22 @@ if HAVE_GLUON:
         elif CONSUMERS == 1:  # one 8-warp consumer (2 warpgroups in lockstep)
             gl.warp_specialize([
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
-                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN, HAS_LENS,
-                             LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 0, PROBE,
-                             SIG, DEPTH, gl.num_warps())),
+                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
+                             HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 0,
+                             PROBE, SIG, DEPTH, gl.num_warps())),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
                            D, STAGES, CONSUMERS))], [1], [24])
         else:  # two independent 4-warp consumers (one warpgroup each, 64 query rows), FA3's layout
             gl.warp_specialize([
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
-                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN, HAS_LENS,
-                             LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 0, PROBE, SIG,
-                             DEPTH, 4)),
+                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
+                             HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
+                             0, PROBE, SIG, DEPTH, 4)),
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
-                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN, HAS_LENS,
-                             LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 1, PROBE, SIG,
-                             DEPTH, 4)),
+                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
+                             HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
+                             1, PROBE, SIG, DEPTH, 4)),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
                            D, STAGES, CONSUMERS))], [4, 1], [232, 24])
