@@ -44,10 +44,10 @@ except ImportError:  # older/newer Triton without the Gluon Hopper API
     HAVE_GLUON = False
 
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH]) per head dim: 128 query rows per CTA, split over CONSUMERS
+# (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH[, ORDER]]) per head dim: 128 query rows per CTA, split over CONSUMERS
 # partitions (1: one 8-warp partition, 2 warpgroups in lockstep; 2: two 4-warp partitions, FA3's layout); SIG: see
 # _prob; DEPTH 1: _consumer, DEPTH 2: _consumer_pairs, DEPTH 3: _consumer with CONSUMERS = 2 in ping-pong (compiles
-# without spills for sm90; not run on a GPU yet). Chosen from benchmarks/results/attention_hopper_variants_*.json
+# without spills for sm90; not run on a GPU yet); ORDER: see _item (1 is not measured yet). Chosen from benchmarks/results/attention_hopper_variants_*.json
 # (H200, side by side in one run).
 CONFIGS = {64: (128, 128, 4, 1, 3), 128: (128, 64, 4, 1, 3, 2)}
 
@@ -115,11 +115,16 @@ if HAVE_GLUON:
             return r * (2.0 - y * r)
 
     @gluon.jit
-    def _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr):
+    def _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, ORDER: gl.constexpr):
         """Work item w → (m, b, h, first token row, L, rows to write): (b, h)-major, so the CTAs running at one time
-        share a few heads' K/V in L2; within a head m runs from the highest tile down."""
-        m = NUM_M - 1 - w % NUM_M
+        share a few heads' K/V in L2; within a head m runs from the highest tile down. ORDER 1 rotates that order by
+        the head index: CTA p's items w = p + i·nprog then meet every m residue instead of the few that nprog mod
+        NUM_M steps through, so the empty tiles past short sequences' ends spread over all CTAs."""
         bh = w // NUM_M
+        if ORDER == 1:
+            m = NUM_M - 1 - (w + bh) % NUM_M
+        else:
+            m = NUM_M - 1 - w % NUM_M
         b = bh // H
         h = bh % H
         if VARLEN:
@@ -139,14 +144,14 @@ if HAVE_GLUON:
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                 v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work,
                 VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+                D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, ORDER: gl.constexpr):
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         kv = 0
         it = 0
         for w in range(pid, n_work, nprog):
-            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS)
+            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
             if m * BLOCK_M < L:
                 qb = it % 2
                 mbarrier.wait(q_empty.index(qb), ((it // 2) & 1) ^ 1)
@@ -174,7 +179,7 @@ if HAVE_GLUON:
                   FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                   PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr,
-                  DEPTH: gl.constexpr, num_warps: gl.constexpr):
+                  DEPTH: gl.constexpr, ORDER: gl.constexpr, num_warps: gl.constexpr):
         """Rows [PART·ROWS, (PART+1)·ROWS) of each 128-row query tile (ROWS = BLOCK_M / CONSUMERS).
 
         DEPTH 1: S_{j+1} is issued before σ(S_j), PV_j after it. DEPTH 3 (two consumers, FA3's ping-pong): σ(S_j)
@@ -203,7 +208,7 @@ if HAVE_GLUON:
         n_clean = 0
         n_turn = 0
         for w in range(pid, n_work, nprog):
-            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS)
+            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
             start_m = m * BLOCK_M
             if start_m < n_rows:
                 acc = gl.zeros([ROWS, D], gl.float32, o_layout)
@@ -328,7 +333,8 @@ if HAVE_GLUON:
                         VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                         FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-                        PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr, num_warps: gl.constexpr):
+                        PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr, ORDER: gl.constexpr,
+                        num_warps: gl.constexpr):
         """DEPTH 2: key tiles in pairs (j, j+1) with two score register sets sa, sb. σ(S_{j+1}) runs while the
         tensor cores hold PV_j and S_{j+2}; σ(S_j) while they hold PV_{j-1}. Score tiles never cross the loop's
         back-edge in flight (ptxas would copy them and serialise every wgmma, warning C7514); P_{j-1} (the register
@@ -355,7 +361,7 @@ if HAVE_GLUON:
         it = 0
         n_clean = 0
         for w in range(pid, n_work, nprog):
-            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS)
+            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
             start_m = m * BLOCK_M
             if start_m < n_rows:
                 acc = gl.zeros([ROWS, D], gl.float32, o_layout)
@@ -464,7 +470,7 @@ if HAVE_GLUON:
                           VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                           FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-                          PROBE: gl.constexpr, SIG: gl.constexpr, DEPTH: gl.constexpr):
+                          PROBE: gl.constexpr, SIG: gl.constexpr, DEPTH: gl.constexpr, ORDER: gl.constexpr):
         gl.static_assert(DEPTH == 1 or (DEPTH == 2 and STAGES >= 3 and CONSUMERS == 1) or (DEPTH == 3 and CONSUMERS == 2),
                          "DEPTH 2: one consumer, ≥ 3 K/V stages; DEPTH 3 (ping-pong): two consumers")
         dtype: gl.constexpr = q_desc.dtype
@@ -499,32 +505,32 @@ if HAVE_GLUON:
                 (_consumer_pairs, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem,
                                    v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN,
                                    HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
-                                   0, PROBE, SIG, gl.num_warps())),
+                                   0, PROBE, SIG, ORDER, gl.num_warps())),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
-                           D, STAGES, CONSUMERS))], [1], [24])
+                           D, STAGES, CONSUMERS, ORDER))], [1], [24])
         elif CONSUMERS == 1:  # one 8-warp consumer (2 warpgroups in lockstep)
             gl.warp_specialize([
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
                              HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 0,
-                             PROBE, SIG, DEPTH, gl.num_warps())),
+                             PROBE, SIG, DEPTH, ORDER, gl.num_warps())),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
-                           D, STAGES, CONSUMERS))], [1], [24])
+                           D, STAGES, CONSUMERS, ORDER))], [1], [24])
         else:  # two independent 4-warp consumers (one warpgroup each, 64 query rows), FA3's layout
             gl.warp_specialize([
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
                              HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
-                             0, PROBE, SIG, DEPTH, 4)),
+                             0, PROBE, SIG, DEPTH, ORDER, 4)),
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
                              HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
-                             1, PROBE, SIG, DEPTH, 4)),
+                             1, PROBE, SIG, DEPTH, ORDER, 4)),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
-                           D, STAGES, CONSUMERS))], [4, 1], [232, 24])
+                           D, STAGES, CONSUMERS, ORDER))], [4, 1], [232, 24])
 
 
 @functools.lru_cache(maxsize=None)
@@ -574,7 +580,8 @@ def launch_fwd(q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float
     N = 0 if varlen else q.shape[1]
     if B == 0 or max_seqlen == 0 or q.numel() == 0:
         return out.zero_()
-    BM, BN, STAGES, CONSUMERS, sig, depth = tuple(config or CONFIGS[D]) + (0, 1)[len(config or CONFIGS[D]) - 4:]
+    cfg = tuple(config or CONFIGS[D])
+    BM, BN, STAGES, CONSUMERS, sig, depth, order = cfg + (0, 1, 0)[len(cfg) - 4:]
     qd = _desc(_as_2d(q, varlen), (BM // CONSUMERS, D))
     kd = _desc(_as_2d(k, varlen), (BN, D))
     vd = _desc(_as_2d(v, varlen), (BN, D))
@@ -589,6 +596,6 @@ def launch_fwd(q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float
     hopper_fwd_kernel[grid](qd, kd, vd, out, seq_info, float(scale), float(bias), N, H, H // H_kv, n_bh, num_m,
                             n_work, stride_ot, VARLEN=varlen, HAS_LENS=has_lens, LOG_N_BIAS=bool(log_n_bias),
                             FAST_SIGMOID=bool(fast_sigmoid), CLEAN_V=not varlen, BLOCK_M=BM, BLOCK_N=BN, D=D,
-                            STAGES=STAGES, CONSUMERS=CONSUMERS, PROBE=probe, SIG=sig, DEPTH=depth,
+                            STAGES=STAGES, CONSUMERS=CONSUMERS, PROBE=probe, SIG=sig, DEPTH=depth, ORDER=order,
                             num_warps=8 if CONSUMERS == 1 else 4)
     return out

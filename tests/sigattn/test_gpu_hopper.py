@@ -84,14 +84,15 @@ def test_hopper_fwd_few_items():
 @pytest.mark.parametrize("config", [(128, 64, 4, 1, 0), (128, 128, 2, 1, 0), (128, 64, 4, 2, 0), (128, 128, 2, 2, 0),
                                     (128, 64, 4, 1, 1), (128, 64, 4, 1, 2), (128, 64, 4, 1, 3), (128, 64, 4, 2, 1),
                                     (128, 64, 4, 1, 3, 2), (128, 64, 8, 1, 3, 2), (128, 64, 4, 1, 0, 2),
-                                    (128, 64, 4, 2, 3, 3), (128, 128, 2, 2, 3, 3)],
+                                    (128, 64, 4, 2, 3, 3), (128, 128, 2, 2, 3, 3), (128, 64, 4, 1, 3, 2, 1),
+                                    (128, 64, 4, 2, 3, 3, 1)],
                          ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_hopper_fwd_configs(D, layout, config):
     # every tiling / consumer layout / sigmoid form (SIG) / pipeline depth the kernel offers: partial key tiles, the
     # V-tail clean-up, GQA; with 64-key tiles the lengths give 1, 2, 4, 5 and 12 tiles (odd/even counts, 0-3 loop
-    # iterations of the paired DEPTH-2 loop); DEPTH 3 = two consumers in ping-pong (turn mbarriers)
+    # iterations of the paired DEPTH-2 loop); DEPTH 3 = two consumers in ping-pong (turn mbarriers); a 7th entry 1 = the head-rotated item order
     if config[2] * 2 * config[1] * D * 2 + 4 * config[0] * D > 200 * 1024:
         pytest.skip("does not fit in shared memory")
     run_fwd(layout, torch.bfloat16, D, 4, 2, "log_n", [300, 64, 65, 1, 0, 200, 768], 768, config=config)
