@@ -80,3 +80,54 @@ def feasibility(m: ModelSize, tokens_per_cell: int, zero_stage: int, gpus: int, 
     max_cells_c = max(0, int(free // a1c)) if free > 0 else 0
     verdict = "fits" if max_cells >= 1 else ("fits with activation checkpointing" if max_cells_c >= 1 else "does not fit")
     return Feasibility(states / GiB, a1 / GiB, a1c / GiB, max_cells, max_cells_c, verdict)
+
+
+# ---- choosing ZeRO stage, activation checkpointing and micro-batch -------------------------------------------
+# Relative cost model (assumptions, to be calibrated with launch.measure on the target GPU):
+#   time per token ∝ (1 + RECOMPUTE·ckpt) · (1 + ZERO3_OVERHEAD·[stage 3]) / eff(t),  eff(t) = t / (t + T_HALF)
+# RECOMPUTE = 1/3: full checkpointing reruns each layer's forward (1 of the 3 matmul passes of a step).
+# ZERO3_OVERHEAD: ZeRO-3 gathers and frees every layer's parameters in forward and backward (also on one GPU).
+# T_HALF: tokens per micro-batch at which a GPU runs at half its large-batch efficiency; eff is 0.89 at 8·T_HALF.
+RECOMPUTE = 1 / 3
+ZERO3_OVERHEAD = 0.05
+T_HALF = 2048
+MAX_MICRO_TOKENS = 65536     # a larger micro-batch gains nothing measurable; the global batch is grad_accum's job
+
+
+@dataclass(frozen=True)
+class Plan:
+    zero_stage: int
+    activation_checkpointing: bool
+    micro_batch: int                 # cells per GPU per micro-batch
+    relative_speed: float            # tokens/s relative to an ideal step (no recompute, no ZeRO-3, saturated GPU)
+    memory_gib: float                # model states + activations of that micro-batch, per GPU
+    candidates: tuple = ()           # every feasible (zero_stage, ckpt, micro_batch, relative_speed), best first
+
+
+def relative_speed(zero_stage: int, checkpointing: bool, micro_tokens: int) -> float:
+    eff = micro_tokens / (micro_tokens + T_HALF)
+    return eff / ((1 + RECOMPUTE * checkpointing) * (1 + ZERO3_OVERHEAD * (zero_stage == 3)))
+
+
+def plan(m: ModelSize, tokens_per_cell: int, gpus: int, gpu_mem_gib: float = 80.0, reserve: float = 0.1,
+         context_parallel: int = 1, max_micro_tokens: int = MAX_MICRO_TOKENS) -> Plan:
+    """The ZeRO stage, activation checkpointing and micro-batch with the highest modelled tokens/s that fit in
+    ``gpu_mem_gib`` (see ``feasibility``); ties go to the lower stage (fewer collectives). Raises ``ValueError``
+    when nothing fits at micro-batch 1."""
+    local_tokens = -(-tokens_per_cell // context_parallel)
+    cap = max(1, max_micro_tokens // local_tokens)
+    cands = []
+    for stage in (0, 1, 2, 3):
+        f = feasibility(m, tokens_per_cell, stage, gpus, gpu_mem_gib, reserve, context_parallel)
+        for ckpt, fit in ((False, f.max_cells), (True, f.max_cells_ckpt)):
+            if fit >= 1:
+                b = min(fit, cap)
+                mem = f.model_state_gib + b * (f.act_gib_per_cell_ckpt if ckpt else f.act_gib_per_cell)
+                cands.append((stage, ckpt, b, relative_speed(stage, ckpt, b * local_tokens), mem))
+    if not cands:
+        raise ValueError(f"{m.name} at {tokens_per_cell} tokens per cell does not fit in {gpu_mem_gib:g} GiB per GPU "
+                         f"on {gpus} GPU(s) with context parallelism {context_parallel}, even with ZeRO-3 and "
+                         "activation checkpointing at one cell per micro-batch")
+    cands.sort(key=lambda c: (-round(c[3], 6), c[0], c[1]))
+    best = cands[0]
+    return Plan(best[0], best[1], best[2], best[3], best[4], tuple(c[:4] for c in cands))

@@ -11,7 +11,9 @@ fraction r of the tokens; L layers, width d; see ``launch.model_size``). Through
 
 ``GPU-hours = cells · epochs / (cells/s per GPU) / 3600``; wall-clock hours divide by ``--gpus``.
 Each row also carries the memory check of ``launch.memory`` (model states under the preset's ZeRO
-stage over ``--gpus`` GPUs, activations with/without checkpointing, the micro-batch that fits).
+stage over ``--gpus`` GPUs, activations with/without checkpointing, the micro-batch that fits) and
+``launch.memory.plan``'s choice of ZeRO stage, checkpointing and micro-batch (``plan_*``); ``--settings plan``
+measures and checks with that choice instead of the preset's.
 ``--context-parallel P`` splits every cell over P GPUs (``training.parallel``): activations per GPU ÷ P,
 and each row gives the all-to-all bytes each GPU sends per cell (``cp_comm_gib_per_cell``); the FLOPs, so
 the analytic GPU-hours, do not change.
@@ -30,25 +32,38 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from launch.memory import cp_comm_bytes, feasibility
+from launch.memory import cp_comm_bytes, feasibility, plan
 from launch.model_size import flops_per_cell, model_size
 
 ATTENTIONS = ("sigmoid", "softmax")
 H100_BF16_PEAK = 989e12
 
 
+def _plan(m, context: int, gpus: int, gpu_mem_gib: float, context_parallel: int):
+    try:
+        return plan(m, context, gpus, gpu_mem_gib, context_parallel=context_parallel)
+    except ValueError:
+        return None
+
+
 def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int, gpu_mem_gib: float,
-         cells_per_s: float, source: str, measured=None, context_parallel: int = 1) -> dict:
-    f = feasibility(m, context, m.zero_stage, gpus, gpu_mem_gib, context_parallel=context_parallel)
+         cells_per_s: float, source: str, measured=None, context_parallel: int = 1, settings: str = "preset") -> dict:
+    pl = _plan(m, context, gpus, gpu_mem_gib, context_parallel)
+    stage = pl.zero_stage if settings == "plan" and pl else m.zero_stage
+    f = feasibility(m, context, stage, gpus, gpu_mem_gib, context_parallel=context_parallel)
     gpu_hours = cells * epochs / cells_per_s / 3600 if cells_per_s else None
     row = {"size": m.name, "context": context, "attention": attention, "n_params": m.n_params,
            "n_params_nonemb": m.n_params_nonemb, "flops_per_cell": flops_per_cell(m, context),
            "throughput": source, "cells_per_s_per_gpu": cells_per_s, "gpu_hours": gpu_hours,
-           "wall_hours": gpu_hours / gpus if gpu_hours else None, "zero_stage": m.zero_stage,
+           "wall_hours": gpu_hours / gpus if gpu_hours else None, "settings": settings, "zero_stage": stage,
            "model_state_gib": f.model_state_gib, "act_gib_per_cell": f.act_gib_per_cell,
            "act_gib_per_cell_ckpt": f.act_gib_per_cell_ckpt, "max_cells": f.max_cells,
            "max_cells_ckpt": f.max_cells_ckpt, "memory": f.verdict, "context_parallel_degree": context_parallel,
-           "cp_comm_gib_per_cell": -(-context // context_parallel) * cp_comm_bytes(m, context_parallel) / 2**30}
+           "cp_comm_gib_per_cell": -(-context // context_parallel) * cp_comm_bytes(m, context_parallel) / 2**30,
+           "plan_zero_stage": pl.zero_stage if pl else None,
+           "plan_checkpointing": pl.activation_checkpointing if pl else None,
+           "plan_micro_batch": pl.micro_batch if pl else None,
+           "plan_relative_speed": pl.relative_speed if pl else None}
     if measured is not None:
         row.update(measured_batch=measured.batch_size, measured_mem_gb=measured.mem_gb,
                    measured_tokens_per_cell=measured.tokens_per_cell, measured_steps=measured.steps)
@@ -58,8 +73,12 @@ def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int
 def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mfu: float | None = 0.4,
             peak_flops: float = H100_BF16_PEAK, measure_steps: tuple[int, int] | None = None,
             gpu_mem_gib: float = 80.0, attentions=ATTENTIONS, batch_size: int | None = None,
-            context_parallel: int = 1) -> list[dict]:
-    """One row per size × context × attention (analytic when ``measure_steps`` is None)."""
+            context_parallel: int = 1, settings: str = "preset") -> list[dict]:
+    """One row per size × context × attention (analytic when ``measure_steps`` is None). ``settings="plan"``
+    measures with (and checks the memory of) ``launch.memory.plan``'s ZeRO stage, checkpointing and micro-batch
+    for ``gpus`` GPUs of ``gpu_mem_gib`` instead of the preset's; every row carries the plan either way."""
+    if settings not in ("preset", "plan"):
+        raise ValueError(f"settings must be 'preset' or 'plan', got {settings!r}")
     models = {s: model_size(s) for s in sizes}
     rows = []
     with Progress(transient=True) as progress:
@@ -72,20 +91,27 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                     if measure_steps is None:
                         rate = mfu * peak_flops / flops_per_cell(m, ctx)
                         rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, rate, f"mfu={mfu:g}",
-                                         context_parallel=context_parallel))
+                                         context_parallel=context_parallel, settings=settings))
                     else:
                         from launch.measure import DoesNotFit, measure
 
+                        bs, extra = batch_size, []
+                        pl = _plan(m, ctx, gpus, gpu_mem_gib, context_parallel) if settings == "plan" else None
+                        if pl is not None:
+                            bs = batch_size or pl.micro_batch
+                            extra = [f"run.zero_stage={pl.zero_stage}",
+                                     f"model.activation_checkpointing={str(pl.activation_checkpointing).lower()}"]
                         try:
                             meas = measure(s, ctx, att, warmup_steps=measure_steps[0],
-                                           timed_steps=measure_steps[1], batch_size=batch_size)
+                                           timed_steps=measure_steps[1], batch_size=bs, extra_overrides=extra)
                         except DoesNotFit as e:  # a row, not the end of the projection
                             progress.console.print(f"[yellow]{e}")
-                            row = _row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, None, "measured")
+                            row = _row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, None, "measured",
+                                       settings=settings)
                             rows.append(row | {"memory": "out of memory at micro-batch 1 (measured)"})
                         else:
                             rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, meas.cells_per_s,
-                                             "measured", meas))
+                                             "measured", meas, settings=settings))
                     progress.advance(task)
     for r in rows:  # sigmoid's saving relative to softmax (on the sigmoid row, when both were run)
         soft = [x for x in rows if (x["size"], x["context"], x["attention"]) == (r["size"], r["context"], "softmax")]
@@ -97,7 +123,8 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
 
 def _markdown(rows: list[dict], header: str) -> str:
     cols = ["size", "context", "attention", "n_params", "cells_per_s_per_gpu", "gpu_hours", "wall_hours",
-            "sigmoid_saving_pct", "zero_stage", "model_state_gib", "max_cells", "max_cells_ckpt", "memory"]
+            "sigmoid_saving_pct", "zero_stage", "model_state_gib", "max_cells", "max_cells_ckpt", "memory",
+            "plan_zero_stage", "plan_checkpointing", "plan_micro_batch"]
     if any(r.get("context_parallel_degree", 1) > 1 for r in rows):
         cols += ["context_parallel_degree", "cp_comm_gib_per_cell"]
     if any("measured_batch" in r for r in rows):
@@ -106,6 +133,8 @@ def _markdown(rows: list[dict], header: str) -> str:
     def fmt(v):
         if v is None:
             return ""
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         if isinstance(v, float):
             return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
         return f"{v:,}" if isinstance(v, int) else str(v)
@@ -185,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timed-steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=None,
                    help="--measure micro-batch (cells); default keeps the preset's tokens per micro-batch")
+    p.add_argument("--settings", choices=("preset", "plan"), default="preset",
+                   help="memory settings measured and checked: the preset's ZeRO stage / checkpointing / "
+                        "micro-batch, or launch.memory.plan's choice for --gpus GPUs of --gpu-mem-gib")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     mfu = a.mfu if a.mfu is not None else 0.4
@@ -208,19 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = project(a.sizes, a.context, cells=a.cells, gpus=a.gpus, epochs=a.epochs, mfu=mfu,
                    peak_flops=a.peak_flops, gpu_mem_gib=a.gpu_mem_gib,
                    measure_steps=(a.warmup_steps, a.timed_steps) if a.measure else None, attentions=a.attention,
-                   batch_size=a.batch_size, context_parallel=a.context_parallel)
+                   batch_size=a.batch_size, context_parallel=a.context_parallel, settings=a.settings)
     device = "cpu"
     if a.measure:
         import torch
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    meta = {"cells": a.cells, "epochs": a.epochs, "gpus": a.gpus, "gpu_mem_gib": a.gpu_mem_gib,
+    meta = {"cells": a.cells, "epochs": a.epochs, "gpus": a.gpus, "gpu_mem_gib": a.gpu_mem_gib, "settings": a.settings,
             "context_parallel_degree": a.context_parallel,
             "throughput": f"measured on {device}" if a.measure else f"MFU {mfu:g} of {a.peak_flops:.3g} FLOP/s",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
             "argv": sys.argv[1:] if argv is None else argv,
             "note": "F_cell = (6·(N − N_head) + 6·N_head·r + 12·L·d·s)·s with s = context, r the masked fraction "
-                    "(head on masked tokens only); memory: bf16 AdamW states under the preset's "
-                    "ZeRO stage over the GPUs, activations 32·d B/token/layer (2·d with checkpointing)."}
+                    "(head on masked tokens only); memory: bf16 AdamW states under the "
+                    f"{'planned' if a.settings == 'plan' else 'preset'} ZeRO stage over the GPUs, activations 32·d "
+                    "B/token/layer (2·d with checkpointing); plan_*: launch.memory.plan's choice."}
     for path in write_outputs(rows, a.out, meta):
         print(path)
     print(_markdown(rows, ""))

@@ -164,3 +164,53 @@ def test_measure_row_that_does_not_fit_is_kept(tmp_path, monkeypatch):
     meta = {"cells": 1e3, "epochs": 1.0, "gpus": 1, "throughput": "measured", "note": ""}
     paths = project.write_outputs(rows, tmp_path, meta)
     assert "out of memory at micro-batch 1" in paths[0].read_text() and paths[3].stat().st_size > 0
+
+
+def test_memory_plan_picks_the_fastest_setting_that_fits():
+    from launch.memory import GiB, plan, relative_speed
+    m = model_size("1.4b")
+    # one 80 GB card at 8K: ZeRO-0 without checkpointing holds 3 cells (24K tokens) and beats the preset's ZeRO-3 +
+    # full checkpointing (recompute = +1/3 of the matmuls)
+    p = plan(m, 8192, 1, 80.0)
+    assert (p.zero_stage, p.activation_checkpointing, p.micro_batch) == (0, False, 3)
+    assert p.memory_gib <= 80 * 0.9 and p.memory_gib + feasibility(m, 8192, 0, 1).act_gib_per_cell > 80 * 0.9
+    assert p.relative_speed > relative_speed(3, True, 4 * 8192)
+    speeds = [c[3] for c in p.candidates]
+    assert speeds == sorted(speeds, reverse=True) and len(p.candidates) >= 4
+    # a smaller card: checkpointing (or ZeRO sharding) becomes necessary, and the plan still fits
+    for gb in (24, 40):
+        q = plan(m, 8192, 8, gb)
+        used = model_state_bytes(m.n_params, q.zero_stage, 8) / GiB + q.micro_batch * (
+            feasibility(m, 8192, q.zero_stage, 8, gb).act_gib_per_cell_ckpt if q.activation_checkpointing
+            else feasibility(m, 8192, q.zero_stage, 8, gb).act_gib_per_cell)
+        assert used <= gb * 0.9 and q.micro_batch >= 1
+    assert plan(m, 8192, 8, 24).zero_stage >= 1          # 16 B/param of 1.4B (21 GiB) leave no room on 24 GB
+    # context parallelism: each GPU holds s/P tokens of a cell, so at 32K on 4 GPUs no checkpointing is needed
+    assert not plan(m, 32768, 4, 80.0, context_parallel=4).activation_checkpointing
+    with pytest.raises(ValueError, match="does not fit in 8 GiB"):
+        plan(m, 8192, 1, 8.0)
+    # 160m: nothing to save memory on, the micro-batch is capped at MAX_MICRO_TOKENS tokens
+    small = plan(model_size("160m"), 2048, 1, 80.0)
+    assert (small.zero_stage, small.activation_checkpointing, small.micro_batch) == (0, False, 32)
+
+
+def test_project_measures_with_the_plan(monkeypatch):
+    from launch import measure as measure_mod
+    seen = []
+
+    def fake_measure(size, context, attention, **kw):
+        seen.append(kw)
+        return measure_mod.Measurement(size=size, context=context, attention=attention, batch_size=kw["batch_size"],
+                                       cells_per_s=4.0, tokens_per_s=4.0 * context, tokens_per_cell=float(context),
+                                       mem_gb=60.0, steps=2)
+
+    monkeypatch.setattr(measure_mod, "measure", fake_measure)
+    rows = project.project(["1.4b"], [8192], cells=1e6, gpus=1, measure_steps=(1, 2), attentions=("sigmoid",),
+                           settings="plan")
+    assert seen[0]["batch_size"] == 3
+    assert seen[0]["extra_overrides"] == ["run.zero_stage=0", "model.activation_checkpointing=false"]
+    assert rows[0]["zero_stage"] == 0 and rows[0]["settings"] == "plan" and rows[0]["plan_micro_batch"] == 3
+    preset = project.project(["1.4b"], [8192], cells=1e6, gpus=1, measure_steps=(1, 2), attentions=("sigmoid",))
+    assert seen[1]["extra_overrides"] == [] and preset[0]["zero_stage"] == 3 and preset[0]["plan_zero_stage"] == 0
+    with pytest.raises(ValueError, match="settings"):
+        project.project(["1.4b"], [8192], cells=1e6, gpus=1, settings="auto")
