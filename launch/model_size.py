@@ -29,8 +29,9 @@ class ModelSize:
     mask_ratio: float = 0.15  # the preset's run.mask_ratio
 
 
-def model_size(name: str, vocab: int | None = None) -> ModelSize:
-    """Shape and counts of ``training/configs/<name>.yaml`` (its model preset) with a ``vocab``-gene table."""
+def model_size(name: str, vocab: int | None = None, overrides: tuple[str, ...] | list[str] = ()) -> ModelSize:
+    """Shape and counts of ``training/configs/<name>.yaml`` (its model preset, after dotted ``overrides``) with a
+    ``vocab``-gene table."""
     import torch  # noqa: F401 (meta device)
 
     from data_prep.tokenize import CellTokenizer
@@ -40,7 +41,7 @@ def model_size(name: str, vocab: int | None = None) -> ModelSize:
     from training.metrics import head_params
     from training.presets import NOMINAL_VOCAB
 
-    cfg = load_config(resolve_config(name))
+    cfg = load_config(resolve_config(name), list(overrides))
     tok = CellTokenizer(vocab or NOMINAL_VOCAB, cfg.data.context_length, cfg.data.n_bins, cfg.run.seed)
     mcfg = dataclasses.replace(cfg.model, n_tokens=tok.n_tokens, n_bins=cfg.data.n_bins)
     model = build_model(mcfg, device="meta")

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-parallel", type=int, default=None, metavar="P",
                    help="context-parallel degree: P ranks share each cell's sequence (parallel.context_parallel_degree; "
                         "must divide nodes x tasks per node and the model's n_heads)")
+    p.add_argument("--memory-plan", type=float, default=None, metavar="GPU_GIB",
+                   help="set run.zero_stage, model.activation_checkpointing and data.batch_size by launch.memory.plan "
+                        "for this many GiB per GPU and the job's GPU count (keys you override yourself are kept)")
     p.add_argument("--mem-gb", type=float, default=None, help="memory per node (Slurm)")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
@@ -79,6 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Overrides may come before or after the options (but not right after ``--array-sweep``'s values)."""
     return build_parser().parse_intermixed_args(argv)
+
+
+def memory_plan_overrides(cfg_path: Path, overrides: list[str], gpus: int, gpu_mem_gib: float,
+                          log=print) -> list[str]:
+    """``launch.memory.plan``'s ZeRO stage, checkpointing and micro-batch for the config (after ``overrides``) on
+    ``gpus`` GPUs of ``gpu_mem_gib``, as overrides; a key the user already overrides is left to the user.
+    Raises ``ValueError`` when nothing fits."""
+    from launch.memory import plan
+    from launch.model_size import model_size
+    from training.config import load_config
+
+    cfg = load_config(cfg_path, overrides)
+    m = model_size(str(cfg_path), overrides=overrides)          # the overridden shape, counted on the meta device
+    cp = cfg.parallel.context_parallel_degree
+    p = plan(m, cfg.data.context_length, gpus, gpu_mem_gib, context_parallel=cp)
+    chosen = {"run.zero_stage": str(p.zero_stage),
+              "model.activation_checkpointing": str(p.activation_checkpointing).lower(),
+              "data.batch_size": str(p.micro_batch)}
+    mine = {o.partition("=")[0] for o in overrides}
+    out = [f"{k}={v}" for k, v in chosen.items() if k not in mine]
+    log(f"launch.submit: memory plan for {gpus} GPU(s) of {gpu_mem_gib:g} GiB at {cfg.data.context_length} tokens"
+        f"{f' (context parallel {cp})' if cp > 1 else ''}: ZeRO-{p.zero_stage}, "
+        f"{'full' if p.activation_checkpointing else 'no'} activation checkpointing, {p.micro_batch} cells per "
+        f"micro-batch, {p.memory_gib:.1f} GiB per GPU modelled"
+        + (f"; kept your {', '.join(sorted(mine & chosen.keys()))}" if mine & chosen.keys() else ""))
+    return out
 
 
 def validate(args: argparse.Namespace, use_slurm: bool) -> tuple[Path, list[list[str]]]:
@@ -112,6 +141,12 @@ def validate(args: argparse.Namespace, use_slurm: bool) -> tuple[Path, list[list
     try:
         cfg_path = configs.resolve_config(args.config)
         axes = sweep.parse_sweep(args.array_sweep)
+        if args.memory_plan is not None:
+            if not args.gpus_per_node:
+                fail("--memory-plan sizes GPU memory: it needs --gpus-per-node >= 1")
+            args.overrides = [*args.overrides, *memory_plan_overrides(cfg_path, args.overrides,
+                                                                      args.nodes * args.gpus_per_node,
+                                                                      args.memory_plan)]
         base = configs.check_overrides(cfg_path, args.overrides, entry_module)
         combos = [configs.check_overrides(cfg_path, base + c, entry_module)[len(base):] for c in sweep.expand(axes)]
     except (configs.ConfigError, ValueError) as e:

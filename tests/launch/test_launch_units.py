@@ -131,3 +131,29 @@ def test_rendezvous_port_is_per_job_stable_and_outside_the_ephemeral_range():
     assert len(set(ports.values())) == len(ports)                              # array tasks differ
     lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert all(not lo <= p <= hi for p in ports.values()), (lo, hi)
+
+
+def test_memory_plan_overrides_follow_the_plan_and_keep_the_users_keys():
+    from launch.memory import plan
+    from launch.model_size import model_size
+    path = configs.resolve_config("1.4b")
+    logs = []
+    out = submit.memory_plan_overrides(path, ["data.context_length=32768", "parallel.context_parallel_degree=4"], 4,
+                                       80.0, log=logs.append)
+    p = plan(model_size("1.4b", overrides=["data.context_length=32768"]), 32768, 4, 80.0, context_parallel=4)
+    assert out == [f"run.zero_stage={p.zero_stage}", f"model.activation_checkpointing={str(p.activation_checkpointing).lower()}",
+                   f"data.batch_size={p.micro_batch}"]
+    assert "context parallel 4" in logs[0]
+    kept = submit.memory_plan_overrides(path, ["run.zero_stage=3"], 1, 80.0, log=logs.append)
+    assert not any(o.startswith("run.zero_stage=") for o in kept) and "kept your run.zero_stage" in logs[-1]
+    # the overridden shape is what gets planned: a 4-layer 1.4b fits 24 GiB cards without sharding, the full one not
+    small = submit.memory_plan_overrides(path, ["model.n_layers=4"], 8, 24.0, log=logs.append)
+    big = submit.memory_plan_overrides(path, [], 8, 24.0, log=logs.append)
+    assert small[0] == "run.zero_stage=0" and big[0] != "run.zero_stage=0"
+
+
+def test_memory_plan_errors_name_the_problem(capsys):
+    with pytest.raises(SystemExit, match="--memory-plan sizes GPU memory"):
+        submit.validate(submit.parse_args(["tiny", "--gpus-per-node", "0", "--memory-plan", "80", "--local"]), False)
+    with pytest.raises(SystemExit, match="does not fit in 4 GiB.*nothing submitted"):
+        submit.validate(submit.parse_args(["1.4b", "--gpus-per-node", "1", "--memory-plan", "4", "--local"]), False)
