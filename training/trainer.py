@@ -94,10 +94,8 @@ class Trainer:
         model = build_model(mcfg)
         if self.parallel.cp > 1:
             apply_context_parallel(model, self.parallel.cp_group)
-        if r.compile:
-            if self.parallel.cp > 1:   # the Ulysses all-to-all inside a block is not traced by fullgraph compile
-                raise ValueError("run.compile=true is not supported with parallel.context_parallel_degree > 1 yet")
-            compile_blocks(model)
+        if r.compile:   # with CP the Ulysses all-to-all stays eager between two compiled regions of each block
+            compile_blocks(model, fullgraph=self.parallel.cp == 1)
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
         self.n_params_head = head_params(model)
         cuda = self.device.type == "cuda"

@@ -23,6 +23,9 @@ def main() -> None:
             cfg = load_config(None, [*overrides, f"model.attention={kind}", f"run.dir={out}/{kind}"])
             with Trainer(cfg, callbacks=[stop] if stop_after > 0 else []) as t:
                 print(f"{kind}: {t.train()} at step {t.step}", flush=True)
+            if cfg.run.compile:
+                from torch._dynamo.utils import counters
+                print(f"{kind}: compiled graphs {counters['stats']['unique_graphs']}", flush=True)
     finally:
         shutdown()
 

@@ -87,6 +87,25 @@ def test_dp2_cp2_equals_dp2_and_resume_with_cp(tmp_path, seed):
         _same([by_step[s] for s in range(1, STEPS + 1)], both[k], f"{k}: CP=2 resumed vs uninterrupted")
 
 
+def test_compiled_cp2_equals_eager_cp2(tmp_path, seed):
+    """run.compile with CP = 2: each block compiles around the eager Ulysses exchange (a graph break there, not an
+    error) and trains exactly as the eager CP run. aot_eager: Dynamo + AOTAutograd without Inductor's C++ builds
+    (Inductor with our op is covered by test_trainer's compiled run)."""
+    eager = _train(tmp_path / "eager", 2, 2, seed)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           DRIVER, str(tmp_path / "compiled"), ",".join(KINDS), "0",
+           *_overrides(seed, **{"parallel.context_parallel_degree": 2, "run.compile": "true"})]
+    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV, "SIGATTN_COMPILE_BACKEND": "aot_eager"},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    for k in KINDS:
+        got = [json.loads(x) for x in (tmp_path / "compiled" / k / "metrics.jsonl").read_text().splitlines()]
+        _same(got, eager[k], f"{k}: compiled CP=2 vs eager CP=2")
+        graphs = [int(line.rsplit(" ", 1)[1]) for line in res.stdout.splitlines()
+                  if line.startswith(f"{k}: compiled graphs")]
+        assert graphs and min(graphs) >= 2, res.stdout[-2000:]   # the regions before and after the exchange
+
+
 def test_benchmark_script_runs_a_tiny_shape_on_cpu(tmp_path):
     """benchmarks/context_parallel.py end to end (launcher → torchrun → worker) on 2 gloo ranks: a tiny CP=2 row
     with world size, degrees, throughput, memory and a non-zero all-to-all share; the JSON names the commit."""

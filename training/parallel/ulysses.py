@@ -41,6 +41,9 @@ class UlyssesVarlen(nn.Module):
     def _local(self, q, k, v, cu_seqlens, max_seqlen):
         return self.core(q.squeeze(1), k.squeeze(1), v.squeeze(1), cu_seqlens, max_seqlen).unsqueeze(1)
 
+    # Under run.compile the exchange stays eager between two compiled regions of the block (Dynamo cannot trace
+    # DeepSpeed's all-to-all autograd Function; training.compile compiles CP blocks without fullgraph).
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
         return self.exchange(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 1, None,
