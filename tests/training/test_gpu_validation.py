@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from trainer_helpers import ENV, set_env, tiny_overrides
+from trainer_helpers import ENV, set_env, synth_corpus, tiny_overrides
 
 N_BINS = 11
 
@@ -25,8 +26,6 @@ N_BINS = 11
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(run dir, corpus dir): 2 synthetic datasets (seed drawn fresh), built and trained for 6 steps."""
-    from data_prep.build import BuildOptions, build
-    from data_prep.synth_census import SynthOptions, write_corpus
     from training.config import load_config
     from training.distributed import shutdown
     from training.trainer import Trainer
@@ -38,11 +37,7 @@ def run(tmp_path_factory):
         os.environ["TORCH_EXTENSIONS_DIR"] = ENV["TORCH_EXTENSIONS_DIR"]
     root = tmp_path_factory.mktemp("gpu_validation")
     seed = int(np.random.default_rng().integers(1 << 30))
-    files = write_corpus(root / "h5ad", 420, 2, SynthOptions(n_genes=1500, min_len=60, max_len=400, seed=seed),
-                         progress=False)
-    corpus = root / "corpus"
-    build([f["path"] for f in files], str(corpus),
-          BuildOptions(min_genes=50, split_by="cell", val_frac=0.2, test_frac=0.05, seed=seed), log=lambda *a: None)
+    corpus = Path(synth_corpus(root, seed))
     run_dir = root / "run"
     t = Trainer(load_config(None, tiny_overrides(str(corpus), run_dir, **{
         "run.max_steps": 6, "run.ckpt_every": 6, "run.precision": "auto", "data.n_bins": N_BINS,
