@@ -10,12 +10,16 @@
 #               0/25 % padding, with the no-sigmoid probe of each
 #                                                                                     -> attention_hopper_variants.json
 #   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over 14 workers     -> gpu_tests.log
+#   trainer-tests  every gpu-marked test under tests/training and tests/launch (by marker; trainer, validation loss,
+#               embeddings, CUDA graphs), serial, kit versions first; needs the kit (bash benchmarks/gpu_wheels.sh)
+#                                                                                     -> trainer_gpu_tests.log
 #   bench-d128  attention benchmark, D=128, every N/padding/kernel                   -> attention_d128.json
 #   bench-d64   attention benchmark, D=64 (+ peak memory at N=16384, cold start)      -> attention_d64.json
 #   train       trainer throughput, 160m@2K/8K and 1.4b@8K, sigmoid vs softmax        -> training_gpu.json/.md
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
 # Knobs: TRAIN_RUNS, TRAIN_STEPS, PROJECT_SIZES, and *_TIMEOUT per phase (seconds).
-# Wheels for the packages the GPU image lacks (deepspeed, triton-sigmoid, pydantic, ...) travel in .whl/.
+# Wheels for the packages the GPU image lacks (deepspeed, mosaicml-streaming, zarr, anndata, submitit, pydantic, ...,
+# triton-sigmoid) travel in .whl/: build the kit here with `bash benchmarks/gpu_wheels.sh`, carry ".whl".
 set -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -48,6 +52,11 @@ for phase in "$@"; do
     tests)
       { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
           -n 8 tests/sigattn; } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
+    trainer-tests)
+      { cat "$OUT/header.txt"
+        python3 -c "import importlib.metadata as m; print(' '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'mosaicml-streaming', 'zarr', 'anndata', 'submitit', 'pandas', 'numpy', 'transformers', 'torchvision')))"
+        timeout "${TRAINER_TEST_TIMEOUT:-240}" python3 -m pytest -p no:cacheprovider -q -rfEs -m gpu --durations=8 \
+          tests/training tests/launch; } 2>&1 | tee "$OUT/trainer_gpu_tests.log" | grep -E "passed|failed|FAILED|Error|SKIPPED|^deepspeed" | tail -25 ;;
     bench-d128)
       timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention.py --d 128 --out "$OUT/attention_d128.json" 2>&1 \
         | grep -v "^benchmark:" | tail -40 ;;

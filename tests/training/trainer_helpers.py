@@ -22,6 +22,20 @@ def pbmc_corpus(tmp_path_factory) -> str:
     return str(out)
 
 
+def synth_corpus(root, seed: int, n_cells: int = 420) -> str:
+    """Two CellxGene-schema synthetic datasets (``data_prep.synth_census``, 1,500 genes, 60-400 genes a cell) through
+    ``data_prep.build`` with a per-cell split (20 % val): needs nothing downloaded, unlike :func:`pbmc_corpus`, so
+    it also runs on the GPU machines."""
+    from data_prep.build import BuildOptions, build
+    from data_prep.synth_census import SynthOptions, write_corpus
+    root = Path(root)
+    files = write_corpus(root / "h5ad", n_cells, 2, SynthOptions(n_genes=1500, min_len=60, max_len=400, seed=seed),
+                         progress=False)
+    build([f["path"] for f in files], str(root / "corpus"),
+          BuildOptions(min_genes=50, split_by="cell", val_frac=0.2, test_frac=0.05, seed=seed), log=lambda *a: None)
+    return str(root / "corpus")
+
+
 def tiny_overrides(corpus: str, run_dir, **extra) -> list[str]:
     """A 2-layer, d=32 model on 64-token cells: a few steps take seconds on 2 CPU cores."""
     base = {"model.preset": "tiny", "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 4,
