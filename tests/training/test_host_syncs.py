@@ -9,6 +9,7 @@ except inside DeepSpeed's ``engine.step()``, whose optimizers read the global no
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import weakref
@@ -128,6 +129,7 @@ def _run(mode: DeviceReads, cfg) -> dict[int, Counter]:
         seen[0] = len(mode.reads)
         per_step[record["step"]] = Counter(who for who, _ in new)
         per_step[record["step"]]["where"] = [w for who, w in new if who == "training"]
+        per_step[record["step"]]["deepspeed"] = sorted({w.split("site-packages/")[-1] for who, w in new if who == "other"})
 
     with Trainer(cfg, callbacks=[cut]) as t:
         for p in t.engine.module.parameters():
@@ -141,7 +143,7 @@ def _run(mode: DeviceReads, cfg) -> dict[int, Counter]:
     return per_step
 
 
-# ZeRO-1 fp32 (the CPU default; DeepSpeedZeroOptimizer) with accumulation, ZeRO-1 bf16 (BF16_Optimizer, the 160m
+# ZeRO-1 fp32 (the CPU default; DeepSpeedZeroOptimizer) with accumulation, ZeRO-1 bf16 (DeepSpeedZeroOptimizer, the 160m
 # preset), ZeRO-2 bf16 (400m/600m), ZeRO-3 bf16 with accumulation (1.4b), ZeRO-0 bf16 (DeepSpeed's bf16 wrapper):
 # DeepSpeed checks the norm itself, we read nothing on an unlogged step. ZeRO-0 fp32 is DeepSpeed's plain-optimizer
 # path: nothing there checks the norm, so the trainer reads it, once per step (its documented exception).
@@ -154,11 +156,11 @@ def test_unlogged_steps_read_no_device_value(tmp_path, reads, stage, precision, 
     for step, c in per_step.items():
         logged = step % LOG_EVERY == 0
         print(f"step {step} ({'logged' if logged else 'not logged'}): training {c['training']}, "
-              f"DeepSpeed {c['other']} {c['where']}")
+              f"DeepSpeed {c['other']} {c['where']} {c['deepspeed'] if step == 1 else ''}")
         assert c["training"] == (1 if logged else unlogged), (step, c["where"])
     if (stage, precision) != (0, "fp32"):       # DeepSpeed's own norm check is seen (and counted apart)
         assert all(c["other"] > 0 for c in per_step.values())
-    recs = [__import__("json").loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [3, 6] and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in recs)
     assert all(r["tokens_per_s"] > r["cells_per_s"] > 0 for r in recs)
 
@@ -166,9 +168,10 @@ def test_unlogged_steps_read_no_device_value(tmp_path, reads, stage, precision, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", [1, 2])
 def test_unlogged_cuda_steps_do_not_sync(tmp_path, stage):
-    """bf16 on CUDA under ``set_sync_debug_mode("error")`` for the unlogged steps after the first (2, 4, 5), except inside ``engine.step()``
-    (DeepSpeed's BF16_Optimizer / ZeRO-2 read the global norm and the clip coefficient there). ZeRO-2 runs
-    without ``overlap_comm`` (DeepSpeed's default for stage 2), whose backward epilogue would synchronize."""
+    """bf16 on CUDA under ``set_sync_debug_mode("error")`` for the unlogged steps after the first (2, 4, 5), except
+    inside ``engine.step()`` (DeepSpeed's ZeRO-1/2 optimizer reads the overflow flag and the global norm there).
+    ZeRO-2 runs without ``overlap_comm`` (DeepSpeed's default for stage 2), whose backward epilogue would
+    synchronize; ZeRO-3 is left out for the same reason (its backward epilogue syncs its reduce stream)."""
     from training.trainer import Trainer
     state = {"mode": 0}
 
@@ -192,5 +195,5 @@ def test_unlogged_cuda_steps_do_not_sync(tmp_path, stage):
             assert t.train() == "finished"
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    recs = [__import__("json").loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [3, 6] and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in recs)
