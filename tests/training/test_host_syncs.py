@@ -177,7 +177,7 @@ def test_unlogged_cuda_steps_do_not_sync(tmp_path, stage):
 
     def mode_for_next_step(trainer, record):          # the next step is unlogged: error on any sync
         nxt = record["step"] + 1
-        state["mode"] = 0 if nxt % LOG_EVERY == 0 or nxt == STEPS else 2
+        state["mode"] = 0 if nxt % LOG_EVERY == 0 or nxt >= STEPS else 2
         torch.cuda.set_sync_debug_mode(state["mode"])
 
     try:
@@ -193,6 +193,7 @@ def test_unlogged_cuda_steps_do_not_sync(tmp_path, stage):
                     torch.cuda.set_sync_debug_mode(state["mode"])
             t.engine.step = step_tolerated              # step 1 (NCCL and cuBLAS set-up) runs unchecked
             assert t.train() == "finished"
+            assert next(iter(t.loader))["input_ids"].is_pinned()     # batches come page-locked
     finally:
         torch.cuda.set_sync_debug_mode(0)
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
