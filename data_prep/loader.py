@@ -96,12 +96,13 @@ def build_loader(mds: str, split: str, *, tokenizer: CellTokenizer, batch_size: 
                  shuffle: bool = True, seed: int = 0, num_workers: int = 0, num_canonical_nodes: int = 1,
                  shuffle_block_size: int | None = None, drop_last: bool = False, predownload: int | None = None,
                  cache_limit: str | int | None = None, persistent_workers: bool | None = None,
-                 **dataset_kwargs: Any) -> CellLoader:
+                 pin_memory: bool = False, **dataset_kwargs: Any) -> CellLoader:
     """A resumable ``StreamingDataLoader`` of packed varlen batches (see ``pack_batch``) for this rank.
 
     ``mds``: corpus dir, MDS root, or a remote URL/path of the MDS root. With ``local=None`` the
     shards are read in place; otherwise ``mds`` is the remote and ``local`` the cache root (each split
-    gets ``local/<split>``). ``batch_size`` is cells per rank per step.
+    gets ``local/<split>``). ``batch_size`` is cells per rank per step. ``pin_memory`` (CUDA only) hands out
+    batches in page-locked memory, so the trainer's ``non_blocking`` copies to the GPU are truly asynchronous.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -120,4 +121,4 @@ def build_loader(mds: str, split: str, *, tokenizer: CellTokenizer, batch_size: 
         batch_size=batch_size, predownload=predownload, cache_limit=cache_limit, **kw, **dataset_kwargs)
     return CellLoader(
         dataset, batch_size=batch_size, collate_fn=pack_batch, num_workers=num_workers, drop_last=drop_last,
-        persistent_workers=bool(num_workers) if persistent_workers is None else persistent_workers)
+        pin_memory=pin_memory, persistent_workers=bool(num_workers) if persistent_workers is None else persistent_workers)

@@ -6,6 +6,9 @@ Adam build); the LR schedule is DeepSpeed's ``WarmupCosineLR``: linear warm-up f
 fraction of the remaining steps. Update k (1-based) uses iteration k−1 (the trainer advances the
 fresh scheduler once): LR 0 at step 1, rising by ``lr/warmup_steps`` per step, then the cosine, which
 reaches ``lr·min_lr_ratio`` at step ``max_steps``. ``gradient_clipping: 0`` means no clipping in DeepSpeed.
+DeepSpeed's throughput timer is off: it is on by default and calls ``torch.cuda.synchronize()`` at the start of
+every forward and the end of every ``step()`` (``deepspeed.utils.timer.ThroughputTimer``); the trainer measures
+tokens/s itself.
 """
 
 from __future__ import annotations
@@ -39,5 +42,6 @@ def deepspeed_config(cfg: Config, world_size: int, cuda: bool) -> dict:
         },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},
     }
     return ds

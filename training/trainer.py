@@ -1,17 +1,29 @@
 """DeepSpeed trainer for the masked-expression objective.
 
-One optimizer step = ``grad_accum`` micro-batches of ``data.batch_size`` cells per rank. Per
-micro-batch a single all-reduce (SUM) carries ``[loss non-finite, stop requested, loss, tokens,
-cells]``, so every rank takes the same decision on NaN/Inf losses and on ``request_stop()``.
+One optimizer step = ``grad_accum`` micro-batches of ``data.batch_size`` cells per rank.
 
-Non-finite values: a non-finite loss on any rank is caught before ``backward``; policy ``stop``
-raises :class:`NonFiniteError` (no checkpoint is written, the last good one stays ``latest``),
-policy ``skip`` drops the step (no backward, no update, no LR-schedule advance; counted in
-``skipped_steps``; needs ``grad_accum = 1`` so that no partial gradients exist). A non-finite
-global gradient norm (finite loss) is handled the same way: ``stop`` raises, ``skip`` counts it, and
-no update is applied. DeepSpeed's wrapped optimizers (ZeRO, bf16) compute the norm and skip such an
-update themselves; on its plain-optimizer path (ZeRO stage 0 in fp32) it does neither, so the trainer
-computes ‖g‖₂ of the all-reduced gradients before ``engine.step()`` and drops the gradients instead.
+Host reads (the hot path never waits for the GPU on our account): batches arrive page-locked and are copied
+with ``non_blocking``; the loss stays a device tensor summed over micro-batches; tokens, cells, masked
+fraction and sequence length are counted on the host from the CPU batch. A step that is logged
+(``run.log_every``) makes one all-reduce of [Σ loss, tokens, cells] and one device→host copy (with the
+gradient norm); a step that is not logged makes none. ``request_stop`` is all-reduced at the start of each
+step and read at its end from page-locked memory (see :meth:`Trainer._stop_agreed`), so every rank stops
+after the same step.
+
+Non-finite values, decided at the step boundary: a micro-batch whose loss is NaN/Inf multiplies its backward by
+NaN (on the device), so the step's gradients are non-finite. DeepSpeed's wrapped optimizers (ZeRO 1–3, bf16)
+compute the global norm and skip such an update themselves (no update, no LR-schedule advance; their
+``overflow`` flag is a host bool); on its plain-optimizer path (ZeRO stage 0 in fp32) nothing does, so the trainer
+computes ‖g‖₂ of the all-reduced gradients and reads it once per step (that path's only read), dropping the
+gradients when it is not finite. A skipped step then reads which value was bad: policy ``stop`` raises
+:class:`NonFiniteError` ("loss" or "gradient norm"; no checkpoint is written, the last good one stays
+``latest``), policy ``skip`` counts it in ``skipped_steps`` (any ``grad_accum``).
+
+Reads that remain inside DeepSpeed 0.19.8 (not ours; see docs/training.md): every wrapped optimizer's
+``step()`` reads the global norm / overflow flag (``is_invalid_grad_norm``, ``has_overflow``) and, with clipping,
+the clip coefficient; ZeRO-3's backward epilogue synchronizes its reduce stream, ZeRO-1/2 with
+``overlap_comm`` synchronize the device. Its throughput timer (a device sync per forward and per step) is
+switched off in :func:`training.deepspeed_config.deepspeed_config`.
 
 Context parallelism (``parallel.context_parallel_degree`` P, :mod:`training.parallel`): world = DP × P; data
 and masks come from the DP rank, each micro-batch is cut into P equal token shards after masking, the loss
@@ -71,8 +83,6 @@ class Trainer:
         from data_prep.tokenize import CellTokenizer
 
         r, d, o = cfg.run, cfg.data, cfg.optim
-        if r.nan_policy == "skip" and o.grad_accum != 1:
-            raise ValueError("run.nan_policy=skip needs optim.grad_accum=1 (a skipped step must hold no partial gradients)")
         self.rank, self.world, self.device = init_distributed()
         self.parallel = init_parallel(cfg.parallel.context_parallel_degree, cfg.model.n_heads)   # DP × CP
         if d.mds is not None:
@@ -116,6 +126,8 @@ class Trainer:
             self._record_config()
         dist.barrier()
         self.step, self.skipped_steps, self._stop = 0, 0, False
+        if cuda:      # request_stop's all-reduced flag lands here without a blocking copy (_share_stop)
+            self._stop_host, self._stop_event = torch.zeros(1).pin_memory(), torch.cuda.Event()
         self.callbacks = list(callbacks)
         client = checkpoint.resume(self.engine, self.ckpt_dir)
         if client is not None:
@@ -153,10 +165,11 @@ class Trainer:
             from training.synthetic import SyntheticCellLoader
             return SyntheticCellLoader(self.tokenizer, d.batch_size, mean_genes=d.synthetic_mean_genes,
                                        seed=r.seed, rank=self.parallel.dp_rank, world_size=self.parallel.dp,
-                                       num_workers=d.num_workers)
+                                       num_workers=d.num_workers, pin_memory=self.device.type == "cuda")
         from data_prep.loader import build_loader
         return build_loader(d.mds, d.split, tokenizer=self.tokenizer, batch_size=d.batch_size,
                             shuffle=d.shuffle, seed=r.seed, num_workers=d.num_workers,
+                            pin_memory=self.device.type == "cuda",
                             **({"replication": self.parallel.cp} if self.parallel.cp > 1 else {}))
 
     def close(self) -> None:
@@ -178,8 +191,8 @@ class Trainer:
     def request_stop(self) -> None:
         """Ask for a collective checkpoint and an orderly return (``"stopped"``).
 
-        Safe from a signal handler: it only sets a flag, which the next micro-batch all-reduces; the
-        step in progress at that moment completes, every rank saves, and ``train()`` returns."""
+        Safe from a signal handler: it only sets a flag, which the next step all-reduces at its start; that
+        step completes, every rank saves, and ``train()`` returns."""
         self._stop = True
 
     def _batches(self) -> Iterator[dict]:
@@ -206,7 +219,8 @@ class Trainer:
     def train(self) -> str:
         """Run to ``run.max_steps``; return ``"finished"`` or ``"stopped"`` (after ``request_stop``)."""
         cfg, r = self.cfg, self.cfg.run
-        gas, cp = cfg.optim.grad_accum, self.parallel.cp
+        gas, cp, dp = cfg.optim.grad_accum, self.parallel.cp, self.parallel.dp
+        scale = backward_scale(cp, r.zero_stage)
         logger = MetricsLogger(self.run_dir, r.tensorboard) if self.rank == 0 else None
         cells_log = (self.run_dir / f"cells_rank{self.rank}.jsonl").open("a") if r.log_cell_ids else None
         peak = device_peak_flops(self.device)
@@ -214,79 +228,81 @@ class Trainer:
                    desc=f"train {cfg.model.attention}", unit="step", dynamic_ncols=True)
         batches = self._batches()
         status = "finished"
+        window = _Window()                                   # host-side counts since the last logged step
         try:
             while self.step < r.max_steps:
                 step = self.step + 1
-                t0 = time.perf_counter()
+                logged = step % r.log_every == 0 or step == r.max_steps
+                window.start()
                 self.engine.train()
-                sums = torch.zeros(5, dtype=torch.float64)
-                cell_ids, seq_len, masked_frac, bad, stop, grad_norm = [], 0.0, 0.0, False, False, None
+                stop_flag = self._share_stop()
+                loss_sum, cell_ids, grad_norm, host = None, [], None, None
                 lr = self.engine.get_lr()[0]                 # the LR this step applies
                 for micro in range(gas):
-                    batch = next(batches)
+                    batch = next(batches)                    # host tensors (page-locked on CUDA)
                     if cells_log is not None:
                         cell_ids += batch["cell_id"].tolist()
-                    seq_len += effective_seq_len(batch["cu_seqlens"]) / gas
                     masked = choose_masked(batch["cu_seqlens"], r.mask_ratio,
                                            mask_generator(r.seed, (step - 1) * gas + micro, self.parallel.dp_rank))
-                    masked_frac += float(masked.sum()) / max(1, masked.numel()) / gas     # a CPU tensor
-                    n_tokens, n_cells = batch["input_ids"].numel() / cp, (batch["cu_seqlens"].numel() - 1) / cp
+                    window.add(batch, masked, gas, cp)
                     if cp > 1:      # this rank's equal share of the micro-batch's tokens (training.parallel)
                         batch, masked = shard_batch(batch, masked, cp, self.parallel.cp_rank)
-                    batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                             for k, v in batch.items()}
                     # Indices picked on the host: a bool mask on the GPU would cost a sync in the model.
-                    loss, _ = self.engine(batch, masked.nonzero().squeeze(1).to(self.device, non_blocking=True))
-                    lv = loss.detach().double().cpu()
-                    flags = torch.stack([(~torch.isfinite(lv)).double(), torch.tensor(float(self._stop)),
-                                         torch.nan_to_num(lv), torch.tensor(n_tokens),
-                                         torch.tensor(n_cells)]).to(self.device)
-                    dist.all_reduce(flags)
-                    flags = flags.cpu()
-                    stop = stop or flags[1] > 0
-                    if flags[0] > 0:
-                        bad = True
-                        break
-                    self.engine.backward(loss * backward_scale(cp, r.zero_stage) if cp > 1 else loss)
+                    idx = to_device(masked.nonzero().squeeze(1), self.device)
+                    batch = {k: to_device(v, self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    loss, _ = self.engine(batch, idx)
+                    lv = loss.detach()
+                    loss_sum = lv.double() if loss_sum is None else loss_sum + lv.double()
+                    # A non-finite loss multiplies the backward by NaN: every gradient turns NaN, so the step
+                    # boundary drops the update (DeepSpeed's overflow check, or ours below) without a host read here.
+                    self.engine.backward(loss * torch.where(torch.isfinite(lv), scale, math.nan))
                     if micro == gas - 1 and self._plain_optimizer:
-                        grad_norm = self._reduced_grad_norm()
-                        if not math.isfinite(grad_norm):          # as DeepSpeed's wrapped optimizers do:
-                            self.engine.zero_grad()               # no update, no LR-schedule advance
-                            sums += flags
-                            break
+                        # ZeRO 0 + fp32: nothing in DeepSpeed checks the norm, so the trainer reads it (with the
+                        # logged values when this step is logged): the one read the wrapped optimizers make themselves.
+                        host = self._read(loss_sum, window, self._grad_norm(), logged)
+                        grad_norm = host["grad_norm"]
+                        if not math.isfinite(grad_norm):      # as DeepSpeed's wrapped optimizers do:
+                            self.engine.zero_grad()           # no update, no LR-schedule advance,
+                            self.engine.micro_steps += 1      # and the micro-step DeepSpeed's step() would count
+                            continue
                     self.engine.step()
-                    sums += flags
-                record = {"step": step}
-                if bad:
-                    self._nonfinite("loss", step)
-                    record.update(loss=None, skipped=True, skipped_steps=self.skipped_steps)
-                else:
-                    if not self._plain_optimizer:
-                        grad_norm = self.engine.get_global_grad_norm()
-                    gn = float(grad_norm) if grad_norm is not None else None
-                    if gn is not None and not math.isfinite(gn):
-                        self._nonfinite("gradient norm", step)
-                        record["skipped"] = True
-                    dt = time.perf_counter() - t0
-                    tokens_per_s = float(sums[3]) / dt
+                if self._plain_optimizer:
+                    skipped = not math.isfinite(grad_norm)
+                else:   # DeepSpeed's wrapped optimizers checked the norm (their own host read) and skipped the update
+                    skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+                record = {"step": step, "lr": lr}
+                loss_bad = skipped and self._any_nonfinite(loss_sum)     # a bad step's extra read: which value
+                if skipped:
+                    self._nonfinite("loss" if loss_bad else "gradient norm", step)
+                    record.update(skipped=True)
+                if logged and loss_bad:
+                    record.update(loss=None, skipped_steps=self.skipped_steps)
+                    window.reset()
+                elif logged:
+                    if host is None:
+                        host = self._read(loss_sum, window, self.engine.get_global_grad_norm(), True)
+                    dt = time.perf_counter() - window.t0
+                    tokens_per_s = host["tokens"] / dt
                     mfu = None
                     if peak is not None:
-                        f = flops_per_token(self.n_params_nonemb, cfg.model.n_layers, cfg.model.d_model, seq_len,
-                                            self.n_params_head, masked_frac)
+                        f = flops_per_token(self.n_params_nonemb, cfg.model.n_layers, cfg.model.d_model,
+                                            window.seq_len / window.steps, self.n_params_head,
+                                            window.masked_frac / window.steps)
                         mfu = f * tokens_per_s / (peak * self.world)
-                    record.update(loss=float(sums[2]) / (gas * self.parallel.dp), grad_norm=gn,
-                                  lr=lr,
-                                  tokens_per_s=tokens_per_s, cells_per_s=float(sums[4]) / dt, mfu=mfu,
+                    record.update(loss=host["loss"] / (gas * dp), grad_norm=host["grad_norm"],
+                                  tokens_per_s=tokens_per_s, cells_per_s=host["cells"] / dt, mfu=mfu,
                                   mem_gb=self._mem_gb(), skipped_steps=self.skipped_steps)
+                    window.reset()
                 self.step = step
                 if cells_log is not None:
                     cells_log.write(json.dumps({"step": step, "rank": self.rank, "cell_ids": cell_ids}) + "\n")
                     cells_log.flush()
-                if logger is not None and (step % r.log_every == 0 or step == r.max_steps):
+                if logger is not None and logged:
                     logger.log(record)
                 bar.update(1)
                 if record.get("loss") is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                stop = self._stop_agreed(stop_flag)
                 if stop or (r.ckpt_every > 0 and (step % r.ckpt_every == 0 or step == r.max_steps)):
                     self._save()
                 for cb in self.callbacks:
@@ -302,13 +318,88 @@ class Trainer:
                 cells_log.close()
         return status
 
-    def _reduced_grad_norm(self) -> float:
+    def _share_stop(self) -> torch.Tensor:
+        """Start of a step: all-reduce this rank's ``request_stop`` flag. On CUDA the fill, the all-reduce and the
+        copy into page-locked host memory are queued without waiting; :meth:`_stop_agreed` reads it at the end."""
+        flag = torch.full((1,), float(self._stop), device=self.device)
+        dist.all_reduce(flag)
+        if self.device.type == "cuda":
+            self._stop_host.copy_(flag, non_blocking=True)
+            self._stop_event.record()
+        return flag
+
+    def _stop_agreed(self, flag: torch.Tensor) -> bool:
+        """End of a step: did any rank ask to stop before it started? The same answer on every rank.
+
+        On CUDA this waits on the event recorded after the copy, i.e. for the GPU to reach the start of this
+        step (DeepSpeed's optimizers already waited for more inside ``step()``): the host stays at most one
+        step ahead and no device→host copy is made here (``torch.cuda.set_sync_debug_mode`` does not count
+        event waits). On CPU the gloo all-reduce has completed."""
+        if self.device.type == "cuda":
+            self._stop_event.synchronize()
+            flag = self._stop_host
+        return bool(flag[0] > 0)
+
+    def _read(self, loss_sum: torch.Tensor, window: "_Window", grad_norm, logged: bool) -> dict:
+        """The step's one device→host copy: when ``logged``, Σ loss, tokens and cells since the last logged
+        step over all ranks (one all-reduce); and the gradient norm when it is a device tensor."""
+        parts, out = [], {}
+        if logged:
+            v = torch.stack([loss_sum, loss_sum.new_full((), window.tokens), loss_sum.new_full((), window.cells)])
+            dist.all_reduce(v)
+            parts.append(v)
+        if torch.is_tensor(grad_norm):
+            parts.append(grad_norm.detach().reshape(1).to(device=loss_sum.device, dtype=torch.float64))
+        vals = torch.cat(parts).cpu().tolist() if parts else []
+        if logged:
+            out.update(loss=vals[0], tokens=vals[1], cells=vals[2])
+        out["grad_norm"] = vals[-1] if torch.is_tensor(grad_norm) else (None if grad_norm is None else float(grad_norm))
+        return out
+
+    def _any_nonfinite(self, loss_sum: torch.Tensor) -> bool:
+        """Whether any rank's loss of this (skipped) step was NaN/Inf; read only on skipped steps."""
+        bad = (~torch.isfinite(loss_sum)).double().reshape(1)
+        dist.all_reduce(bad)
+        return bool(bad.cpu()[0] > 0)
+
+    def _grad_norm(self) -> torch.Tensor:
         """‖g‖₂ over all parameters after the boundary backward (whose all-reduce leaves every rank the same
-        gradients); the step's one host read of it."""
+        gradients), as a device tensor."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
     def _mem_gb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB → GiB
+
+
+class _Window:
+    """Host-side counts of the steps since the last logged one (tokens/s is measured over them: with the GPU
+    running behind the host, one unlogged step's wall time means nothing)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.steps, self.tokens, self.cells, self.seq_len, self.masked_frac = None, 0, 0.0, 0.0, 0.0, 0.0
+
+    def start(self) -> None:
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        self.steps += 1
+
+    def add(self, batch: dict, masked: torch.Tensor, gas: int, cp: int) -> None:
+        """One micro-batch (host tensors: no device read): this rank's share of its tokens and cells."""
+        self.tokens += batch["input_ids"].numel() / cp
+        self.cells += (batch["cu_seqlens"].numel() - 1) / cp
+        self.seq_len += effective_seq_len(batch["cu_seqlens"]) / gas
+        self.masked_frac += float(masked.sum()) / max(1, masked.numel()) / gas
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host→device copy that never waits: ``non_blocking`` from page-locked memory (the loader pins its batches
+    on CUDA; tensors made after it — mask indices, context-parallel shards — are pinned here)."""
+    if device.type == "cuda" and not x.is_cuda and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)

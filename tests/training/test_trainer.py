@@ -97,7 +97,8 @@ def test_nan_loss_skip_policy_skips_the_step_and_keeps_going(corpus, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state["params"], state["after"]))   # no update applied
 
 
-def test_nan_loss_stop_policy_keeps_last_good_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize("log_every", [1, 2])          # step 3 logged, or not (no host read of its own)
+def test_nan_loss_stop_policy_keeps_last_good_checkpoint(corpus, tmp_path, log_every):
     from training.checkpoint import latest_tag
     from training.trainer import NonFiniteError
 
@@ -106,18 +107,54 @@ def test_nan_loss_stop_policy_keeps_last_good_checkpoint(corpus, tmp_path):
             with torch.no_grad():
                 trainer.engine.module.head_out.bias.fill_(float("inf"))
 
-    t = make_trainer(corpus, tmp_path, callbacks=[poison], **{"run.nan_policy": "stop", "run.max_steps": 6})
+    t = make_trainer(corpus, tmp_path, callbacks=[poison], **{"run.nan_policy": "stop", "run.max_steps": 6,
+                                                                "run.log_every": log_every})
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 3.*Last good checkpoint: .*step_00000002"):
         t.train()
     assert latest_tag(tmp_path / "checkpoints") == "step_00000002"
     assert not (tmp_path / "checkpoints" / "step_00000003").exists()
 
 
+# One micro-batch of a 2-micro-batch step has a NaN loss, and the step is not logged: its backward still runs
+# (the gradients turn NaN on the device), the boundary drops the update. ZeRO 1: DeepSpeed's check; ZeRO 0 fp32:
+# the trainer's, which must keep DeepSpeed's micro-step count on the accumulation boundary.
+@pytest.mark.parametrize("stage", [1, 0])
+def test_nan_loss_in_one_micro_batch_of_an_unlogged_step_is_skipped(corpus, tmp_path, stage):
+    state = {"records": []}
+
+    def poison(trainer, record):
+        state["records"].append(record)
+        module = trainer.engine.module
+        if record["step"] == 2:                                # the first micro-batch of step 3
+            orig = module.forward
+
+            def nan_once(*a, **k):
+                module.forward = orig
+                loss, n = orig(*a, **k)
+                return loss * float("nan"), n
+            module.forward = nan_once
+            state["before"] = [p.detach().clone() for p in module.parameters()]
+        if record["step"] == 3:
+            state["after"] = [p.detach().clone() for p in module.parameters()]
+
+    t = make_trainer(corpus, tmp_path, callbacks=[poison], **{
+        "run.nan_policy": "skip", "run.max_steps": 5, "run.log_every": 2, "optim.grad_accum": 2,
+        "run.zero_stage": stage, "run.ckpt_every": 0})
+    assert t.train() == "finished" and t.skipped_steps == 1
+    assert t.engine.micro_steps == 5 * 2                     # DeepSpeed's accumulation boundary stayed aligned
+    assert state["records"][2]["skipped"] and "loss" not in state["records"][2]     # unlogged: nothing read
+    assert all(torch.equal(a, b) for a, b in zip(state["before"], state["after"]))   # no update applied
+    assert not all(torch.equal(a, b) for a, b in zip(state["after"], t.engine.module.parameters()))  # then trains
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs] == [2, 4, 5] and [r["skipped_steps"] for r in recs] == [0, 1, 1]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in recs)
+
+
 def test_request_stop_saves_and_resume_continues(corpus, tmp_path):
     from training.checkpoint import latest_tag
     t = make_trainer(corpus, tmp_path, callbacks=[lambda tr, rec: rec["step"] == 3 and tr.request_stop()],
                      **{"run.max_steps": 6, "run.ckpt_every": 100})
-    # The flag set after step 3 is all-reduced during step 4, which ends with a collective save.
+    # The flag set after step 3 is all-reduced at the start of step 4, which ends with a collective save.
     assert t.train() == "stopped" and t.step == 4
     assert latest_tag(tmp_path / "checkpoints") == "step_00000004"
     t2 = make_trainer(corpus, tmp_path, **{"run.max_steps": 6, "run.ckpt_every": 100})
