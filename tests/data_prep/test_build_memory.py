@@ -5,6 +5,7 @@ import gc
 import warnings
 import weakref
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 from h5ad_factory import synth_counts, write_h5ad
@@ -51,7 +52,7 @@ def test_build_holds_one_file_of_cells_and_no_per_cell_array(tmp_path, rng, monk
     assert m["totals"]["cells_in_mds"] == sum(m["split"]["n_cells"].values()) > 0
     assert not (tmp_path / "c" / ".labels").exists()  # scratch removed
     # the labels read back from disk are the files' own
-    from streaming import StreamingDataset
+    from streaming import StreamingDataset  # after data_prep.mds (its torchvision shim)
     got = {}
     for split in ("train", "val", "test"):
         ds = StreamingDataset(local=str(tmp_path / "c" / "mds" / split), shuffle=False, batch_size=1)
@@ -60,8 +61,6 @@ def test_build_holds_one_file_of_cells_and_no_per_cell_array(tmp_path, rng, monk
             got[int(s["cell_id"])] = (m["labels"]["cell_type"][s["cell_type"]], m["labels"]["donor"][s["donor"]])
     want, offset = {}, 0
     for d, f in enumerate(files):
-        obs = pd.read_csv if False else None  # noqa: F841
-        import anndata as ad
         o = ad.read_h5ad(f).obs
         for i, (ct, donor) in enumerate(zip(o["cell_type"].astype(str), o["donor_id"].astype(str))):
             want[offset + i] = (ct, f"{m['datasets'][d]['name']}/{donor}")
