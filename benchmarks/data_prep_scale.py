@@ -126,14 +126,17 @@ def IdsOnlyTokenizer(*args, **kw):  # noqa: N802  (a class made on first use: th
     return _ids_only_tokenizer()(*args, **kw)
 
 
-def _rank_cpu_s(it) -> float:
-    """CPU-seconds so far of this rank's process and its live DataLoader workers (user + kernel)."""
+def _rank_cpu_s() -> float:
+    """CPU-seconds so far of this rank's process and its live child processes (its DataLoader
+    workers; user + kernel)."""
     import psutil  # a DeepSpeed dependency
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    total = own.ru_utime + own.ru_stime
-    for w in getattr(it, "_workers", []):
-        t = psutil.Process(w.pid).cpu_times()
-        total += t.user + t.system
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
     return total
 
 
@@ -166,12 +169,12 @@ def rank_main(a: argparse.Namespace) -> None:
         if bar is not None:
             bar.update()
         if n_batches == a.warmup:  # steady state from here: workers started, shards open, imports done
-            steady = (cells, _rank_cpu_s(it), time.perf_counter())
+            steady = (cells, _rank_cpu_s(), time.perf_counter())
         if a.limit and n_batches == a.limit:
             break
     wall = time.perf_counter() - t0
     if steady is not None:
-        steady = {"steady_cells": cells - steady[0], "steady_cpu_s": _rank_cpu_s(it) - steady[1],
+        steady = {"steady_cells": cells - steady[0], "steady_cpu_s": _rank_cpu_s() - steady[1],
                   "steady_wall_s": time.perf_counter() - steady[2]}
     state = dl.state_dict() if a.state_out else None
     del it, dl  # joins the DataLoader workers, so their CPU time is in RUSAGE_CHILDREN
