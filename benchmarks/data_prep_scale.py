@@ -126,6 +126,20 @@ def IdsOnlyTokenizer(*args, **kw):  # noqa: N802  (a class made on first use: th
     return _ids_only_tokenizer()(*args, **kw)
 
 
+def _rank_cpu_s() -> float:
+    """CPU-seconds so far of this rank's process and its live child processes (its DataLoader
+    workers; user + kernel)."""
+    import psutil  # a DeepSpeed dependency
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def rank_main(a: argparse.Namespace) -> None:
     """One rank (its own process): read ``--limit`` batches (all when 0), save ids, stats, state."""
     from data_prep.loader import build_loader
@@ -145,17 +159,23 @@ def rank_main(a: argparse.Namespace) -> None:
         from tqdm.auto import tqdm
         bar = tqdm(total=a.limit or None, desc=f"rank 0 {a.context // 1024}K", unit="batch", leave=False)
     s0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    ids, tokens, n_batches = [], 0, 0
+    ids, tokens, n_batches, cells, steady = [], 0, 0, 0, None
     it = iter(dl)
     for b in it:
         ids.append(b["cell_id"].numpy())
         tokens += len(b["input_ids"])
+        cells += len(ids[-1])
         n_batches += 1
         if bar is not None:
             bar.update()
+        if n_batches == a.warmup:  # steady state from here: workers started, shards open, imports done
+            steady = (cells, _rank_cpu_s(), time.perf_counter())
         if a.limit and n_batches == a.limit:
             break
     wall = time.perf_counter() - t0
+    if steady is not None:
+        steady = {"steady_cells": cells - steady[0], "steady_cpu_s": _rank_cpu_s() - steady[1],
+                  "steady_wall_s": time.perf_counter() - steady[2]}
     state = dl.state_dict() if a.state_out else None
     del it, dl  # joins the DataLoader workers, so their CPU time is in RUSAGE_CHILDREN
     import gc
@@ -171,21 +191,22 @@ def rank_main(a: argparse.Namespace) -> None:
             json.dump(state, f)
     with open(a.stats_out, "w") as f:
         json.dump({"rank": rank, "cells": len(ids), "batches": n_batches, "tokens": tokens, "wall_s": wall,
-                   "cpu_s": cpu, "peak_rss_mb": s1.ru_maxrss / 1024}, f)
+                   "cpu_s": cpu, "peak_rss_mb": s1.ru_maxrss / 1024, **(steady or {})}, f)
     from streaming.base.util import clean_stale_shared_memory
     clean_stale_shared_memory()
 
 
 def run_ranks(corpus: str, work: str, tag: str, ranks: int, context: int, batch_size: int, num_workers: int,
               limit: int = 0, state_in: str | None = None, save_state: bool = False, seed: int = 0,
-              quiet: bool = False, tokenizer: str = "real") -> list[dict]:
+              quiet: bool = False, tokenizer: str = "real", warmup: int = 0) -> list[dict]:
     """Start ``ranks`` rank processes at once (one node), wait; per rank: stats + ids (+ state path)."""
     procs = []
     for r in range(ranks):
         pre = os.path.join(work, f"{tag}-r{r}")
         cmd = [sys.executable, os.path.abspath(__file__), "_rank", "--corpus", corpus, "--context", str(context),
                "--batch-size", str(batch_size), "--num-workers", str(num_workers), "--limit", str(limit),
-               "--seed", str(seed), "--ids-out", pre + ".npy", "--stats-out", pre + ".json", "--tokenizer", tokenizer]
+               "--seed", str(seed), "--ids-out", pre + ".npy", "--stats-out", pre + ".json", "--tokenizer", tokenizer,
+               "--warmup", str(warmup)]
         cmd += ["--state-in", state_in] if state_in else []
         cmd += ["--state-out", pre + ".state.json"] if save_state else []
         cmd += ["--quiet"] if quiet else []
@@ -209,10 +230,19 @@ def run_ranks(corpus: str, work: str, tag: str, ranks: int, context: int, batch_
 
 
 def rank_summary(stats: list[dict], context: int, h100: float | None) -> dict:
+    """Per rank and median: cells/s, cells per CPU-second (whole run, start-up included) and, where
+    measured, in steady state (after the warm-up batches: what a long training run sees)."""
     cells = [s["cells"] for s in stats]
     per_rank = [s["cells"] / s["wall_s"] for s in stats]
     per_cpu = [s["cells"] / s["cpu_s"] for s in stats]
-    return {"context": context, "ranks": len(stats), "cells_per_rank": cells,
+    steady = {}
+    if all("steady_cpu_s" in s for s in stats):
+        sc = [s["steady_cells"] / s["steady_cpu_s"] for s in stats]
+        steady = {"steady_cells_per_rank": [s["steady_cells"] for s in stats],
+                  "steady_cells_per_cpu_s_per_rank": [round(x) for x in sc],
+                  "median_steady_cells_per_cpu_s": round(float(np.median(sc))),
+                  "projected_steady_cells_per_s_per_rank_on_2_cores": round(2 * float(np.median(sc)))}
+    return {"context": context, "ranks": len(stats), "cells_per_rank": cells, **steady,
             "tokens_per_cell": round(sum(s["tokens"] for s in stats) / max(sum(cells), 1), 1),
             "wall_cells_per_s_per_rank": [round(x) for x in per_rank],
             "cells_per_cpu_s_per_rank": [round(x) for x in per_cpu],
@@ -250,7 +280,8 @@ def check_resume(phase_a: list[np.ndarray], phase_b: list[np.ndarray], n_train: 
 def bench_loader(corpus: str, work: str, n_train: int, ranks: int, num_workers: int, batch_size: int,
                  resume_at: float, cells_tput: int, h100: dict[int, float], quiet: bool = False,
                  resume_tokenizer: str = "ids") -> dict:
-    """Throughput with the real tokenizer (``cells_tput`` cells per rank at 2K and at 8K), then one
+    """Throughput with the real tokenizer (``cells_tput`` cells per rank at 2K and at 8K; steady state
+    after the first eighth of the batches), then one
     whole epoch split at ``resume_at`` into two sets of rank processes, checked by :func:`check_resume`.
 
     ``resume_tokenizer="ids"`` reads the epoch through the same StreamingDataset, shards, sample
@@ -259,8 +290,9 @@ def bench_loader(corpus: str, work: str, n_train: int, ranks: int, num_workers: 
     """
     tput = {}
     for ctx, bs in ((2048, batch_size), (8192, max(1, batch_size // 4))):
-        st = run_ranks(corpus, work, f"t{ctx}", ranks, ctx, bs, num_workers, limit=max(1, cells_tput // bs),
-                       quiet=quiet)
+        n = max(1, cells_tput // bs)
+        st = run_ranks(corpus, work, f"t{ctx}", ranks, ctx, bs, num_workers, limit=n, quiet=quiet,
+                       warmup=max(1, n // 8))
         tput[f"ctx_{ctx // 1024}k"] = {"batch_size": bs, **rank_summary(st, ctx, h100.get(ctx))}
     per_rank = -(-n_train // ranks)  # streaming pads the split to a multiple of the ranks
     per_rank_batches = -(-per_rank // batch_size)
@@ -352,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-workers", type=int, default=1, help="DataLoader workers per rank")
     ap.add_argument("--batch-size", type=int, default=64, help="cells per rank per batch at 2K (8K: a quarter)")
     ap.add_argument("--resume-at", type=float, default=0.4, help="share of each rank's batches before the restart")
-    ap.add_argument("--cells-tput", type=int, default=4096, help="cells per rank read with the real tokenizer")
+    ap.add_argument("--cells-tput", type=int, default=16384,
+                    help="cells per rank read with the real tokenizer (the first eighth is warm-up)")
     ap.add_argument("--resume-tokenizer", choices=("ids", "real"), default="ids",
                     help="tokenizer of the whole-epoch resume check (ids: CLS-only stand-in)")
     ap.add_argument("--work", default="/tmp/sigattn_scale")
@@ -427,7 +460,7 @@ if __name__ == "__main__":
         ap = argparse.ArgumentParser()
         for k in ("corpus", "ids-out", "stats-out"):
             ap.add_argument(f"--{k}", required=True)
-        for k in ("context", "batch-size", "num-workers", "limit", "seed"):
+        for k in ("context", "batch-size", "num-workers", "limit", "seed", "warmup"):
             ap.add_argument(f"--{k}", type=int, default=0)
         ap.add_argument("--state-in")
         ap.add_argument("--state-out")

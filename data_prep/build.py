@@ -33,8 +33,9 @@ import xxhash
 from tqdm.auto import tqdm
 
 from data_prep.ingest import IngestJob, ingest_all
+from data_prep.labels import UNKNOWN, corpus_names, load_rows, save_codes  # noqa: F401  (UNKNOWN: re-exported)
 from data_prep.malloc_env import MALLOC_ENV
-from data_prep.split import ALGORITHM as SPLIT_ALGORITHM, assign_splits
+from data_prep.split import ALGORITHM as SPLIT_ALGORITHM, SplitPlan
 from data_prep.source import Source, SourceError
 from data_prep.vocab import (
     DEFAULT_SYMBOL_TABLE,
@@ -46,7 +47,6 @@ from data_prep.vocab import (
 )
 
 FORMAT_VERSION = 2  # 2: compact MDS dtypes (genes uint16/uint32, counts rightsized per cell)
-UNKNOWN = "unknown"
 #: A dataset whose mapped genes hold less than this share of its genes, or of its counts, gets a warning.
 WARN_GENE_SHARE = 0.8
 WARN_COUNT_SHARE = 0.9
@@ -106,30 +106,6 @@ def _dataset_names(paths: list[str]) -> list[str]:
         seen[stem] = n + 1
         names.append(stem if n == 0 else f"{stem}-{n}")
     return names
-
-
-def _label_codes(col: pd.Series | None, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """``(names, int32 code per kept row)`` of a label column (missing column or value → ``unknown``).
-
-    Codes, not a string per cell: per-cell strings cost ~0.9 KB a cell over the build (the
-    1M-cell benchmark's peak RSS grew with the corpus), codes 4 bytes."""
-    if col is None:
-        return [UNKNOWN], np.zeros(len(rows), np.int32)
-    codes, uniques = pd.factorize(col.iloc[rows], use_na_sentinel=True)  # observed values only
-    names = [UNKNOWN if v == "nan" else v for v in pd.Index(uniques).astype(str)]
-    codes = codes.astype(np.int32)
-    if (codes < 0).any():  # missing values
-        names.append(UNKNOWN)
-        codes[codes < 0] = len(names) - 1
-    return names, codes
-
-
-def _global_codes(local: list[tuple[list[str], np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dataset ``(names, codes)`` → ``(sorted unique names, codes into them)`` over all cells."""
-    names = np.asarray(sorted({n for ns, _ in local for n in ns}), dtype=object)
-    index = {n: i for i, n in enumerate(names)}
-    codes = [np.asarray([index[n] for n in ns], np.int32)[c] for ns, c in local]
-    return names, np.concatenate(codes) if codes else np.zeros(0, np.int32)
 
 
 def mapping_warning(rec: dict) -> str | None:
@@ -229,32 +205,53 @@ def _swap_into_place(tmp: str, out: str) -> None:
 
 
 def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: list, log) -> dict:
+    """Memory does not grow with the corpus: files are opened one at a time (their ``var`` for the
+    vocabulary and the gene mapping, then obs + counts for ingestion), and per-cell labels and split
+    codes live on disk per dataset (``data_prep.labels``) until the MDS tasks read their row ranges.
+    What is held for the whole build is per file (its gene mapping, label names), not per cell."""
     names = _dataset_names(inputs)
     timings = {}
     t = time.perf_counter()
-    for p in inputs:
-        sources.append(Source(p))
-    gene_ids = [var_gene_ids(s.var) for s in sources]
     table, table_rec = None, None
     if opts.symbol_table:
         table = read_symbol_table(opts.symbol_table)
         table_rec = {"path": os.path.abspath(opts.symbol_table), "source": "--symbol-table", "n_symbols": len(table)}
-    elif any(ids is None for ids, _ in gene_ids):  # symbol-only files: the shipped GENCODE table
-        table = read_symbol_table(DEFAULT_SYMBOL_TABLE)
-        table_rec = {"path": str(DEFAULT_SYMBOL_TABLE), "source": DEFAULT_SYMBOL_TABLE_SOURCE, "n_symbols": len(table)}
-        log(f"files without Ensembl IDs: mapping their symbols with {DEFAULT_SYMBOL_TABLE_SOURCE} "
-            f"({len(table)} symbols; --symbol-table to use another table)")
 
-    # Vocabulary and per-dataset gene mapping.
+    def genes_of(path: str):
+        """``(open Source without obs, its gene IDs)``; loads the shipped symbol table at the first
+        file without Ensembl IDs (used only for such files)."""
+        nonlocal table, table_rec
+        src = Source(path, load_obs=False)
+        sources.append(src)  # closed by the caller if anything fails
+        ids = var_gene_ids(src.var)
+        if ids[0] is None and table is None:  # symbol-only files: the shipped GENCODE table
+            table = read_symbol_table(DEFAULT_SYMBOL_TABLE)
+            table_rec = {"path": str(DEFAULT_SYMBOL_TABLE), "source": DEFAULT_SYMBOL_TABLE_SOURCE,
+                         "n_symbols": len(table)}
+            log(f"files without Ensembl IDs: mapping their symbols with {DEFAULT_SYMBOL_TABLE_SOURCE} "
+                f"({len(table)} symbols; --symbol-table to use another table)")
+        return src, ids
+
+    def done(src: Source) -> None:
+        src.close()
+        sources.remove(src)
+
+    # Vocabulary (one file's var at a time), then each dataset's gene mapping.
     if opts.vocab:
         vocab = GeneVocab.load(opts.vocab)
         vocab_origin = os.path.abspath(opts.vocab)
     else:
-        vocab = GeneVocab.from_vars([s.var for s in sources], symbol_table=table, gene_ids=gene_ids)
+        id_sym: dict[str, str] = {}
+        for p in inputs:
+            src, ids = genes_of(p)
+            GeneVocab.collect(id_sym, src.var, ids, table)
+            done(src)
+        vocab = GeneVocab.from_collected(id_sym)
         vocab_origin = "built from inputs"
     vocab_sha = vocab.save(os.path.join(tmp, "vocab.tsv"))
-    mappings, datasets = [], []
-    for name, src, h, (ids, id_source) in zip(names, sources, input_hashes, gene_ids):
+    mappings, datasets, n_obs = [], [], []
+    for name, p, h in zip(names, inputs, input_hashes):
+        src, (ids, id_source) = genes_of(p)
         vid = vocab.map_var(src.var, symbol_table=table, gene_ids=(ids, id_source))
         n_mapped = int((vid >= 0).sum())
         ratio = n_mapped / max(len(vid), 1)
@@ -268,28 +265,30 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         if ratio < opts.min_match:
             raise SourceError(f"{src.path}: only {n_mapped}/{len(vid)} genes ({ratio:.1%}) map to the vocabulary "
                               f"(threshold --min-match {opts.min_match:.0%}); gene IDs looked up via {rec['gene_key']}")
+        n_obs.append(src.n_obs)
+        done(src)
         mappings.append(vid)
         datasets.append(rec)
 
     timings["open_and_map"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # Zarr stores, chunk by chunk (``workers`` datasets at a time).
+    # Zarr stores, chunk by chunk (``workers`` datasets at a time); label codes per dataset to scratch.
     os.makedirs(os.path.join(tmp, "zarr"))
-    jobs = [IngestJob(src.path, os.path.join(tmp, "zarr", f"{name}.zarr"), vid)
-            for name, src, vid in zip(names, sources, mappings)]
-    with tqdm(total=sum(s.n_obs for s in sources), desc="zarr", unit="cell", unit_scale=True, leave=False) as bar:
-        results = ingest_all(jobs, opts.min_genes, opts.chunk_cells, opts.workers, sources, progress=bar.update)
-    cell_types, donors, kept_rows, warnings_ = [], [], [], []
-    for name, src, rec, res in zip(names, sources, datasets, results):
-        rows, stats = res["rows"], res["stats"]
+    scratch = os.path.join(tmp, ".labels")
+    labels_dir = [os.path.join(scratch, f"{d:06d}") for d in range(len(names))]
+    jobs = [IngestJob(p, os.path.join(tmp, "zarr", f"{name}.zarr"), vid, labels=lab,
+                      label_keys={"cell_type": opts.cell_type_key, "donor": opts.donor_key})
+            for name, p, vid, lab in zip(names, inputs, mappings, labels_dir)]
+    with tqdm(total=sum(n_obs), desc="zarr", unit="cell", unit_scale=True, leave=False) as bar:
+        results = ingest_all(jobs, opts.min_genes, opts.chunk_cells, opts.workers, progress=bar.update)
+    kept_rows, warnings_ = [], []
+    for name, rec, res in zip(names, datasets, results):
+        stats = res["stats"]
         rec.update(stats, zarr=f"zarr/{name}.zarr", nnz=res["nnz"])
-        cell_types.append(_label_codes(src.obs.get(opts.cell_type_key), rows))
-        rec["has_cell_type"] = opts.cell_type_key in src.obs.columns
-        rec["has_donor"] = opts.donor_key in src.obs.columns
-        d_names, d_codes = _label_codes(src.obs.get(opts.donor_key), rows)
-        donors.append(([f"{name}/{d}" for d in d_names], d_codes))
-        kept_rows.append(len(rows))
+        rec["has_cell_type"] = res["labels"]["cell_type"]["present"]
+        rec["has_donor"] = res["labels"]["donor"]["present"]
+        kept_rows.append(res["n_kept"])
         log(f"{name}: kept {stats['cells_out']}/{stats['cells_in']} cells (dropped {stats['dropped_min_genes']} "
             f"with < {opts.min_genes} genes, {stats['dropped_not_primary']} not primary)")
         rec["counts_total"], rec["counts_mapped"] = res["counts_total"], res["counts_mapped"]
@@ -303,18 +302,31 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
     timings["zarr"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # Labels and split.
+    # Labels and split: corpus-wide codes and split codes, one dataset at a time, back to scratch.
     if sum(kept_rows) == 0:
         raise SourceError("no cell passed QC in any input (check --min-genes)")
-    ct_names, ct_codes = _global_codes(cell_types)
-    donor_names, donor_codes = _global_codes(donors)
+    ct_names, ct_luts = corpus_names([r["labels"]["cell_type"]["names"] for r in results])
+    donor_names, donor_luts = corpus_names([[f"{name}/{d}" for d in r["labels"]["donor"]["names"]]
+                                            for name, r in zip(names, results)])
     if opts.split_by not in ("dataset", "donor", "cell"):
         raise ValueError(f"split_by must be dataset, donor or cell, got {opts.split_by!r}")
     if opts.split_by == "dataset":
-        ds_names, ds_codes = _global_codes([([n], np.zeros(k, np.int32)) for n, k in zip(names, kept_rows)])
-    groups, group_names = (ds_codes, ds_names) if opts.split_by == "dataset" else (donor_codes, donor_names)
-    split_codes, split_info = assign_splits(groups, split_by=opts.split_by, val_frac=opts.val_frac,
-                                            test_frac=opts.test_frac, seed=opts.seed, group_names=group_names)
+        group_names, group_luts = corpus_names([[n] for n in names])
+        local_sizes = [[k] for k in kept_rows]
+    else:
+        group_names, group_luts = donor_names, donor_luts
+        local_sizes = [r["labels"]["donor"]["counts"] for r in results]
+    sizes = np.zeros(len(group_names), np.int64)
+    for lut, counts in zip(group_luts, local_sizes):
+        np.add.at(sizes, lut, np.asarray(counts, np.int64))
+    plan = SplitPlan(sum(kept_rows), sizes, group_names, split_by=opts.split_by, val_frac=opts.val_frac,
+                     test_frac=opts.test_frac, seed=opts.seed)
+    for d, lab in enumerate(labels_dir):
+        cell_type = ct_luts[d][load_rows(lab, "cell_type")]
+        donor = donor_luts[d][load_rows(lab, "donor")]
+        groups = donor if opts.split_by != "dataset" else np.full(kept_rows[d], group_luts[d][0], np.int32)
+        save_codes(lab, split=plan.codes(groups), cell_type=cell_type, donor=donor)
+    split_info = plan.info()
 
     # MDS shards from the Zarr stores.
     from data_prep.mds import Task, columns, write_mds  # imports streaming
@@ -323,14 +335,13 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
     for d, (name, vid, n) in enumerate(zip(names, mappings, kept_rows)):
         for start in range(0, n, opts.cells_per_part):
             stop = min(start + opts.cells_per_part, n)
-            sl = slice(offset + start, offset + stop)
             tasks.append(Task(part=len(tasks), store=os.path.join(tmp, "zarr", f"{name}.zarr"), dataset=d,
-                              start=start, stop=stop, vocab_ids=vid, split=split_codes[sl],
-                              cell_type=ct_codes[sl], donor=donor_codes[sl], cell_id0=offset + start))
+                              start=start, stop=stop, vocab_ids=vid, cell_id0=offset + start, labels=labels_dir[d]))
         offset += n
     with tqdm(total=offset, desc="mds", unit="cell", unit_scale=True, leave=False) as bar:
         mds = write_mds(tasks, os.path.join(tmp, "mds"), opts.workers, len(vocab), progress=bar.update,
                         compression=opts.compression, size_limit=opts.shard_mb << 20)
+    shutil.rmtree(scratch)
     timings["split_and_mds"] = time.perf_counter() - t
 
     return {

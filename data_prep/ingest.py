@@ -15,6 +15,7 @@ from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 
+from data_prep.labels import label_codes, save_codes
 from data_prep.source import QCStats, Source
 from data_prep.zarr_store import ZarrDatasetWriter
 
@@ -24,12 +25,20 @@ class IngestJob:
     path: str  # the h5ad
     store: str  # the new ``*.zarr``
     vocab_ids: np.ndarray  # per source gene, −1 = unmapped (stored as var['vocab_id'])
+    labels: str | None = None  # directory for the kept cells' label codes (``<key>.npy``, data_prep.labels)
+    label_keys: dict[str, str] = dataclasses.field(default_factory=dict)  # file name → obs column coded into it
 
 
 def ingest_dataset(job: IngestJob, min_genes: int, chunk_cells: int, source: Source | None = None,
                    progress=None, buffers: dict | None = None) -> dict:
-    """Write ``job.store`` from ``job.path``; returns QC counts, kept source rows, nnz, and the total counts
-    of the kept cells and those on mapped genes (``vocab_ids >= 0``).
+    """Write ``job.store`` from ``job.path``; returns QC counts, the number of kept cells, nnz, and the
+    total counts of the kept cells and those on mapped genes (``vocab_ids >= 0``).
+
+    With ``job.labels``, each obs column of ``job.label_keys`` (``{name: column}``) is coded
+    (:func:`data_prep.labels.label_codes`) over the kept cells and its codes saved to
+    ``job.labels/<name>.npy``; the result then holds, per name, its label names and whether obs has
+    the column. Nothing per cell is returned: the caller's memory does
+    not grow with the dataset.
 
     ``source``: the already open ``Source`` of ``job.path`` (else it is opened here). ``progress(n)``
     is called with the number of source cells read since the last call. ``buffers``: read buffers
@@ -57,7 +66,15 @@ def ingest_dataset(job: IngestJob, min_genes: int, chunk_cells: int, source: Sou
         var = src.var.copy()
         var["vocab_id"] = job.vocab_ids
         writer.finish(obs, var)
-        return {"stats": dataclasses.asdict(stats), "rows": rows, "nnz": int(writer.nnz),
+        labels = {}
+        if job.labels is not None:
+            codes = {}
+            for name, key in job.label_keys.items():
+                names, codes[name] = label_codes(src.obs.get(key), rows)
+                labels[name] = {"names": names, "present": key in src.obs.columns,
+                                "counts": np.bincount(codes[name], minlength=len(names)).tolist()}
+            save_codes(job.labels, **codes)
+        return {"stats": dataclasses.asdict(stats), "n_kept": len(rows), "labels": labels, "nnz": int(writer.nnz),
                 "counts_total": counts_total, "counts_mapped": counts_mapped}
     finally:
         if source is None:

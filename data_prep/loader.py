@@ -11,6 +11,7 @@ to the tokenizer is the dataset's epoch, so resumed runs see the same tokens.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from data_prep._torchvision_shim import ensure_importable
@@ -18,6 +19,11 @@ from data_prep._torchvision_shim import ensure_importable
 ensure_importable()
 
 from streaming import StreamingDataLoader, StreamingDataset  # noqa: E402
+
+# mosaicml-streaming 0.13 reads each compressed shard with ``open(path, 'rb').read()`` and never closes the file
+# (streaming/base/stream.py, ``_decompress_shard_part``): a ResourceWarning per shard wherever they are shown.
+# The file is ours to read only through streaming, so the warning is silenced for that module alone.
+warnings.filterwarnings("ignore", category=ResourceWarning, module=r"streaming\.base\.stream")
 from streaming.base.dataset import _ShardState  # noqa: E402
 
 from data_prep.tokenize import CellTokenizer, pack_batch  # noqa: E402

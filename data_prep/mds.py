@@ -36,6 +36,7 @@ from streaming.base.format.mds.encodings import NDArray  # noqa: E402
 from streaming.base.util import merge_index  # noqa: E402
 
 from data_prep._mds_cells import pack_cells  # noqa: E402  (csrc/mds_cells.cpp; after torch, whose libraries it links)
+from data_prep.labels import load_rows  # noqa: E402
 from data_prep.split import SPLITS  # noqa: E402
 from data_prep.zarr_store import iter_csr_rows  # noqa: E402
 
@@ -185,17 +186,28 @@ class CellMDSWriter(MDSWriter):
 
 @dataclasses.dataclass
 class Task:
-    """Rows ``start:stop`` of one dataset store, with per-row labels and split codes."""
+    """Rows ``start:stop`` of one dataset store, with per-row labels and split codes: given as arrays
+    (``split``, ``cell_type``, ``donor``, per row of the range), or read when the task runs from
+    ``labels``, a directory with ``split.npy``/``cell_type.npy``/``donor.npy`` over all the store's
+    rows (so a build's task list holds no per-cell array)."""
     part: int
     store: str
     dataset: int
     start: int
     stop: int
     vocab_ids: np.ndarray  # per source gene, −1 = unmapped
-    split: np.ndarray  # per row of the range
-    cell_type: np.ndarray
-    donor: np.ndarray
-    cell_id0: int  # cell_id of row ``start``
+    split: np.ndarray | None = None  # per row of the range
+    cell_type: np.ndarray | None = None
+    donor: np.ndarray | None = None
+    cell_id0: int = 0  # cell_id of row ``start``
+    labels: str | None = None
+
+    def with_labels(self) -> Task:
+        """This task with ``split``/``cell_type``/``donor`` read from ``labels`` (itself when given)."""
+        if self.labels is None:
+            return self
+        return dataclasses.replace(self, labels=None, **{k: load_rows(self.labels, k, self.start, self.stop)
+                                                         for k in ("split", "cell_type", "donor")})
 
 
 class VocabMap:
@@ -248,6 +260,7 @@ def write_task(task: Task, out_root: str, vocab_size: int, compression: str = CO
     The row range is read in blocks of ≤ ``max_nnz`` non-zeros (bounded memory); each split's
     writer receives its rows in row order.
     """
+    task = task.with_labels()
     written = {s: 0 for s in SPLITS}
     no_genes = 0
     vocab_map = VocabMap(task.vocab_ids, genes_dtype(vocab_size))

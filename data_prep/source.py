@@ -142,10 +142,11 @@ class Source:
 
     Current-format files are opened with h5py + ``anndata.io.read_elem``/``sparse_dataset``, so only
     obs/var are loaded (not obsm/obsp/layers/uns); legacy layouts go through
-    ``anndata.read_h5ad(backed="r")``.
+    ``anndata.read_h5ad(backed="r")``. ``load_obs=False``: var and the matrix only (``obs`` is None
+    for current-format files), for steps that look at genes, not cells.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, load_obs: bool = True):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise SourceError(f"{self.path}: no such file")
@@ -153,9 +154,10 @@ class Source:
             self._file = h5py.File(self.path, "r")
             if self._file.attrs.get("encoding-type") == "anndata":
                 # current format: only obs/var are loaded, the matrices stay on disk
-                self.obs = ad.io.read_elem(self._file["obs"])
+                self.obs = ad.io.read_elem(self._file["obs"]) if load_obs else None
                 self.var = ad.io.read_elem(self._file["var"])
                 x, raw_x = self._matrix("X"), self._matrix("raw/X")
+                self.n_obs = len(self.obs) if load_obs else (x.shape[0] if x is not None else 0)
                 raw_var = ad.io.read_elem(self._file["raw/var"]) if raw_x is not None else None
             else:  # legacy layouts (pre-0.7 anndata, e.g. raw.X/raw.var): anndata's backed reader knows them
                 self._file.close()
@@ -173,7 +175,8 @@ class Source:
         except Exception as e:  # h5py/anndata raise many types for damaged files
             raise SourceError(f"{self.path}: cannot read as h5ad (corrupt or truncated?): "
                               f"{type(e).__name__}: {e}") from e
-        self.n_obs = len(self.obs)
+        if self.obs is not None:
+            self.n_obs = len(self.obs)
         self.matrix, self.count_source = self._choose_matrix(x, raw_x)
         key = {"X": "X", "raw.X": "raw/X"}[self.count_source]
         self._rows = _CSRRows(self._file[key]) if getattr(self, "_file", None) is not None \
@@ -227,6 +230,8 @@ class Source:
 
     def keep_mask_obs(self) -> np.ndarray:
         """Cells that pass the metadata part of QC (``is_primary_data``)."""
+        if self.obs is None:
+            raise RuntimeError(f"{self.path}: opened without obs (Source(load_obs=False))")
         if "is_primary_data" in self.obs.columns:
             col = self.obs["is_primary_data"]
             return np.asarray(col.astype(str).str.lower().isin(["true", "1"]), dtype=bool)

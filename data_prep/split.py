@@ -39,37 +39,77 @@ def assign_splits(groups: np.ndarray, *, split_by: str, val_frac: float, test_fr
     ``groups``: one group label (str) per cell; ignored for ``split_by="cell"``. Or, with
     ``group_names`` (sorted, unique), one integer code per cell into them: the same split as the
     names per cell, without a string per cell (a 130M-cell corpus would hold ~10 GB of them).
+    All cells at once; :class:`SplitPlan` gives the same codes block by block.
     """
-    if split_by not in SPLIT_BY:
-        raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
-    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"need 0 ≤ val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
-    n = len(groups)
-    info = {"requested": split_by, "effective": split_by, "seed": seed, "val_frac": val_frac,
-            "test_frac": test_frac, "algorithm": ALGORITHM}
-    rng = np.random.default_rng(seed)
+    groups = np.asarray(groups)
+    sizes = None
     if split_by != "cell":
         if group_names is None:
-            names, inverse, sizes = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
-        else:  # codes into sorted names: only the groups that occur, in the same (sorted) order
-            used, inverse, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
-            names = np.asarray(group_names)[used]
+            group_names, groups = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        sizes = np.bincount(groups.ravel(), minlength=len(group_names))
+    plan = SplitPlan(len(groups), sizes, group_names, split_by=split_by, val_frac=val_frac, test_frac=test_frac,
+                     seed=seed, stacklevel=3)
+    codes = plan.codes(groups)
+    return codes, plan.info()
+
+
+class SplitPlan:
+    """The split of ``n`` cells, decided from group sizes alone; codes handed out block by block.
+
+    ``group_sizes``: cells per group code (codes into the sorted, unique ``group_names``; zero-size
+    groups are ignored), None for ``split_by="cell"``. :meth:`codes` of consecutive blocks of cells
+    (group codes per cell, in corpus order) equals :func:`assign_splits` of all cells at once: the
+    random per-cell split (``split_by="cell"`` or the fallback) draws the same stream block by block.
+    So a build holds one dataset's codes at a time, not one per corpus cell.
+    """
+
+    def __init__(self, n: int, group_sizes: np.ndarray | None, group_names: np.ndarray | None, *, split_by: str,
+                 val_frac: float, test_frac: float, seed: int, stacklevel: int = 2):
+        if split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+        if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+            raise ValueError(f"need 0 ≤ val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
+        self.n, self.val_frac, self.test_frac = n, val_frac, test_frac
+        self._info = {"requested": split_by, "effective": split_by, "seed": seed, "val_frac": val_frac,
+                      "test_frac": test_frac, "algorithm": ALGORITHM}
+        self._rng = np.random.default_rng(seed)
+        self._code_of_group = None  # per group code (all of group_names); None: random per cell
+        self._n_cells = np.zeros(len(SPLITS), np.int64)
+        if split_by == "cell":
+            return
+        sizes = np.asarray(group_sizes)
+        used = np.flatnonzero(sizes > 0)
+        names, sizes = np.asarray(group_names)[used], sizes[used]
         needed = 1 + (val_frac > 0) + (test_frac > 0)
         if len(names) < needed:
             problem = (f"only {len(names)} {split_by} group(s) for {needed} non-empty splits")
         else:
-            code_of_group, problem = _group_split(sizes, rng.permutation(len(names)), n, val_frac, test_frac, split_by)
+            code_of_group, problem = _group_split(sizes, self._rng.permutation(len(names)), n, val_frac, test_frac,
+                                                  split_by)
         if problem is None:
-            codes = code_of_group[inverse]
-            info["groups"] = {s: sorted(names[code_of_group == c].tolist()) for c, s in enumerate(SPLITS)}
-            return codes, _counts(codes, info)
-        info["effective"] = "cell"
-        info["fallback_reason"] = (f"no {split_by}-level split: {problem}; cells are split at random instead, "
-                                   f"so {split_by}s straddle train/val/test")
-        warnings.warn(info["fallback_reason"], GroupSplitWarning, stacklevel=2)
-    u = rng.random(n)
-    codes = np.where(u < test_frac, 2, np.where(u < test_frac + val_frac, 1, 0)).astype(np.int8)
-    return codes, _counts(codes, info)
+            self._code_of_group = np.zeros(len(group_names), np.int8)
+            self._code_of_group[used] = code_of_group
+            self._info["groups"] = {s: sorted(names[code_of_group == c].tolist()) for c, s in enumerate(SPLITS)}
+            return
+        self._info["effective"] = "cell"
+        self._info["fallback_reason"] = (f"no {split_by}-level split: {problem}; cells are split at random instead, "
+                                         f"so {split_by}s straddle train/val/test")
+        warnings.warn(self._info["fallback_reason"], GroupSplitWarning, stacklevel=stacklevel)
+
+    def codes(self, groups: np.ndarray) -> np.ndarray:
+        """int8 split codes of the next block of cells (``groups``: their group codes; only the length
+        counts for a per-cell split)."""
+        if self._code_of_group is not None:
+            codes = self._code_of_group[np.asarray(groups)]
+        else:
+            u = self._rng.random(len(groups))
+            codes = np.where(u < self.test_frac, 2, np.where(u < self.test_frac + self.val_frac, 1, 0)).astype(np.int8)
+        self._n_cells += np.bincount(codes.ravel(), minlength=len(SPLITS))
+        return codes
+
+    def info(self) -> dict:
+        """The manifest record, with cells per split of the blocks handed out so far."""
+        return {**self._info, "n_cells": {s: int(self._n_cells[c]) for c, s in enumerate(SPLITS)}}
 
 
 def _group_split(sizes: np.ndarray, order: np.ndarray, n: int, val_frac: float, test_frac: float,
@@ -95,8 +135,3 @@ def _group_split(sizes: np.ndarray, order: np.ndarray, n: int, val_frac: float, 
     if not (code_of_group == 0).any():
         return code_of_group, "every group went to val or test (fractions too large for the group sizes)"
     return code_of_group, None
-
-
-def _counts(codes: np.ndarray, info: dict) -> dict:
-    info["n_cells"] = {s: int((codes == c).sum()) for c, s in enumerate(SPLITS)}
-    return info

@@ -163,20 +163,31 @@ class GeneVocab:
         :func:`var_gene_ids` when the caller already has them.
         """
         id_sym: dict[str, str] = {}
-        match = ENSEMBL_RE.match
         for k, var in enumerate(vars_):
-            ids, _ = gene_ids[k] if gene_ids is not None else var_gene_ids(var)
-            syms, _ = var_symbols(var)
-            if ids is None:
-                if symbol_table:
-                    for s in syms:
-                        if s in symbol_table:
-                            id_sym.setdefault(symbol_table[s], s)
-                continue
-            ok = ensembl_mask(ids)
-            for i, s in zip(ids[ok].tolist(), syms[ok].tolist()):
-                if not id_sym.get(i):
-                    id_sym[i] = "" if s.startswith("ENS") and match(s) else s
+            cls.collect(id_sym, var, gene_ids[k] if gene_ids is not None else var_gene_ids(var), symbol_table)
+        return cls.from_collected(id_sym)
+
+    @staticmethod
+    def collect(id_sym: dict[str, str], var: pd.DataFrame, gene_ids: tuple, symbol_table: dict[str, str] | None) -> None:
+        """Add one dataset's genes to ``id_sym`` (Ensembl ID → symbol), as :meth:`from_vars` does for each
+        of its ``vars_``: a build can read one file's ``var`` at a time."""
+        ids, _ = gene_ids
+        syms, _ = var_symbols(var)
+        if ids is None:
+            if symbol_table:
+                for s in syms:
+                    if s in symbol_table:
+                        id_sym.setdefault(symbol_table[s], s)
+            return
+        match = ENSEMBL_RE.match
+        ok = ensembl_mask(ids)
+        for i, s in zip(ids[ok].tolist(), syms[ok].tolist()):
+            if not id_sym.get(i):
+                id_sym[i] = "" if s.startswith("ENS") and match(s) else s
+
+    @classmethod
+    def from_collected(cls, id_sym: dict[str, str]) -> GeneVocab:
+        """The vocabulary of what :meth:`collect` gathered: IDs sorted."""
         if not id_sym:
             raise ValueError("no Ensembl gene IDs found in any dataset (and no symbol table to map symbols)")
         order = sorted(id_sym)

@@ -3,8 +3,9 @@
 The optimizer (``torch.optim.AdamW``) is passed to ``deepspeed.initialize`` as an object (no JIT
 Adam build); the LR schedule is DeepSpeed's ``WarmupCosineLR``: linear warm-up from 0 to ``lr`` over
 ``warmup_steps``, then ``lr·(r + (1−r)·(1+cos(π·t))/2)`` with r = ``min_lr_ratio`` and t the
-fraction of the remaining steps. Update k (1-based) uses iteration k−1 (the trainer advances the
-fresh scheduler once): LR 0 at step 1, rising by ``lr/warmup_steps`` per step, then the cosine, which
+fraction of the remaining steps. Update k (1-based) uses iteration k−1 (the scheduler is built at
+iteration 0 — built "before it has started", at −1, it logs a warning and sets LR 0 — and the trainer
+applies iteration 0 with ``scheduler.step(0)``): LR 0 at step 1, rising by ``lr/warmup_steps`` per step, then the cosine, which
 reaches ``lr·min_lr_ratio`` at step ``max_steps``. ``gradient_clipping: 0`` means no clipping in DeepSpeed.
 DeepSpeed's throughput timer is off: it is on by default and calls ``torch.cuda.synchronize()`` at the start of
 every forward and the end of every ``step()`` (``deepspeed.utils.timer.ThroughputTimer``); the trainer measures
@@ -38,6 +39,7 @@ def deepspeed_config(cfg: Config, world_size: int, cuda: bool) -> dict:
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": o.min_lr_ratio,
                 "warmup_type": "linear",
+                "last_batch_iteration": 0,  # not −1: that logs "get learning rate ... before it has started"
             },
         },
         "steps_per_print": 10**9,

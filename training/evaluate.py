@@ -299,7 +299,11 @@ def plot_umap(cells: ad.AnnData, path: str | os.PathLike, *, title: str = "", se
     if "X_umap" not in cells.obsm:
         sc.tl.umap(cells, random_state=seed)
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    sc.pl.umap(cells, color="label", ax=ax, show=False, title=title or "UMAP by cell type", frameon=False)
+    with warnings.catch_warnings():
+        # scanpy 1.11.5 (the last release for Python 3.11) calls Colormap.set_bad in every embedding plot, which
+        # matplotlib 3.11 marks pending-deprecated; nothing we pass avoids it (scanpy ≥ 1.12 needs Python 3.12).
+        warnings.filterwarnings("ignore", "The set_bad function", PendingDeprecationWarning)
+        sc.pl.umap(cells, color="label", ax=ax, show=False, title=title or "UMAP by cell type", frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")

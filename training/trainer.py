@@ -114,10 +114,10 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.parallel.dp, cuda),
             mpu=self.parallel.mpu)
-        # DeepSpeed builds the scheduler "before it has started" (LR 0) and steps it after each update,
-        # which would spend two steps at LR 0; one step here makes update k use iteration k−1.
+        # The scheduler is built at iteration 0 (training.deepspeed_config) and DeepSpeed steps it after each
+        # update; applying iteration 0 here makes update k use iteration k−1 (LR 0 at step 1).
         if self.scheduler is not None:
-            self.scheduler.step()
+            self.scheduler.step(0)
         # ZeRO 0 + fp32: DeepSpeed steps the torch optimizer unwrapped, with no global norm and no check.
         self._plain_optimizer = self.engine.optimizer is self.engine.basic_optimizer
         self.loader = self._build_loader()

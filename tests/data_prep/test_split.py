@@ -3,7 +3,7 @@ import warnings
 import numpy as np
 import pytest
 
-from data_prep.split import GroupSplitWarning, assign_splits
+from data_prep.split import GroupSplitWarning, SplitPlan, assign_splits
 
 
 def _groups(sizes: dict[str, int], rng) -> np.ndarray:
@@ -107,3 +107,24 @@ def test_codes_with_group_names_give_the_same_split_as_names(rng):
     a, ia = assign_splits(names[codes], split_by="donor", val_frac=0.1, test_frac=0.15, seed=seed)
     b, ib = assign_splits(codes, split_by="donor", val_frac=0.1, test_frac=0.15, seed=seed, group_names=names)
     assert np.array_equal(a, b) and ia == ib and set(ia["groups"]["test"]) <= set(names)
+
+
+@pytest.mark.parametrize("case", ["donor", "cell", "fallback"])
+def test_plan_in_blocks_equals_all_at_once(rng, case):
+    """SplitPlan handing out codes block by block (the build: one dataset at a time) gives assign_splits' split
+    of all cells at once, also when cells are split at random (the uniforms are drawn in blocks)."""
+    n_groups = 2 if case == "fallback" else int(rng.integers(20, 60))  # 2 groups, 3 splits: random fallback
+    names = np.array([f"ds{i % 3}/donor{i}" for i in range(n_groups)], dtype=object)
+    order = np.argsort(names)
+    names = names[order]
+    codes = rng.integers(0, n_groups, int(rng.integers(3000, 9000)))
+    split_by, seed = ("cell" if case == "cell" else "donor"), int(rng.integers(1000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GroupSplitWarning)
+        a, ia = assign_splits(codes, split_by=split_by, val_frac=0.1, test_frac=0.15, seed=seed, group_names=names)
+        plan = SplitPlan(len(codes), np.bincount(codes, minlength=n_groups), names, split_by=split_by,
+                         val_frac=0.1, test_frac=0.15, seed=seed)
+    cuts = np.sort(rng.integers(0, len(codes), int(rng.integers(1, 7))))
+    b = np.concatenate([plan.codes(block) for block in np.split(codes, cuts)])
+    assert np.array_equal(a, b) and plan.info() == ia
+    assert ia["effective"] == ("cell" if case != "donor" else "donor") and sum(ia["n_cells"].values()) == len(codes)

@@ -50,9 +50,21 @@ def records(run_dir):
 
 @pytest.mark.parametrize("stage, clip, gas, ac", [(1, 1.0, 1, False), (2, None, 1, False), (3, 0.5, 2, True)])
 def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, stage, clip, gas, ac):
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+
     from training.checkpoint import latest_tag, load_for_inference
-    t = make_trainer(corpus, tmp_path, **{"run.zero_stage": stage, "optim.grad_clip": clip, "optim.grad_accum": gas,
-                                          "model.activation_checkpointing": ac})
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda rec: seen.append(rec.getMessage())
+    ds_logger.addHandler(handler)
+    try:
+        t = make_trainer(corpus, tmp_path, **{"run.zero_stage": stage, "optim.grad_clip": clip, "optim.grad_accum": gas,
+                                              "model.activation_checkpointing": ac})
+    finally:
+        ds_logger.removeHandler(handler)
+    assert not [m for m in seen if "learning rate" in m], seen  # scheduler built at iteration 0, not −1
     assert t.train() == "finished" and t.step == 4
     recs = records(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
