@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer_helpers import ENV, set_env, synth_corpus, tiny_overrides
+from trainer_helpers import ENV, restore_env, set_env, synth_corpus, tiny_overrides
 
 N_BINS = 11
 
@@ -27,7 +27,6 @@ N_BINS = 11
 def run(tmp_path_factory):
     """(run dir, corpus dir): 2 synthetic datasets (seed drawn fresh), built and trained for 6 steps."""
     from training.config import load_config
-    from training.distributed import shutdown
     from training.trainer import Trainer
 
     cuda = torch.cuda.is_available()
@@ -45,14 +44,7 @@ def run(tmp_path_factory):
     try:
         assert t.train() == "finished" and t.step == 6
     finally:
-        shutdown()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(k, None)
+        restore_env(old)
     yield run_dir, corpus
     from data_prep._torchvision_shim import ensure_importable
     ensure_importable()

@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from trainer_helpers import REPO, set_env
+from trainer_helpers import REPO, restore_env, set_env
 
 TRAINING = str(REPO / "training") + os.sep
 TORCH = str(Path(torch.__file__).parent) + os.sep
@@ -33,15 +33,7 @@ LOG_EVERY, STEPS = 3, 6                  # steps 3 and 6 are logged, 1, 2, 4, 5 
 def _env():
     old = set_env()
     yield
-    from training.distributed import shutdown
-    shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
+    restore_env(old)
 
 
 def _cfg(run_dir, **extra):

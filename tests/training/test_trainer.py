@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer_helpers import ATTENTION_KINDS, pbmc_corpus, set_env, skip_unless_sigattn, tiny_overrides
+from trainer_helpers import ATTENTION_KINDS, pbmc_corpus, restore_env, set_env, skip_unless_sigattn, tiny_overrides
 from training.config import load_config
 
 
@@ -19,15 +18,7 @@ from training.config import load_config
 def corpus(tmp_path_factory):
     old = set_env()
     yield pbmc_corpus(tmp_path_factory)
-    from training.distributed import shutdown
-    shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
+    restore_env(old)
 
 
 @pytest.fixture(autouse=True)
@@ -84,19 +75,24 @@ def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, s
     torch.testing.assert_close(model.embed(batch), live.float())
 
 
+def _nan_loss_once(module):
+    """Make the model's next forward return a NaN loss (once; the forward after it is the real one again)."""
+    orig = module.forward
+
+    def nan_once(*a, **k):
+        module.forward = orig
+        loss, n = orig(*a, **k)
+        return loss * float("nan"), n
+    module.forward = nan_once
+
+
 def test_nan_loss_skip_policy_skips_the_step_and_keeps_going(corpus, tmp_path):
     state = {}
 
     def poison(trainer, record):
         if record["step"] == 2:                                # make step 3's loss NaN, once
             module = trainer.engine.module
-            orig = module.forward
-
-            def nan_once(*a, **k):
-                module.forward = orig
-                loss, n = orig(*a, **k)
-                return loss * float("nan"), n
-            module.forward = nan_once
+            _nan_loss_once(module)
             state["params"] = [p.detach().clone() for p in module.parameters()]
         if record["step"] == 3:
             state["after"] = [p.detach().clone() for p in trainer.engine.module.parameters()]
@@ -138,13 +134,7 @@ def test_nan_loss_in_one_micro_batch_of_an_unlogged_step_is_skipped(corpus, tmp_
         state["records"].append(record)
         module = trainer.engine.module
         if record["step"] == 2:                                # the first micro-batch of step 3
-            orig = module.forward
-
-            def nan_once(*a, **k):
-                module.forward = orig
-                loss, n = orig(*a, **k)
-                return loss * float("nan"), n
-            module.forward = nan_once
+            _nan_loss_once(module)
             state["before"] = [p.detach().clone() for p in module.parameters()]
         if record["step"] == 3:
             state["after"] = [p.detach().clone() for p in module.parameters()]

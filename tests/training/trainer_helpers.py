@@ -53,6 +53,20 @@ def set_env() -> dict:
     return old
 
 
+def restore_env(old: dict) -> None:
+    """Undo ``set_env`` after in-process trainers: shut the process group down (DeepSpeed's groups with it) and
+    drop the one-process rendezvous they exported, so later tests and their subprocesses start clean."""
+    from training.distributed import shutdown
+    shutdown()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+
+
 def sigattn_works() -> bool:
     """True when ``sigattn.sigmoid_attention_varlen`` imports and runs on CPU (C++ op built)."""
     try:
