@@ -233,11 +233,7 @@ if HAVE_GLUON:
                         s = kv % STAGES
                         s2 = (kv + 1) % STAGES
                         if DEPTH == 3:  # ping-pong: σ(S_j), then S_{j+1} and PV_j in this consumer's turn
-                            if PROBE == 1:  # timing probe only: no sigmoid
-                                p = sc.to(dtype)
-                            else:
-                                p = _prob(sc * c1 + c0, FAST_SIGMOID, SIG).to(dtype)
-                            p = gl.convert_layout(p, p_layout)
+                            p = _probs(sc, c1, c0, 0, L, cols_s, False, FAST_SIGMOID, SIG, PROBE, dtype, p_layout)
                             mbarrier.wait(k_ready.index(s2), ((kv + 1) // STAGES) & 1)
                             mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
                             mbarrier.wait(turn.index(PART), n_turn & 1)
@@ -250,11 +246,7 @@ if HAVE_GLUON:
                             mbarrier.wait(k_ready.index(s2), ((kv + 1) // STAGES) & 1)
                             s_next = warpgroup_mma(q_tile, k_smem.index(s2).permute((1, 0)), s_zero, use_acc=False,
                                                    is_async=True)
-                            if PROBE == 1:  # timing probe only: no sigmoid
-                                p = sc.to(dtype)
-                            else:
-                                p = _prob(sc * c1 + c0, FAST_SIGMOID, SIG).to(dtype)
-                            p = gl.convert_layout(p, p_layout)
+                            p = _probs(sc, c1, c0, 0, L, cols_s, False, FAST_SIGMOID, SIG, PROBE, dtype, p_layout)
                             mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
                             acc = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
                         sc, acc = warpgroup_mma_wait(1, deps=(s_next, acc))
