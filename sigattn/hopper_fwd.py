@@ -3,6 +3,8 @@
 Structure (one persistent CTA per SM, warp-specialised):
   loader partition (1 warp): TMA loads of the Q tile and of K/V tiles into a STAGES-deep shared-memory ring,
       signalled on mbarriers (``k_ready``/``v_ready``; freed by the consumers through ``k_empty``/``v_empty``).
+      With CONSUMERS=2 consumer 0 issues the same stream itself (``_produce``): a loader partition would make the
+      kernel 12 warps, and ptxas then serialises every wgmma of a consumer in a worker partition (C7512).
   consumer (default partition, 8 warps = 2 warpgroups × 64 query rows; or two 4-warp partitions, CONSUMERS=2):
       DEPTH 1: wgmma S_{j+1} = Q·K_{j+1}ᵀ is issued asynchronously *before* the sigmoid of S_j runs on the MUFU/FMA
       pipes, then O += P_j·V_j (P from registers). DEPTH 2 (_consumer_pairs): key tiles in pairs, so the sigmoid of
@@ -44,11 +46,10 @@ except ImportError:  # older/newer Triton without the Gluon Hopper API
     HAVE_GLUON = False
 
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH[, ORDER]]) per head dim: 128 query rows per CTA, split over CONSUMERS
-# partitions (1: one 8-warp partition, 2 warpgroups in lockstep; 2: two 4-warp partitions, FA3's layout); SIG: see
-# _prob; DEPTH 1: _consumer, DEPTH 2: _consumer_pairs, DEPTH 3: _consumer with CONSUMERS = 2 in ping-pong (compiles
-# without spills for sm90; not run on a GPU yet); ORDER: see _item (1 is not measured yet). Chosen from benchmarks/results/attention_hopper_variants_*.json
-# (H200, side by side in one run).
+# (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH[, ORDER]]) per head dim: 128 query rows per CTA, split over
+# CONSUMERS partitions (1: one 8-warp partition, 2 warpgroups in lockstep; 2: two 4-warp partitions, FA3's layout);
+# SIG: see _prob; DEPTH 1: _consumer, DEPTH 2: _consumer_pairs, DEPTH 3: _consumer with CONSUMERS = 2 in ping-pong;
+# ORDER: see _item. Chosen from benchmarks/results/attention_hopper_variants_*.json (H200, side by side in one run).
 CONFIGS = {64: (128, 128, 4, 1, 3), 128: (128, 64, 4, 1, 3, 2)}
 
 
@@ -173,19 +174,77 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
+    def _next_load_item(w, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr,
+                        ORDER: gl.constexpr, BLOCK_M: gl.constexpr):
+        """The first work item from w on (stride nprog) that has key tiles to load, as (w, m, h, row0, L);
+        w ≥ n_work when there is none."""
+        m = 0
+        h = 0
+        row0 = 0
+        L = 0
+        searching = w < n_work
+        while searching:
+            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
+            if m * BLOCK_M < L:
+                searching = False
+            else:
+                w += nprog
+                searching = w < n_work
+        return w, m, h, row0, L
+
+    @gluon.jit
+    def _produce(target, max_it, lkv, lit, lw, lj, lm, lh, lrow0, lL, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
+                 q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work,
+                 VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, ORDER: gl.constexpr):
+        """The loader's TMA stream issued from consumer 0 (CONSUMERS = 2: no loader partition, so the kernel has 8
+        warps and ptxas keeps the wgmma pipeline; with a 12-warp kernel it serialises every wgmma of a consumer
+        that runs in a worker partition, C7512). The cursor (lkv tiles and lit items issued, item lw at key row lj)
+        advances, in _loader's order, until ``target`` K/V tiles are issued, never past item ``max_it`` (its Q
+        buffer must have been freed by both consumers) or the end of the work."""
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+        nprog = gl.num_programs(0)
+        while (lkv < target) & (lw < n_work) & ((lj > 0) | (lit <= max_it)):
+            if lj == 0:
+                qb = lit % 2
+                mbarrier.wait(q_empty.index(qb), ((lit // 2) & 1) ^ 1)
+                mbarrier.expect(q_ready.index(qb), CONSUMERS * q_desc.block_type.nbytes)
+                for c in gl.static_range(CONSUMERS):
+                    tma.async_copy_global_to_shared(q_desc, [lrow0 + lm * BLOCK_M + c * ROWS, lh * D],
+                                                    q_ready.index(qb), q_smem.index(qb * CONSUMERS + c))
+            col = (lh // GROUP) * D
+            s = lkv % STAGES
+            ph = ((lkv // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), ph)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [lrow0 + lj, col], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), ph)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [lrow0 + lj, col], v_ready.index(s), v_smem.index(s))
+            lkv += 1
+            lj += BLOCK_N
+            if lj >= lL:
+                lj = 0
+                lit += 1
+                lw, lm, lh, lrow0, lL = _next_load_item(lw + nprog, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N,
+                                                        VARLEN, HAS_LENS, ORDER, BLOCK_M)
+        return lkv, lit, lw, lj, lm, lh, lrow0, lL
+
+    @gluon.jit
     def _consumer(O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
-                  q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn,
+                  q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc, v_desc, GROUP,
                   VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                   FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                   PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr,
-                  DEPTH: gl.constexpr, ORDER: gl.constexpr, num_warps: gl.constexpr):
+                  DEPTH: gl.constexpr, ORDER: gl.constexpr, SELF_LOAD: gl.constexpr, num_warps: gl.constexpr):
         """Rows [PART·ROWS, (PART+1)·ROWS) of each 128-row query tile (ROWS = BLOCK_M / CONSUMERS).
 
         DEPTH 1: S_{j+1} is issued before σ(S_j), PV_j after it. DEPTH 3 (two consumers, FA3's ping-pong): σ(S_j)
         first, then S_{j+1} and PV_j are issued back to back in this consumer's turn (mbarriers ``turn``: each
         consumer waits for its own, issues, and hands the turn to the other), so the tensor cores run one
-        warpgroup's GEMMs while the other computes its sigmoid."""
+        warpgroup's GEMMs while the other computes its sigmoid. SELF_LOAD (consumer 0 of two): also issues the TMA
+        loads (_produce), STAGES − 1 tiles ahead of its own position and at most one item ahead."""
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -207,6 +266,11 @@ if HAVE_GLUON:
         it = 0
         n_clean = 0
         n_turn = 0
+        lkv = 0
+        lit = 0
+        lj = 0
+        lw, lm, lh, lrow0, lL = _next_load_item(pid, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS,
+                                                ORDER, BLOCK_M)
         for w in range(pid, n_work, nprog):
             m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
             start_m = m * BLOCK_M
@@ -219,6 +283,12 @@ if HAVE_GLUON:
                     c1 = -scale * 1.4426950408889634
                     c0 = -bb * 1.4426950408889634
                     n_kv = gl.cdiv(L, BLOCK_N)
+                    if SELF_LOAD:
+                        lkv, lit, lw, lj, lm, lh, lrow0, lL = _produce(
+                            kv + STAGES - 1, it + 1, lkv, lit, lw, lj, lm, lh, lrow0, lL, q_desc, k_desc, v_desc,
+                            q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, SeqInfo, N,
+                            H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
+                            ORDER)
                     qb = it % 2
                     q_tile = q_smem.index(qb * CONSUMERS + PART)
                     mbarrier.wait(q_ready.index(qb), (it // 2) & 1)
@@ -230,6 +300,12 @@ if HAVE_GLUON:
                     gl.thread_barrier()
                     mbarrier.arrive(k_empty.index(s))
                     for j in range(n_kv - 1):
+                        if SELF_LOAD:
+                            lkv, lit, lw, lj, lm, lh, lrow0, lL = _produce(
+                                kv + STAGES - 1, it + 1, lkv, lit, lw, lj, lm, lh, lrow0, lL, q_desc, k_desc, v_desc,
+                                q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, SeqInfo,
+                                N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N, D, STAGES,
+                                CONSUMERS, ORDER)
                         s = kv % STAGES
                         s2 = (kv + 1) % STAGES
                         if DEPTH == 3:  # ping-pong: σ(S_j), then S_{j+1} and PV_j in this consumer's turn
@@ -463,8 +539,10 @@ if HAVE_GLUON:
                           FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                           PROBE: gl.constexpr, SIG: gl.constexpr, DEPTH: gl.constexpr, ORDER: gl.constexpr):
-        gl.static_assert(DEPTH == 1 or (DEPTH == 2 and STAGES >= 3 and CONSUMERS == 1) or (DEPTH == 3 and CONSUMERS == 2),
+        gl.static_assert(DEPTH == 1 or (DEPTH == 2 and STAGES >= 3 and CONSUMERS == 1)
+                         or (DEPTH == 3 and CONSUMERS == 2),
                          "DEPTH 2: one consumer, ≥ 3 K/V stages; DEPTH 3 (ping-pong): two consumers")
+        gl.static_assert(CONSUMERS == 1 or STAGES >= 3, "two consumers (consumer 0 loads): ≥ 3 K/V stages")
         dtype: gl.constexpr = q_desc.dtype
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         q_smem = gl.allocate_shared_memory(dtype, [2 * CONSUMERS, ROWS, D], q_desc.layout)
@@ -504,25 +582,23 @@ if HAVE_GLUON:
         elif CONSUMERS == 1:  # one 8-warp consumer (2 warpgroups in lockstep)
             gl.warp_specialize([
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
-                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
-                             HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS, 0,
-                             PROBE, SIG, DEPTH, ORDER, gl.num_warps())),
+                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc,
+                             v_desc, GROUP, VARLEN, HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D,
+                             STAGES, CONSUMERS, 0, PROBE, SIG, DEPTH, ORDER, False, gl.num_warps())),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
                            D, STAGES, CONSUMERS, ORDER))], [1], [24])
-        else:  # two independent 4-warp consumers (one warpgroup each, 64 query rows), FA3's layout
+        else:  # two independent 4-warp consumers (one warpgroup each, 64 query rows), FA3's layout; consumer 0 also
+            # issues the TMA loads: 8 warps in all (a loader partition would make 12, see _produce)
             gl.warp_specialize([
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
-                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
-                             HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
-                             0, PROBE, SIG, DEPTH, ORDER, 4)),
+                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc,
+                             v_desc, GROUP, VARLEN, HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D,
+                             STAGES, CONSUMERS, 0, PROBE, SIG, DEPTH, ORDER, True, 4)),
                 (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
-                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, VARLEN,
-                             HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
-                             1, PROBE, SIG, DEPTH, ORDER, 4)),
-                (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                           v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
-                           D, STAGES, CONSUMERS, ORDER))], [4, 1], [232, 24])
+                             q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc,
+                             v_desc, GROUP, VARLEN, HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D,
+                             STAGES, CONSUMERS, 1, PROBE, SIG, DEPTH, ORDER, False, 4))], [4], [256])
 
 
 @functools.lru_cache(maxsize=None)
