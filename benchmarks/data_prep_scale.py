@@ -236,7 +236,8 @@ def rank_summary(stats: list[dict], context: int, h100: float | None) -> dict:
     per_rank = [s["cells"] / s["wall_s"] for s in stats]
     per_cpu = [s["cells"] / s["cpu_s"] for s in stats]
     steady = {}
-    if all("steady_cpu_s" in s for s in stats):
+    # the steady phase is reported only where every rank's was long enough for the CPU clock (10 ms ticks) to see
+    if all(s.get("steady_cpu_s", 0) > 0 for s in stats):
         sc = [s["steady_cells"] / s["steady_cpu_s"] for s in stats]
         steady = {"steady_cells_per_rank": [s["steady_cells"] for s in stats],
                   "steady_cells_per_cpu_s_per_rank": [round(x) for x in sc],

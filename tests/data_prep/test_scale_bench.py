@@ -72,3 +72,13 @@ def test_benchmark_end_to_end_writes_json_and_plot(tmp_path):
     assert r["loader"]["ctx_2k"]["cells_per_rank"] == [16, 16] and r["loader"]["ctx_8k"]["target_per_rank"] > 100
     assert len(r["commit"]) == 40 and png.stat().st_size > 10_000
     assert not work.exists()  # generated data deleted
+
+
+def test_rank_summary_reports_the_steady_phase_only_where_the_cpu_clock_saw_it():
+    # a short steady phase can take less than one 10 ms CPU tick on a rank: no division by zero, no steady figures
+    base = {"cells": 16, "wall_s": 2.0, "cpu_s": 1.0, "tokens": 4000, "peak_rss_mb": 300.0}
+    seen = [base | {"steady_cells": 8, "steady_cpu_s": 0.5}, base | {"steady_cells": 8, "steady_cpu_s": 0.25}]
+    r = bench.rank_summary(seen, 2048, 1000.0)
+    assert r["steady_cells_per_cpu_s_per_rank"] == [16, 32] and r["median_steady_cells_per_cpu_s"] == 24
+    r = bench.rank_summary([seen[0], base | {"steady_cells": 8, "steady_cpu_s": 0.0}], 2048, 1000.0)
+    assert "median_steady_cells_per_cpu_s" not in r and r["median_cells_per_cpu_s"] == 16
