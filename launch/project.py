@@ -73,10 +73,12 @@ def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int
 def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mfu: float | None = 0.4,
             peak_flops: float = H100_BF16_PEAK, measure_steps: tuple[int, int] | None = None,
             gpu_mem_gib: float = 80.0, attentions=ATTENTIONS, batch_size: int | None = None,
-            context_parallel: int = 1, settings: str = "preset") -> list[dict]:
+            context_parallel: int = 1, settings: str = "preset", on_row=None) -> list[dict]:
     """One row per size × context × attention (analytic when ``measure_steps`` is None). ``settings="plan"``
     measures with (and checks the memory of) ``launch.memory.plan``'s ZeRO stage, checkpointing and micro-batch
-    for ``gpus`` GPUs of ``gpu_mem_gib`` instead of the preset's; every row carries the plan either way."""
+    for ``gpus`` GPUs of ``gpu_mem_gib`` instead of the preset's; every row carries the plan either way.
+    ``on_row(row)`` is called as each row is made (``--measure`` appends it to ``rows.jsonl`` at once, so a run
+    killed part-way keeps what it measured)."""
     if settings not in ("preset", "plan"):
         raise ValueError(f"settings must be 'preset' or 'plan', got {settings!r}")
     models = {s: model_size(s) for s in sizes}
@@ -112,6 +114,8 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                         else:
                             rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, meas.cells_per_s,
                                              "measured", meas, settings=settings))
+                    if on_row is not None:
+                        on_row(rows[-1])
                     progress.advance(task)
     for r in rows:  # sigmoid's saving relative to softmax (on the sigmoid row, when both were run)
         soft = [x for x in rows if (x["size"], x["context"], x["attention"]) == (r["size"], r["context"], "softmax")]
@@ -237,10 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         p.error(str(e))
     t0 = time.time()
+    on_row = None
+    if a.measure:  # each measured row on disk as soon as it exists (minutes apiece on a lent GPU)
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "rows.jsonl").write_text("")
+
+        def on_row(row):
+            with open(a.out / "rows.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
     rows = project(a.sizes, a.context, cells=a.cells, gpus=a.gpus, epochs=a.epochs, mfu=mfu,
                    peak_flops=a.peak_flops, gpu_mem_gib=a.gpu_mem_gib,
                    measure_steps=(a.warmup_steps, a.timed_steps) if a.measure else None, attentions=a.attention,
-                   batch_size=a.batch_size, context_parallel=a.context_parallel, settings=a.settings)
+                   batch_size=a.batch_size, context_parallel=a.context_parallel, settings=a.settings,
+                   on_row=on_row)
     device = "cpu"
     if a.measure:
         import torch

@@ -166,6 +166,28 @@ def test_measure_row_that_does_not_fit_is_kept(tmp_path, monkeypatch):
     assert "out of memory at micro-batch 1" in paths[0].read_text() and paths[3].stat().st_size > 0
 
 
+def test_measure_keeps_each_row_on_disk_as_it_is_measured(tmp_path, monkeypatch):
+    """A --measure run killed part-way (a lent GPU's time limit) keeps the rows it finished in rows.jsonl."""
+    from launch import measure as measure_mod
+    calls = []
+
+    def fake_measure(size, context, attention, **kw):
+        calls.append(attention)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a timeout's signal looks like to the loop
+        return measure_mod.Measurement(size=size, context=context, attention=attention, batch_size=2,
+                                       cells_per_s=10.0, tokens_per_s=320.0, tokens_per_cell=32.0, mem_gb=1.0,
+                                       steps=2)
+
+    monkeypatch.setattr(measure_mod, "measure", fake_measure)
+    out = tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        project.main(["--sizes", "tiny", "--context", "32", "64", "--gpus", "1", "--measure", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(r["context"], r["attention"]) for r in rows] == [(32, "sigmoid"), (32, "softmax")]
+    assert all(r["cells_per_s_per_gpu"] == 10.0 for r in rows) and not (out / "projection.json").exists()
+
+
 def test_memory_plan_picks_the_fastest_setting_that_fits():
     from launch.memory import GiB, plan, relative_speed
     m = model_size("1.4b")
