@@ -6,8 +6,8 @@
 #   bench-hopper  attention benchmark with $BENCH_ARGS (default: D=128, fwd, Hopper vs portable vs anchors)
 #                                                                                     -> attention_hopper.json
 #   hopper-variants  Hopper forward variants side by side ($VARIANTS: BM,BN,STAGES,CONSUMERS,SIG,DEPTH[,ORDER] each;
-#               default: the D=128 default, it with ORDER 1, two consumers (DEPTH 1, DEPTH-3 ping-pong, it with
-#               ORDER 1); two consumers need >= 3 stages), N 1K-16K,
+#               default: the D=128 default; two consumers: DEPTH 1, DEPTH-3 ping-pong, DEPTH-4 ping-pong (named
+#               barriers), it with ORDER 1; two consumers need >= 3 stages), N 1K-16K,
 #               0/25 % padding, with the no-sigmoid probe of each
 #                                                                                     -> attention_hopper_variants.json
 #   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over 14 workers     -> gpu_tests.log
@@ -48,7 +48,7 @@ for phase in "$@"; do
         | grep -v "^benchmark:" | tail -45 ;;
     hopper-variants)
       timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention_hopper_variants.py --d 128 --n 1024 4096 8192 16384 \
-        --pad 0 25 --configs ${VARIANTS:-128,64,4,1,3,2 128,64,4,1,3,2,1 128,64,4,2,3,1 128,64,4,2,3,3 128,64,4,2,3,3,1} --probe \
+        --pad 0 25 --configs ${VARIANTS:-128,64,4,1,3,2 128,64,4,2,3,1 128,64,4,2,3,3 128,64,4,2,3,4 128,64,4,2,3,4,1} --probe \
         --out "$OUT/attention_hopper_variants.json" 2>&1 | tail -40 ;;
     tests)
       { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \

@@ -49,7 +49,8 @@ LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH[, ORDER]]) per head dim: 128 query rows per CTA, split over
 # CONSUMERS partitions (1: one 8-warp partition, 2 warpgroups in lockstep; 2: two 4-warp partitions, FA3's layout);
 # SIG: see _prob; DEPTH 1: _consumer, DEPTH 2: _consumer_pairs, DEPTH 3: _consumer with CONSUMERS = 2 in ping-pong;
-# ORDER: see _item. Chosen from benchmarks/results/attention_hopper_variants_*.json (H200, side by side in one run).
+# DEPTH 4: the same on named barriers with σ pinned ahead of the turn (see _turn_take); ORDER: see _item. Chosen from
+# benchmarks/results/attention_hopper_variants_*.json (H200, side by side in one run).
 CONFIGS = {64: (128, 128, 4, 1, 3), 128: (128, 64, 4, 1, 3, 2)}
 
 
@@ -230,6 +231,33 @@ if HAVE_GLUON:
                                                         VARLEN, HAS_LENS, ORDER, BLOCK_M)
         return lkv, lit, lw, lj, lm, lh, lrow0, lL
 
+    # DEPTH 4's turn: named barriers 8 and 9 (Triton's own barriers use ids 0-3). Consumer c syncs on 8 + c before
+    # its GEMMs and, after issuing them, arrives on 9 − c: the other's. ptxas moves arithmetic across any barrier,
+    # so with DEPTH 3's mbarrier turn it sank σ(S_j) below the wait into the S_{j+1} issue sequence (a consumer
+    # held its turn while it computed its sigmoid). Here the barrier id is computed from P itself:
+    # 8 + c + popc(OR of P's registers) >> 6 (always 8 + c: popc ≤ 32), which ptxas cannot know before every
+    # σ is done, so the sigmoid stays ahead of the turn and the GEMMs go out back to back (checked in the SASS).
+    _TURN_TAKE = gl.constexpr("{ .reg .b32 t; mov.b32 t, $16; " + " ".join(f"or.b32 t, t, ${k};" for k in range(17, 32))
+                              + " popc.b32 t, t; shr.u32 t, t, 6; add.u32 t, t, %d; bar.sync t, 256; }")
+    _TURN_REGS = gl.constexpr(",".join(["=r"] * 16 + [str(k) for k in range(16)]))  # 32 P values = 16 registers
+
+    @gluon.jit
+    def _turn_take(p, PART: gl.constexpr):
+        """Wait for this consumer's turn, after every element of P (bf16/fp16, 32 per thread) is computed."""
+        return gl.inline_asm_elementwise(_TURN_TAKE % (8 + PART), _TURN_REGS, [p], dtype=p.dtype, is_pure=False,
+                                         pack=32)
+
+    @gluon.jit
+    def _turn_bar(BAR: gl.constexpr, ARRIVE: gl.constexpr):
+        """``bar.arrive``/``bar.sync BAR, 256`` once per thread of a 4-warp consumer."""
+        tok = gl.full([128], 0, gl.int32, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        if ARRIVE:
+            gl.inline_asm_elementwise("bar.arrive %d, 256; mov.b32 $0, $1;" % BAR, "=r,r", [tok], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise("bar.sync %d, 256; mov.b32 $0, $1;" % BAR, "=r,r", [tok], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+
     @gluon.jit
     def _consumer(O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
                   q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc, v_desc, GROUP,
@@ -271,6 +299,8 @@ if HAVE_GLUON:
         lj = 0
         lw, lm, lh, lrow0, lL = _next_load_item(pid, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS,
                                                 ORDER, BLOCK_M)
+        if DEPTH == 4 and PART == 1:
+            _turn_bar(8, True)  # consumer 0 takes the first turn
         for w in range(pid, n_work, nprog):
             m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
             start_m = m * BLOCK_M
@@ -308,15 +338,21 @@ if HAVE_GLUON:
                                 CONSUMERS, ORDER)
                         s = kv % STAGES
                         s2 = (kv + 1) % STAGES
-                        if DEPTH == 3:  # ping-pong: σ(S_j), then S_{j+1} and PV_j in this consumer's turn
+                        if DEPTH >= 3:  # ping-pong: σ(S_j), then S_{j+1} and PV_j in this consumer's turn
                             p = _probs(sc, c1, c0, 0, L, cols_s, False, FAST_SIGMOID, SIG, PROBE, dtype, p_layout)
                             mbarrier.wait(k_ready.index(s2), ((kv + 1) // STAGES) & 1)
                             mbarrier.wait(v_ready.index(s), (kv // STAGES) & 1)
-                            mbarrier.wait(turn.index(PART), n_turn & 1)
+                            if DEPTH == 4:
+                                p = _turn_take(p, PART)
+                            else:
+                                mbarrier.wait(turn.index(PART), n_turn & 1)
                             s_next = warpgroup_mma(q_tile, k_smem.index(s2).permute((1, 0)), s_zero, use_acc=False,
                                                    is_async=True)
                             acc = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
-                            mbarrier.arrive(turn.index(1 - PART))
+                            if DEPTH == 4:
+                                _turn_bar(9 - PART, True)
+                            else:
+                                mbarrier.arrive(turn.index(1 - PART))
                             n_turn += 1
                         else:
                             mbarrier.wait(k_ready.index(s2), ((kv + 1) // STAGES) & 1)
@@ -363,6 +399,8 @@ if HAVE_GLUON:
                 o = gl.where(rows[:, None] < L, o, 0.0)
                 ptrs = O + (row0 + rows).to(gl.int64)[:, None] * stride_ot + h * D + cols_io[None, :]
                 gl.store(ptrs, o, mask=(rows < n_rows)[:, None])
+        if DEPTH == 4 and PART == 0:
+            _turn_bar(8, False)  # consumes consumer 1's last arrive: both barriers end with no arrival pending
 
     @gluon.jit
     def _scores(q_tile, k_smem, k_ready, kv, regs, STAGES: gl.constexpr):
@@ -540,9 +578,11 @@ if HAVE_GLUON:
                           BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                           PROBE: gl.constexpr, SIG: gl.constexpr, DEPTH: gl.constexpr, ORDER: gl.constexpr):
         gl.static_assert(DEPTH == 1 or (DEPTH == 2 and STAGES >= 3 and CONSUMERS == 1)
-                         or (DEPTH == 3 and CONSUMERS == 2),
+                         or (DEPTH >= 3 and DEPTH <= 4 and CONSUMERS == 2),
                          "DEPTH 2: one consumer, ≥ 3 K/V stages; DEPTH 3 (ping-pong): two consumers")
         gl.static_assert(CONSUMERS == 1 or STAGES >= 3, "two consumers (consumer 0 loads): ≥ 3 K/V stages")
+        gl.static_assert(DEPTH != 4 or (CONSUMERS == 2 and BLOCK_N == 64),
+                         "DEPTH 4 (ping-pong on named barriers): two consumers, BLOCK_N 64 (32 P values a thread)")
         dtype: gl.constexpr = q_desc.dtype
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         q_smem = gl.allocate_shared_memory(dtype, [2 * CONSUMERS, ROWS, D], q_desc.layout)

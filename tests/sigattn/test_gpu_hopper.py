@@ -85,7 +85,8 @@ def test_hopper_fwd_few_items():
                                     (128, 64, 4, 1, 1), (128, 64, 4, 1, 2), (128, 64, 4, 1, 3), (128, 64, 4, 2, 1),
                                     (128, 64, 4, 1, 3, 2), (128, 64, 8, 1, 3, 2), (128, 64, 4, 1, 0, 2),
                                     (128, 64, 4, 2, 3, 3), (128, 128, 3, 2, 3, 3), (128, 64, 3, 2, 3, 3),
-                                    (128, 64, 4, 1, 3, 2, 1), (128, 64, 4, 2, 3, 3, 1)],
+                                    (128, 64, 4, 1, 3, 2, 1), (128, 64, 4, 2, 3, 3, 1), (128, 64, 4, 2, 3, 4),
+                                    (128, 64, 3, 2, 3, 4, 1)],
                          ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 @pytest.mark.parametrize("D", [64, 128])
@@ -93,14 +94,15 @@ def test_hopper_fwd_configs(D, layout, config):
     # every tiling / consumer layout / sigmoid form (SIG) / pipeline depth the kernel offers: partial key tiles, the
     # V-tail clean-up, GQA; with 64-key tiles the lengths give 1, 2, 4, 5 and 12 tiles (odd/even counts, 0-3 loop
     # iterations of the paired DEPTH-2 loop); CONSUMERS 2 = two 4-warp consumers, consumer 0 issuing the loads
-    # (STAGES ≥ 3: the tightest ring its producer cursor allows); DEPTH 3 = those two in ping-pong (turn mbarriers);
-    # a 7th entry 1 = the head-rotated item order
+    # (STAGES ≥ 3: the tightest ring its producer cursor allows); DEPTH 3 = those two in ping-pong (turn mbarriers),
+    # DEPTH 4 = on named barriers with σ pinned ahead of the turn; a 7th entry 1 = the head-rotated item order
     if config[2] * 2 * config[1] * D * 2 + 4 * config[0] * D > 200 * 1024:
         pytest.skip("does not fit in shared memory")
     run_fwd(layout, torch.bfloat16, D, 4, 2, "log_n", [300, 64, 65, 1, 0, 200, 768], 768, config=config)
 
 
-@pytest.mark.parametrize("config", [(128, 64, 3, 2, 3, 1), (128, 64, 4, 2, 3, 3)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("config", [(128, 64, 3, 2, 3, 1), (128, 64, 4, 2, 3, 3), (128, 64, 4, 2, 3, 4)],
+                         ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 def test_hopper_producer_cursor_across_many_short_cells(layout, config):
     # consumer 0's load cursor runs ahead across items: 96 cells of 0-140 tokens (1-3 key tiles, empty cells, query
