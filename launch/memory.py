@@ -10,14 +10,16 @@ Activations per token and layer in bf16 (Korthikanti et al. 2022, "Reducing Acti
 the scores, and without the two 1-byte dropout masks, ``2·d``, of the attention and MLP outputs because
 the encoder has no dropout): ``32·d`` bytes. Without checkpointing a micro-batch of ``b`` cells × ``s``
 tokens keeps ``32·d·L·b·s``; with full activation checkpointing only each layer's input (``2·d·L·b·s``)
-plus one layer being recomputed (``32·d·b·s``). The head adds ``b·s·(2·d + 4·n_bins)`` (mask ratio ignored: upper bound).
+plus one layer being recomputed (``32·d·b·s``); checkpointing every k-th layer (selective) keeps ``2·d`` for the
+``⌈L/k⌉`` checkpointed layers and ``32·d`` for the others. The head adds ``b·s·(2·d + 4·n_bins)`` (mask ratio
+ignored: upper bound).
 ``usable = gpu_mem · (1 − reserve)`` leaves room for the CUDA context, allocator fragmentation and
 communication buffers.
 
 Context parallelism of degree P (``training.parallel``, Ulysses) gives each GPU ``⌈s/P⌉`` tokens of every
 cell; the attention core holds all tokens for H/P heads, the same bytes, so activations per GPU are
 those of ``⌈s/P⌉`` tokens (÷ P). ZeRO shards over all ``gpus`` = DP × P. The price is 4 all-to-alls per
-layer forward (q, k, v, out) and 4 backward (+4 for the recomputed forward under checkpointing), each
+layer forward (q, k, v, out) and 4 backward (+4 for each recomputed layer's forward under checkpointing), each
 sending ``(P−1)/P`` of the rank's ``t·d`` bf16 elements: ``cp_comm_bytes`` per GPU and local token.
 """
 
@@ -30,10 +32,28 @@ from launch.model_size import ModelSize
 GiB = 2**30
 
 
-def cp_comm_bytes(m: ModelSize, context_parallel: int, checkpointing: bool = False) -> float:
+def checkpointed_layers(n_layers: int, checkpointing: bool | int) -> int:
+    """How many of ``n_layers`` blocks recompute their forward: none (False/0), all (True/1), or every k-th
+    (blocks 0, k, 2k, …: ``⌈L/k⌉``), as ``model.activation_checkpointing`` says."""
+    k = int(checkpointing)
+    return 0 if k <= 0 else -(-n_layers // k)
+
+
+def checkpointing_value(checkpointing: bool | int) -> str:
+    """The ``model.activation_checkpointing=`` override text: ``false``, ``true`` or ``k``."""
+    return str(checkpointing).lower() if isinstance(checkpointing, bool) else str(int(checkpointing))
+
+
+def checkpointing_words(checkpointing: bool | int) -> str:
+    k = int(checkpointing)
+    return "no" if k == 0 else "full" if k == 1 else f"selective (every {k}th layer)"
+
+
+def cp_comm_bytes(m: ModelSize, context_parallel: int, checkpointing: bool | int = False) -> float:
     """Bytes each GPU sends per local token and step in the Ulysses all-to-alls (0 without CP)."""
     P = context_parallel
-    return (24.0 if checkpointing else 16.0) * m.d_model * m.n_layers * (P - 1) / P
+    n_c = checkpointed_layers(m.n_layers, checkpointing)
+    return (16.0 * m.n_layers + 8.0 * n_c) * m.d_model * (P - 1) / P
 
 
 def model_state_bytes(n_params: int, zero_stage: int, gpus: int) -> float:
@@ -49,10 +69,12 @@ def model_state_bytes(n_params: int, zero_stage: int, gpus: int) -> float:
     raise ValueError(f"ZeRO stage must be 0-3, got {zero_stage}")
 
 
-def activation_bytes(m: ModelSize, cells: int, tokens_per_cell: int, checkpointing: bool, n_bins: int = 51) -> float:
+def activation_bytes(m: ModelSize, cells: int, tokens_per_cell: int, checkpointing: bool | int,
+                     n_bins: int = 51) -> float:
     t = float(cells) * tokens_per_cell
     per_layer = 32.0 * m.d_model * t
-    body = (2.0 * m.d_model * t * m.n_layers + per_layer) if checkpointing else per_layer * m.n_layers
+    n_c = checkpointed_layers(m.n_layers, checkpointing)
+    body = 2.0 * m.d_model * t * n_c + per_layer * (m.n_layers - n_c) + (per_layer if n_c else 0.0)
     return body + t * (2 * m.d_model + 4 * n_bins)
 
 
@@ -97,16 +119,21 @@ MAX_MICRO_TOKENS = 65536     # a larger micro-batch gains nothing measurable; th
 @dataclass(frozen=True)
 class Plan:
     zero_stage: int
-    activation_checkpointing: bool
+    activation_checkpointing: bool | int   # False, True (every layer) or k (every k-th layer)
     micro_batch: int                 # cells per GPU per micro-batch
     relative_speed: float            # tokens/s relative to an ideal step (no recompute, no ZeRO-3, saturated GPU)
     memory_gib: float                # model states + activations of that micro-batch, per GPU
     candidates: tuple = ()           # every feasible (zero_stage, ckpt, micro_batch, relative_speed), best first
 
 
-def relative_speed(zero_stage: int, checkpointing: bool, micro_tokens: int) -> float:
+#: the settings ``plan`` weighs: no checkpointing, every 4th / every 2nd layer (selective), every layer (full)
+CHECKPOINTING = (False, 4, 2, True)
+
+
+def relative_speed(zero_stage: int, checkpointing: bool | float, micro_tokens: int) -> float:
+    """Modelled tokens/s (relative). ``checkpointing``: the fraction of layers recomputed (a bool: none/all)."""
     eff = micro_tokens / (micro_tokens + T_HALF)
-    return eff / ((1 + RECOMPUTE * checkpointing) * (1 + ZERO3_OVERHEAD * (zero_stage == 3)))
+    return eff / ((1 + RECOMPUTE * float(checkpointing)) * (1 + ZERO3_OVERHEAD * (zero_stage == 3)))
 
 
 def plan(m: ModelSize, tokens_per_cell: int, gpus: int, gpu_mem_gib: float = 80.0, reserve: float = 0.1,
@@ -119,15 +146,21 @@ def plan(m: ModelSize, tokens_per_cell: int, gpus: int, gpu_mem_gib: float = 80.
     cands = []
     for stage in (0, 1, 2, 3):
         f = feasibility(m, tokens_per_cell, stage, gpus, gpu_mem_gib, reserve, context_parallel)
-        for ckpt, fit in ((False, f.max_cells), (True, f.max_cells_ckpt)):
+        free = gpu_mem_gib * GiB * (1 - reserve) - f.model_state_gib * GiB
+        for ckpt in CHECKPOINTING:
+            if ckpt is not True and ckpt is not False and checkpointed_layers(m.n_layers, ckpt) in (0, m.n_layers):
+                continue                     # every k-th of too few layers: the same as none or full
+            per_cell = activation_bytes(m, 1, local_tokens, ckpt)
+            fit = max(0, int(free // per_cell)) if free > 0 else 0
             if fit >= 1:
                 b = min(fit, cap)
-                mem = f.model_state_gib + b * (f.act_gib_per_cell_ckpt if ckpt else f.act_gib_per_cell)
-                cands.append((stage, ckpt, b, relative_speed(stage, ckpt, b * local_tokens), mem))
+                frac = checkpointed_layers(m.n_layers, ckpt) / m.n_layers
+                cands.append((stage, ckpt, b, relative_speed(stage, frac, b * local_tokens),
+                              f.model_state_gib + b * per_cell / GiB))
     if not cands:
         raise ValueError(f"{m.name} at {tokens_per_cell} tokens per cell does not fit in {gpu_mem_gib:g} GiB per GPU "
                          f"on {gpus} GPU(s) with context parallelism {context_parallel}, even with ZeRO-3 and "
                          "activation checkpointing at one cell per micro-batch")
-    cands.sort(key=lambda c: (-round(c[3], 6), c[0], c[1]))
+    cands.sort(key=lambda c: (-round(c[3], 6), c[0], float(c[1])))
     best = cands[0]
     return Plan(best[0], best[1], best[2], best[3], best[4], tuple(c[:4] for c in cands))

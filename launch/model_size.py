@@ -24,7 +24,7 @@ class ModelSize:
     batch_size: int          # preset micro-batch (cells per GPU) at the preset's context
     context: int             # preset context length
     zero_stage: int
-    activation_checkpointing: bool
+    activation_checkpointing: bool | int
     n_params_head: int = 0   # the masked-expression head's (part of n_params_nonemb; runs on masked tokens only)
     mask_ratio: float = 0.15  # the preset's run.mask_ratio
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from launch.memory import cp_comm_bytes, feasibility, plan
+from launch.memory import checkpointing_value, cp_comm_bytes, feasibility, plan
 from launch.model_size import flops_per_cell, model_size
 
 ATTENTIONS = ("sigmoid", "softmax")
@@ -101,8 +101,8 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                         pl = _plan(m, ctx, gpus, gpu_mem_gib, context_parallel) if settings == "plan" else None
                         if pl is not None:
                             bs = batch_size or pl.micro_batch
-                            extra = [f"run.zero_stage={pl.zero_stage}",
-                                     f"model.activation_checkpointing={str(pl.activation_checkpointing).lower()}"]
+                            ckpt = checkpointing_value(pl.activation_checkpointing)
+                            extra = [f"run.zero_stage={pl.zero_stage}", f"model.activation_checkpointing={ckpt}"]
                         try:
                             meas = measure(s, ctx, att, warmup_steps=measure_steps[0],
                                            timed_steps=measure_steps[1], batch_size=bs, extra_overrides=extra)

@@ -89,7 +89,7 @@ def memory_plan_overrides(cfg_path: Path, overrides: list[str], gpus: int, gpu_m
     """``launch.memory.plan``'s ZeRO stage, checkpointing and micro-batch for the config (after ``overrides``) on
     ``gpus`` GPUs of ``gpu_mem_gib``, as overrides; a key the user already overrides is left to the user.
     Raises ``ValueError`` when nothing fits."""
-    from launch.memory import plan
+    from launch.memory import checkpointing_value, checkpointing_words, plan
     from launch.model_size import model_size
     from training.config import load_config
 
@@ -98,13 +98,13 @@ def memory_plan_overrides(cfg_path: Path, overrides: list[str], gpus: int, gpu_m
     cp = cfg.parallel.context_parallel_degree
     p = plan(m, cfg.data.context_length, gpus, gpu_mem_gib, context_parallel=cp)
     chosen = {"run.zero_stage": str(p.zero_stage),
-              "model.activation_checkpointing": str(p.activation_checkpointing).lower(),
+              "model.activation_checkpointing": checkpointing_value(p.activation_checkpointing),
               "data.batch_size": str(p.micro_batch)}
     mine = {o.partition("=")[0] for o in overrides}
     out = [f"{k}={v}" for k, v in chosen.items() if k not in mine]
     log(f"launch.submit: memory plan for {gpus} GPU(s) of {gpu_mem_gib:g} GiB at {cfg.data.context_length} tokens"
         f"{f' (context parallel {cp})' if cp > 1 else ''}: ZeRO-{p.zero_stage}, "
-        f"{'full' if p.activation_checkpointing else 'no'} activation checkpointing, {p.micro_batch} cells per "
+        f"{checkpointing_words(p.activation_checkpointing)} activation checkpointing, {p.micro_batch} cells per "
         f"micro-batch, {p.memory_gib:.1f} GiB per GPU modelled"
         + (f"; kept your {', '.join(sorted(mine & chosen.keys()))}" if mine & chosen.keys() else ""))
     return out

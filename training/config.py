@@ -32,7 +32,9 @@ class ModelConfig:
     sigmoid_bias: str | float | None = "log_n"   # b = −log(n_valid) per sequence by default
     embedding: str = "cls"              # cls | mean  (cell embedding)
     norm_eps: float = 1e-5
-    activation_checkpointing: bool = False
+    # false: none; true (= 1): every block recomputes its forward in backward (full); k ≥ 2: every k-th block
+    # (selective, layer level: ~1/k of the recompute for a memory in between; launch.memory.plan weighs them)
+    activation_checkpointing: bool | int = False
     # Filled from the tokenizer when the model is built (kept in the saved config).
     n_tokens: int | None = None
     n_bins: int | None = None
@@ -40,6 +42,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.attention not in ("sigmoid", "softmax"):
             raise ValueError(f"model.attention must be 'sigmoid' or 'softmax', got {self.attention!r}")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, (bool, int)) or ac < 0:
+            raise ValueError("model.activation_checkpointing must be true, false or k >= 1 (checkpoint every k-th "
+                             f"block), got {ac!r}")
         if self.embedding not in ("cls", "mean"):
             raise ValueError(f"model.embedding must be 'cls' or 'mean', got {self.embedding!r}")
         if self.d_model % self.n_heads:

@@ -78,8 +78,9 @@ class SingleCellEncoder(nn.Module):
     def encode(self, input_ids, values, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         """Final hidden states ``[T, d]`` of packed cells."""
         x = self.gene_emb(input_ids) + self.value_emb(values)
-        for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+        every = int(self.cfg.activation_checkpointing)      # 0: none, 1: every block, k: blocks 0, k, 2k, …
+        for i, block in enumerate(self.blocks):
+            if every and i % every == 0 and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = block(x, cu_seqlens, max_seqlen)

@@ -216,6 +216,31 @@ def test_memory_plan_picks_the_fastest_setting_that_fits():
     assert (small.zero_stage, small.activation_checkpointing, small.micro_batch) == (0, False, 32)
 
 
+def test_memory_plan_weighs_selective_checkpointing():
+    from launch.memory import (GiB, checkpointed_layers, checkpointing_value, checkpointing_words, cp_comm_bytes,
+                               plan, relative_speed)
+    m = model_size("1.4b")
+    d, L, s = m.d_model, m.n_layers, 8192
+    assert [checkpointed_layers(L, c) for c in (False, True, 1, 2, 4)] == [0, L, L, 13, 7]
+    head = s * (2 * d + 4 * 51)
+    assert activation_bytes(m, 1, s, 2) == pytest.approx(2 * d * 13 * s + 32 * d * 13 * s + 32 * d * s + head)
+    sizes = [activation_bytes(m, 1, s, c) for c in (True, 2, 4, False)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    assert cp_comm_bytes(m, 4, 2) == pytest.approx(cp_comm_bytes(m, 4) * (16 * L + 8 * 13) / (16 * L))
+    # 1.4b at 32K on one 80 GB card: no checkpointing does not fit a cell, full recomputes every layer; checkpointing
+    # every 4th layer fits one cell and is modelled fastest
+    p = plan(m, 32768, 1, 80.0)
+    assert (p.zero_stage, p.activation_checkpointing, p.micro_batch) == (0, 4, 1)
+    assert model_state_bytes(m.n_params, 0, 1) + activation_bytes(m, 1, 32768, False) > 80 * GiB * 0.9
+    assert p.relative_speed > max(c[3] for c in p.candidates if c[1] is True)
+    assert p.relative_speed == pytest.approx(relative_speed(0, 7 / L, 32768))
+    assert (checkpointing_value(4), checkpointing_value(True), checkpointing_value(False)) == ("4", "true", "false")
+    assert checkpointing_words(4) == "selective (every 4th layer)" and checkpointing_words(True) == "full"
+    # with one layer "every 2nd/4th" is full checkpointing: the plan does not list them again
+    one = model_size("tiny", overrides=["model.n_layers=1"])
+    assert {c[1] for c in plan(one, 512, 1, 80.0).candidates} == {False, True}
+
+
 def test_project_measures_with_the_plan(monkeypatch):
     from launch import measure as measure_mod
     seen = []

@@ -143,6 +143,9 @@ def test_memory_plan_overrides_follow_the_plan_and_keep_the_users_keys():
     p = plan(model_size("1.4b", overrides=["data.context_length=32768"]), 32768, 4, 80.0, context_parallel=4)
     assert out == [f"run.zero_stage={p.zero_stage}", f"model.activation_checkpointing={str(p.activation_checkpointing).lower()}",
                    f"data.batch_size={p.micro_batch}"]
+    # 1.4b at 32K on one GPU: checkpointing every 4th layer, written as the integer the config takes
+    sel = submit.memory_plan_overrides(path, ["data.context_length=32768"], 1, 80.0, log=logs.append)
+    assert "model.activation_checkpointing=4" in sel and "selective (every 4th layer) activation checkpointing" in logs[-1]
     assert "context parallel 4" in logs[0]
     kept = submit.memory_plan_overrides(path, ["run.zero_stage=3"], 1, 80.0, log=logs.append)
     assert not any(o.startswith("run.zero_stage=") for o in kept) and "kept your run.zero_stage" in logs[-1]

@@ -29,6 +29,8 @@ def test_yaml_preset_and_overrides(tmp_path):
     ("training.x=1", "must be <section>.<field>"),
     ("run.max_steps", "must look like section.key=value"),
     ("run.nan_policy=ignore", "nan_policy"),
+    ("model.activation_checkpointing=-2", "activation_checkpointing must be true, false or k >= 1"),
+    ("model.activation_checkpointing=some", r"model.activation_checkpointing: 'some' does not fit"),
 ])
 def test_bad_overrides_are_named(override, match):
     with pytest.raises(ValueError, match=match):
@@ -85,3 +87,9 @@ def test_non_numbers_are_still_refused(override, match):
 def test_a_numeric_string_stays_a_string_in_a_str_field():
     cfg = load_config(None, ["run.dir=1e4", "model.sigmoid_bias=log_n"])
     assert cfg.run.dir == "1e4" and cfg.model.sigmoid_bias == "log_n"
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("1", 1), ("2", 2), ("4", 4)])
+def test_activation_checkpointing_is_a_switch_or_every_kth_block(text, value):
+    cfg = load_config(None, [f"model.activation_checkpointing={text}"])
+    assert cfg.model.activation_checkpointing == value and type(cfg.model.activation_checkpointing) is type(value)

@@ -144,20 +144,28 @@ def test_model_needs_tokenizer_sizes():
         build_model(ModelConfig())
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
+    import training.encoder as encoder
     rng = np.random.default_rng()
     tok, items = random_cells(rng, 4)
     b = pack_batch(items)
     masked = choose_masked(b["cu_seqlens"], 0.2, mask_generator(1, 2))
-    grads = []
-    for ac in (False, True):
+    real, calls = encoder.checkpoint, []
+    monkeypatch.setattr(encoder, "checkpoint", lambda block, *a, **k: calls.append(block) or real(block, *a, **k))
+    grads, ran = [], []
+    for ac in (False, True, 2, 3):          # none, every block, every 2nd / 3rd block (selective)
         torch.manual_seed(5)
         model = small_model(tok, "softmax").train()
         model.cfg.activation_checkpointing = ac
+        calls.clear()
         model(b, masked)[0].backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for a, c in zip(*grads):
-        torch.testing.assert_close(a, c)
+        ran.append([list(model.blocks).index(blk) for blk in calls])
+    L = len(model.blocks)
+    assert ran == [[], list(range(L)), list(range(0, L, 2)), list(range(0, L, 3))]
+    for g in grads[1:]:
+        for a, c in zip(grads[0], g):
+            torch.testing.assert_close(a, c)
 
 
 def test_cli_rejects_bad_overrides_clearly(capsys):

@@ -39,7 +39,7 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage, clip, gas, ac", [(1, 1.0, 1, False), (2, None, 1, False), (3, 0.5, 2, True)])
+@pytest.mark.parametrize("stage, clip, gas, ac", [(1, 1.0, 1, False), (2, None, 1, 2), (3, 0.5, 2, True)])  # ac 2: selective
 def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, stage, clip, gas, ac):
     import logging
 
