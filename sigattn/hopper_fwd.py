@@ -143,11 +143,35 @@ if HAVE_GLUON:
         return m, b, h, row0, L, n_rows
 
     @gluon.jit
+    def _load_q(q_desc, q_smem, q_ready, q_empty, it, row, col, BLOCK_M: gl.constexpr, CONSUMERS: gl.constexpr):
+        """TMA the it-th Q tile (rows [row, row + BLOCK_M), one box per consumer) into buffer it % 2, once both
+        consumers have freed that buffer."""
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+        qb = it % 2
+        mbarrier.wait(q_empty.index(qb), ((it // 2) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(qb), CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [row + c * ROWS, col], q_ready.index(qb),
+                                            q_smem.index(qb * CONSUMERS + c))
+
+    @gluon.jit
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv, row, col,
+                 STAGES: gl.constexpr):
+        """TMA the kv-th K and V tiles (rows [row, row + BLOCK_N)) into ring slot kv % STAGES once it is free."""
+        s = kv % STAGES
+        ph = ((kv // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(s), ph)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, col], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), ph)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(s), v_smem.index(s))
+
+    @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                 v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work,
                 VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, ORDER: gl.constexpr):
-        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         kv = 0
@@ -155,22 +179,11 @@ if HAVE_GLUON:
         for w in range(pid, n_work, nprog):
             m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
             if m * BLOCK_M < L:
-                qb = it % 2
-                mbarrier.wait(q_empty.index(qb), ((it // 2) & 1) ^ 1)
-                mbarrier.expect(q_ready.index(qb), CONSUMERS * q_desc.block_type.nbytes)
-                for c in gl.static_range(CONSUMERS):
-                    tma.async_copy_global_to_shared(q_desc, [row0 + m * BLOCK_M + c * ROWS, h * D],
-                                                    q_ready.index(qb), q_smem.index(qb * CONSUMERS + c))
+                _load_q(q_desc, q_smem, q_ready, q_empty, it, row0 + m * BLOCK_M, h * D, BLOCK_M, CONSUMERS)
                 col = (h // GROUP) * D
                 for j in range(0, L, BLOCK_N):
-                    s = kv % STAGES
-                    ph = ((kv // STAGES) & 1) ^ 1
-                    mbarrier.wait(k_empty.index(s), ph)
-                    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [row0 + j, col], k_ready.index(s), k_smem.index(s))
-                    mbarrier.wait(v_empty.index(s), ph)
-                    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [row0 + j, col], v_ready.index(s), v_smem.index(s))
+                    _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv, row0 + j, col,
+                             STAGES)
                     kv += 1
                 it += 1
 
@@ -203,25 +216,12 @@ if HAVE_GLUON:
         that runs in a worker partition, C7512). The cursor (lkv tiles and lit items issued, item lw at key row lj)
         advances, in _loader's order, until ``target`` K/V tiles are issued, never past item ``max_it`` (its Q
         buffer must have been freed by both consumers) or the end of the work."""
-        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         nprog = gl.num_programs(0)
         while (lkv < target) & (lw < n_work) & ((lj > 0) | (lit <= max_it)):
             if lj == 0:
-                qb = lit % 2
-                mbarrier.wait(q_empty.index(qb), ((lit // 2) & 1) ^ 1)
-                mbarrier.expect(q_ready.index(qb), CONSUMERS * q_desc.block_type.nbytes)
-                for c in gl.static_range(CONSUMERS):
-                    tma.async_copy_global_to_shared(q_desc, [lrow0 + lm * BLOCK_M + c * ROWS, lh * D],
-                                                    q_ready.index(qb), q_smem.index(qb * CONSUMERS + c))
-            col = (lh // GROUP) * D
-            s = lkv % STAGES
-            ph = ((lkv // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(s), ph)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [lrow0 + lj, col], k_ready.index(s), k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), ph)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [lrow0 + lj, col], v_ready.index(s), v_smem.index(s))
+                _load_q(q_desc, q_smem, q_ready, q_empty, lit, lrow0 + lm * BLOCK_M, lh * D, BLOCK_M, CONSUMERS)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lkv, lrow0 + lj,
+                     (lh // GROUP) * D, STAGES)
             lkv += 1
             lj += BLOCK_N
             if lj >= lL:
@@ -294,11 +294,12 @@ if HAVE_GLUON:
         it = 0
         n_clean = 0
         n_turn = 0
-        lkv = 0
-        lit = 0
-        lj = 0
-        lw, lm, lh, lrow0, lL = _next_load_item(pid, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS,
-                                                ORDER, BLOCK_M)
+        if SELF_LOAD:  # the load cursor (see _produce)
+            lkv = 0
+            lit = 0
+            lj = 0
+            lw, lm, lh, lrow0, lL = _next_load_item(pid, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS,
+                                                    ORDER, BLOCK_M)
         if DEPTH == 4 and PART == 1:
             _turn_bar(8, True)  # consumer 0 takes the first turn
         for w in range(pid, n_work, nprog):
