@@ -90,18 +90,26 @@ class Feasibility:
 
 def feasibility(m: ModelSize, tokens_per_cell: int, zero_stage: int, gpus: int, gpu_mem_gib: float = 80.0,
                 reserve: float = 0.1, context_parallel: int = 1) -> Feasibility:
-    if context_parallel < 1 or gpus % context_parallel:
-        raise ValueError(f"context_parallel={context_parallel} must be >= 1 and divide gpus={gpus}")
+    tokens_per_cell = _local_tokens(tokens_per_cell, gpus, context_parallel)
     states = model_state_bytes(m.n_params, zero_stage, gpus)
     free = gpu_mem_gib * GiB * (1 - reserve) - states
-    tokens_per_cell = -(-tokens_per_cell // context_parallel)      # this GPU's share of every cell
     a1 = activation_bytes(m, 1, tokens_per_cell, False)
     # with checkpointing one recomputed layer is a fixed cost per micro-batch as well
     a1c = activation_bytes(m, 1, tokens_per_cell, True)
-    max_cells = max(0, int(free // a1)) if free > 0 else 0
-    max_cells_c = max(0, int(free // a1c)) if free > 0 else 0
+    max_cells, max_cells_c = _cells_that_fit(free, a1), _cells_that_fit(free, a1c)
     verdict = "fits" if max_cells >= 1 else ("fits with activation checkpointing" if max_cells_c >= 1 else "does not fit")
     return Feasibility(states / GiB, a1 / GiB, a1c / GiB, max_cells, max_cells_c, verdict)
+
+
+def _local_tokens(tokens_per_cell: int, gpus: int, context_parallel: int) -> int:
+    """This GPU's share of every cell's tokens under context parallelism (checked against ``gpus``)."""
+    if context_parallel < 1 or gpus % context_parallel:
+        raise ValueError(f"context_parallel={context_parallel} must be >= 1 and divide gpus={gpus}")
+    return -(-tokens_per_cell // context_parallel)
+
+
+def _cells_that_fit(free_bytes: float, bytes_per_cell: float) -> int:
+    return max(0, int(free_bytes // bytes_per_cell)) if free_bytes > 0 else 0
 
 
 # ---- choosing ZeRO stage, activation checkpointing and micro-batch -------------------------------------------
@@ -141,22 +149,22 @@ def plan(m: ModelSize, tokens_per_cell: int, gpus: int, gpu_mem_gib: float = 80.
     """The ZeRO stage, activation checkpointing and micro-batch with the highest modelled tokens/s that fit in
     ``gpu_mem_gib`` (see ``feasibility``); ties go to the lower stage (fewer collectives). Raises ``ValueError``
     when nothing fits at micro-batch 1."""
-    local_tokens = -(-tokens_per_cell // context_parallel)
+    local_tokens = _local_tokens(tokens_per_cell, gpus, context_parallel)
     cap = max(1, max_micro_tokens // local_tokens)
     cands = []
     for stage in (0, 1, 2, 3):
-        f = feasibility(m, tokens_per_cell, stage, gpus, gpu_mem_gib, reserve, context_parallel)
-        free = gpu_mem_gib * GiB * (1 - reserve) - f.model_state_gib * GiB
+        states = model_state_bytes(m.n_params, stage, gpus)
+        free = gpu_mem_gib * GiB * (1 - reserve) - states
         for ckpt in CHECKPOINTING:
-            if ckpt is not True and ckpt is not False and checkpointed_layers(m.n_layers, ckpt) in (0, m.n_layers):
+            n_c = checkpointed_layers(m.n_layers, ckpt)
+            if not isinstance(ckpt, bool) and n_c in (0, m.n_layers):
                 continue                     # every k-th of too few layers: the same as none or full
             per_cell = activation_bytes(m, 1, local_tokens, ckpt)
-            fit = max(0, int(free // per_cell)) if free > 0 else 0
+            fit = _cells_that_fit(free, per_cell)
             if fit >= 1:
                 b = min(fit, cap)
-                frac = checkpointed_layers(m.n_layers, ckpt) / m.n_layers
-                cands.append((stage, ckpt, b, relative_speed(stage, frac, b * local_tokens),
-                              f.model_state_gib + b * per_cell / GiB))
+                cands.append((stage, ckpt, b, relative_speed(stage, n_c / m.n_layers, b * local_tokens),
+                              (states + b * per_cell) / GiB))
     if not cands:
         raise ValueError(f"{m.name} at {tokens_per_cell} tokens per cell does not fit in {gpu_mem_gib:g} GiB per GPU "
                          f"on {gpus} GPU(s) with context parallelism {context_parallel}, even with ZeRO-3 and "

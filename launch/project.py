@@ -47,8 +47,9 @@ def _plan(m, context: int, gpus: int, gpu_mem_gib: float, context_parallel: int)
 
 
 def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int, gpu_mem_gib: float,
-         cells_per_s: float, source: str, measured=None, context_parallel: int = 1, settings: str = "preset") -> dict:
-    pl = _plan(m, context, gpus, gpu_mem_gib, context_parallel)
+         cells_per_s: float, source: str, pl, measured=None, context_parallel: int = 1,
+         settings: str = "preset") -> dict:
+    """One projection row; ``pl``: ``launch.memory.plan``'s choice for this size × context (None: nothing fits)."""
     stage = pl.zero_stage if settings == "plan" and pl else m.zero_stage
     f = feasibility(m, context, stage, gpus, gpu_mem_gib, context_parallel=context_parallel)
     gpu_hours = cells * epochs / cells_per_s / 3600 if cells_per_s else None
@@ -87,19 +88,19 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
         task = progress.add_task("projection", total=len(sizes) * len(contexts) * len(attentions))
         for s in sizes:
             for ctx in contexts:
+                m = models[s]
+                pl = _plan(m, ctx, gpus, gpu_mem_gib, context_parallel)
                 for att in attentions:
                     progress.update(task, description=f"{s} ctx {ctx} {att}")
-                    m = models[s]
                     if measure_steps is None:
                         rate = mfu * peak_flops / flops_per_cell(m, ctx)
-                        rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, rate, f"mfu={mfu:g}",
+                        rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, rate, f"mfu={mfu:g}", pl,
                                          context_parallel=context_parallel, settings=settings))
                     else:
                         from launch.measure import DoesNotFit, measure
 
                         bs, extra = batch_size, []
-                        pl = _plan(m, ctx, gpus, gpu_mem_gib, context_parallel) if settings == "plan" else None
-                        if pl is not None:
+                        if settings == "plan" and pl is not None:
                             bs = batch_size or pl.micro_batch
                             ckpt = checkpointing_value(pl.activation_checkpointing)
                             extra = [f"run.zero_stage={pl.zero_stage}", f"model.activation_checkpointing={ckpt}"]
@@ -108,12 +109,12 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                                            timed_steps=measure_steps[1], batch_size=bs, extra_overrides=extra)
                         except DoesNotFit as e:  # a row, not the end of the projection
                             progress.console.print(f"[yellow]{e}")
-                            row = _row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, None, "measured",
+                            row = _row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, None, "measured", pl,
                                        settings=settings)
                             rows.append(row | {"memory": "out of memory at micro-batch 1 (measured)"})
                         else:
                             rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, meas.cells_per_s,
-                                             "measured", meas, settings=settings))
+                                             "measured", pl, meas, settings=settings))
                     if on_row is not None:
                         on_row(rows[-1])
                     progress.advance(task)
