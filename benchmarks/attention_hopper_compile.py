@@ -21,14 +21,14 @@ from sigattn import hopper_fwd  # noqa: E402
 
 def compile_fwd(D, varlen, config=None, dtype="bf16", probe=0):
     config = tuple(config or hopper_fwd.CONFIGS[D])
-    BM, BN, ST, C, SIG, DEPTH, ORDER = config + (0, 1, 0)[len(config) - 4:]
+    BM, BN, ST, C, SIG, DEPTH = config + (0, 1)[len(config) - 4:]
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
     desc = lambda rows: f"tensordesc<{dtype}[{rows},{D}],{gl.NVMMASharedLayout.get_default_for([rows, D], gdt)!r}>"  # noqa
     sig = {"q_desc": desc(BM // C), "k_desc": desc(BN), "v_desc": desc(BN), "O": f"*{dtype}", "SeqInfo": "*i32",
-           "scale": "fp32", "bias": "fp32", "N": "i32", "H": "i32", "GROUP": "i32", "n_bh": "i32", "NUM_M": "i32",
-           "n_work": "i32", "stride_ot": "i32"}
+           "scale": "fp32", "bias": "fp32", "N": "i32", "H": "i32", "GROUP": "i32", "B": "i32", "NUM_M": "i32",
+           "stride_ot": "i32"}
     const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN_V=not varlen, BLOCK_M=BM,
-                 BLOCK_N=BN, D=D, STAGES=ST, CONSUMERS=C, PROBE=probe, SIG=SIG, DEPTH=DEPTH, ORDER=ORDER)
+                 BLOCK_N=BN, D=D, STAGES=ST, CONSUMERS=C, PROBE=probe, SIG=SIG, DEPTH=DEPTH)
     for k, v in const.items():
         sig[k] = "constexpr"
     src = GluonASTSource(hopper_fwd.hopper_fwd_kernel, sig, constexprs=const)

@@ -5,10 +5,11 @@
 #   hopper-tests  GPU tests of the Gluon Hopper forward (tests/sigattn/test_gpu_hopper.py) -> hopper_tests.log
 #   bench-hopper  attention benchmark with $BENCH_ARGS (default: D=128, fwd, Hopper vs portable vs anchors)
 #                                                                                     -> attention_hopper.json
-#   hopper-variants  Hopper forward variants side by side ($VARIANTS: BM,BN,STAGES,CONSUMERS,SIG,DEPTH[,ORDER] each;
+#   hopper-variants  Hopper forward variants side by side ($VARIANTS: BM,BN,STAGES,CONSUMERS,SIG,DEPTH each;
 #               default: the D=128 default; two consumers: DEPTH 1, DEPTH-3 ping-pong, DEPTH-4 ping-pong (named
-#               barriers), it with ORDER 1; two consumers need >= 3 stages), N 1K-16K,
-#               0/25 % padding, with the no-sigmoid probe of each
+#               barriers); two consumers need >= 3 stages), N 1K-16K, 0/25 % padding, with the no-sigmoid probe of
+#               each (PROBE= turns it off); BASE=file (another hopper_fwd.py, carried) runs configs 'base:...' on it;
+#               LAYOUTS="padded varlen" times both calls
 #                                                                                     -> attention_hopper_variants.json
 #   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over 14 workers     -> gpu_tests.log
 #   trainer-tests  every gpu-marked test under tests/training and tests/launch (by marker; trainer, validation loss,
@@ -48,8 +49,8 @@ for phase in "$@"; do
         | grep -v "^benchmark:" | tail -45 ;;
     hopper-variants)
       timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention_hopper_variants.py --d 128 --n 1024 4096 8192 16384 \
-        --pad 0 25 --configs ${VARIANTS:-128,64,4,1,3,2 128,64,4,2,3,1 128,64,4,2,3,3 128,64,4,2,3,4 128,64,4,2,3,4,1} --probe \
-        --out "$OUT/attention_hopper_variants.json" 2>&1 | tail -40 ;;
+        --pad 0 25 --configs ${VARIANTS:-128,64,4,1,3,2 128,64,4,2,3,1 128,64,4,2,3,3 128,64,4,2,3,4} ${PROBE---probe} \
+        ${BASE:+--base base=$BASE} --layouts ${LAYOUTS:-padded} --out "$OUT/attention_hopper_variants.json" 2>&1 | tail -40 ;;
     tests)
       { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
           -n 8 tests/sigattn; } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;

@@ -46,10 +46,10 @@ except ImportError:  # older/newer Triton without the Gluon Hopper API
     HAVE_GLUON = False
 
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH[, ORDER]]) per head dim: 128 query rows per CTA, split over
+# (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, SIG[, DEPTH]) per head dim: 128 query rows per CTA, split over
 # CONSUMERS partitions (1: one 8-warp partition, 2 warpgroups in lockstep; 2: two 4-warp partitions, FA3's layout);
 # SIG: see _prob; DEPTH 1: _consumer, DEPTH 2: _consumer_pairs, DEPTH 3: _consumer with CONSUMERS = 2 in ping-pong;
-# DEPTH 4: the same on named barriers with σ pinned ahead of the turn (see _turn_take); ORDER: see _item. Chosen from
+# DEPTH 4: the same on named barriers with σ pinned ahead of the turn (see _turn_take). Chosen from
 # benchmarks/results/attention_hopper_variants_*.json (H200, side by side in one run).
 CONFIGS = {64: (128, 128, 4, 1, 3), 128: (128, 64, 4, 1, 3, 2)}
 
@@ -117,18 +117,9 @@ if HAVE_GLUON:
             return r * (2.0 - y * r)
 
     @gluon.jit
-    def _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, ORDER: gl.constexpr):
-        """Work item w → (m, b, h, first token row, L, rows to write): (b, h)-major, so the CTAs running at one time
-        share a few heads' K/V in L2; within a head m runs from the highest tile down. ORDER 1 rotates that order by
-        the head index: CTA p's items w = p + i·nprog then meet every m residue instead of the few that nprog mod
-        NUM_M steps through, so the empty tiles past short sequences' ends spread over all CTAs."""
-        bh = w // NUM_M
-        if ORDER == 1:
-            m = NUM_M - 1 - (w + bh) % NUM_M
-        else:
-            m = NUM_M - 1 - w % NUM_M
-        b = bh // H
-        h = bh % H
+    def _seq(b, SeqInfo, N, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr):
+        """Sequence b → (first token row, length L, rows of O it owns); 0 rows past the batch (b ≥ B is only read
+        masked)."""
         if VARLEN:
             row0 = gl.load(SeqInfo + b)
             L = gl.load(SeqInfo + b + 1) - row0
@@ -140,6 +131,50 @@ if HAVE_GLUON:
             else:
                 L = N
             n_rows = N
+        return row0, L, n_rows
+
+    @gluon.jit
+    def _count(g, SeqInfo, N, B, H, NUM_M, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, BLOCK_M: gl.constexpr):
+        """Work items of group g: g < B: the H·⌈L_g/BLOCK_M⌉ query tiles of sequence g that hold queries;
+        B ≤ g < 2B (padded layout only): the H·(NUM_M − ⌈L/BLOCK_M⌉) empty tiles of sequence g − B (zero rows)."""
+        b = gl.where(g < B, g, g - B)
+        ok = b < B
+        if VARLEN:
+            L = gl.load(SeqInfo + b + 1, mask=ok, other=0) - gl.load(SeqInfo + b, mask=ok, other=0)
+        elif HAS_LENS:
+            L = gl.minimum(gl.maximum(gl.load(SeqInfo + b, mask=ok, other=0), 0), N)
+        else:
+            L = N
+        t = gl.cdiv(L, BLOCK_M)
+        return gl.where(ok, gl.where(g < B, t, NUM_M - t), 0) * H
+
+    @gluon.jit
+    def _seek(w, g, base, cnt, G, SeqInfo, N, B, H, NUM_M, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr,
+              BLOCK_M: gl.constexpr):
+        """Move the cursor (group g holds items [base, base + cnt)) forward to the group holding item w; g = G
+        when w is past the last item. Items only grow along a CTA's walk, so every CTA reads each length once."""
+        g = gl.to_tensor(g)
+        base = gl.to_tensor(base)
+        while (g < G) & (w >= base + cnt):
+            base += cnt
+            g += 1
+            cnt = _count(g, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
+        return g, base, cnt
+
+    @gluon.jit
+    def _decode(w, g, base, cnt, SeqInfo, N, B, H, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr,
+                BLOCK_M: gl.constexpr):
+        """Item w of group g → (m, b, h, first token row, L, rows of O to write). Within a group items are
+        head-major and a head's query tiles run from the highest m down, so the CTAs running at one time share a
+        few heads' K/V in L2 (m-major order measured 0.87× at N=4096 on an H200)."""
+        b = gl.where(g < B, g, g - B)
+        row0, L, n_rows = _seq(b, SeqInfo, N, VARLEN, HAS_LENS)
+        per_head = cnt // H
+        local = w - base
+        h = local // per_head
+        r = local % per_head
+        t = gl.cdiv(L, BLOCK_M)
+        m = gl.where(g < B, t - 1 - r, t + r)
         return m, b, h, row0, L, n_rows
 
     @gluon.jit
@@ -169,55 +204,49 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work,
+                v_empty, SeqInfo, N, H, GROUP, B, NUM_M,
                 VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, ORDER: gl.constexpr):
+                D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         kv = 0
         it = 0
-        for w in range(pid, n_work, nprog):
-            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
-            if m * BLOCK_M < L:
-                _load_q(q_desc, q_smem, q_ready, q_empty, it, row0 + m * BLOCK_M, h * D, BLOCK_M, CONSUMERS)
-                col = (h // GROUP) * D
-                for j in range(0, L, BLOCK_N):
-                    _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv, row0 + j, col,
-                             STAGES)
-                    kv += 1
-                it += 1
+        w = pid
+        g, base, cnt = _seek(w, 0, 0, _count(0, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M), B, SeqInfo, N,
+                             B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
+        while g < B:  # the real query tiles only (groups < B); the consumers also write the padded layout's zeros
+            m, b, h, row0, L, n_rows = _decode(w, g, base, cnt, SeqInfo, N, B, H, VARLEN, HAS_LENS, BLOCK_M)
+            _load_q(q_desc, q_smem, q_ready, q_empty, it, row0 + m * BLOCK_M, h * D, BLOCK_M, CONSUMERS)
+            col = (h // GROUP) * D
+            for j in range(0, L, BLOCK_N):
+                _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv, row0 + j, col,
+                         STAGES)
+                kv += 1
+            it += 1
+            w += nprog
+            g, base, cnt = _seek(w, g, base, cnt, B, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
 
     @gluon.jit
-    def _next_load_item(w, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr,
-                        ORDER: gl.constexpr, BLOCK_M: gl.constexpr):
-        """The first work item from w on (stride nprog) that has key tiles to load, as (w, m, h, row0, L);
-        w ≥ n_work when there is none."""
-        m = 0
-        h = 0
-        row0 = 0
-        L = 0
-        searching = w < n_work
-        while searching:
-            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
-            if m * BLOCK_M < L:
-                searching = False
-            else:
-                w += nprog
-                searching = w < n_work
-        return w, m, h, row0, L
+    def _next_load_item(w, g, base, cnt, SeqInfo, N, B, H, NUM_M, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr,
+                        BLOCK_M: gl.constexpr):
+        """The cursor moved to real item w (the loader's walk), as (g, base, cnt, m, h, row0, L); g = B past the
+        last one."""
+        g, base, cnt = _seek(w, g, base, cnt, B, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
+        m, b, h, row0, L, n_rows = _decode(w, g, base, cnt, SeqInfo, N, B, H, VARLEN, HAS_LENS, BLOCK_M)
+        return g, base, cnt, m, h, row0, L
 
     @gluon.jit
-    def _produce(target, max_it, lkv, lit, lw, lj, lm, lh, lrow0, lL, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
-                 q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work,
-                 VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, ORDER: gl.constexpr):
+    def _produce(target, max_it, lkv, lit, lw, lg, lbase, lcnt, lj, lm, lh, lrow0, lL, q_desc, k_desc, v_desc,
+                 q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, SeqInfo, N, H, GROUP,
+                 B, NUM_M, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         """The loader's TMA stream issued from consumer 0 (CONSUMERS = 2: no loader partition, so the kernel has 8
         warps and ptxas keeps the wgmma pipeline; with a 12-warp kernel it serialises every wgmma of a consumer
-        that runs in a worker partition, C7512). The cursor (lkv tiles and lit items issued, item lw at key row lj)
-        advances, in _loader's order, until ``target`` K/V tiles are issued, never past item ``max_it`` (its Q
-        buffer must have been freed by both consumers) or the end of the work."""
+        that runs in a worker partition, C7512). The cursor (lkv tiles and lit items issued, item lw of group lg
+        at key row lj) advances, in _loader's order, until ``target`` K/V tiles are issued, never past item
+        ``max_it`` (its Q buffer must have been freed by both consumers) or the end of the work."""
         nprog = gl.num_programs(0)
-        while (lkv < target) & (lw < n_work) & ((lj > 0) | (lit <= max_it)):
+        while (lkv < target) & (lg < B) & ((lj > 0) | (lit <= max_it)):
             if lj == 0:
                 _load_q(q_desc, q_smem, q_ready, q_empty, lit, lrow0 + lm * BLOCK_M, lh * D, BLOCK_M, CONSUMERS)
             _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lkv, lrow0 + lj,
@@ -227,9 +256,10 @@ if HAVE_GLUON:
             if lj >= lL:
                 lj = 0
                 lit += 1
-                lw, lm, lh, lrow0, lL = _next_load_item(lw + nprog, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N,
-                                                        VARLEN, HAS_LENS, ORDER, BLOCK_M)
-        return lkv, lit, lw, lj, lm, lh, lrow0, lL
+                lw += nprog
+                lg, lbase, lcnt, lm, lh, lrow0, lL = _next_load_item(lw, lg, lbase, lcnt, SeqInfo, N, B, H, NUM_M,
+                                                                     VARLEN, HAS_LENS, BLOCK_M)
+        return lkv, lit, lw, lg, lbase, lcnt, lj, lm, lh, lrow0, lL
 
     # DEPTH 4's turn: named barriers 8 and 9 (Triton's own barriers use ids 0-3). Consumer c syncs on 8 + c before
     # its GEMMs and, after issuing them, arrives on 9 − c: the other's. ptxas moves arithmetic across any barrier,
@@ -259,13 +289,13 @@ if HAVE_GLUON:
                                       is_pure=False, pack=1)
 
     @gluon.jit
-    def _consumer(O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
+    def _consumer(O, SeqInfo, scale, bias, N, H, B, NUM_M, stride_ot, q_smem, k_smem, v_smem,
                   q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc, v_desc, GROUP,
                   VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                   FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                   PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr,
-                  DEPTH: gl.constexpr, ORDER: gl.constexpr, SELF_LOAD: gl.constexpr, num_warps: gl.constexpr):
+                  DEPTH: gl.constexpr, SELF_LOAD: gl.constexpr, num_warps: gl.constexpr):
         """Rows [PART·ROWS, (PART+1)·ROWS) of each 128-row query tile (ROWS = BLOCK_M / CONSUMERS).
 
         DEPTH 1: S_{j+1} is issued before σ(S_j), PV_j after it. DEPTH 3 (two consumers, FA3's ping-pong): σ(S_j)
@@ -298,12 +328,20 @@ if HAVE_GLUON:
             lkv = 0
             lit = 0
             lj = 0
-            lw, lm, lh, lrow0, lL = _next_load_item(pid, n_work, nprog, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS,
-                                                    ORDER, BLOCK_M)
+            lw = pid
+            lg, lbase, lcnt, lm, lh, lrow0, lL = _next_load_item(
+                pid, 0, 0, _count(0, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M), SeqInfo, N, B, H, NUM_M,
+                VARLEN, HAS_LENS, BLOCK_M)
         if DEPTH == 4 and PART == 1:
             _turn_bar(8, True)  # consumer 0 takes the first turn
-        for w in range(pid, n_work, nprog):
-            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
+        G = B
+        if HAS_LENS and not VARLEN:  # padded layout: the empty tiles (zero rows of O) are items too, after the rest
+            G = 2 * B
+        w = pid
+        g, base, cnt = _seek(w, 0, 0, _count(0, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M), G, SeqInfo, N,
+                             B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
+        while g < G:
+            m, b, h, row0, L, n_rows = _decode(w, g, base, cnt, SeqInfo, N, B, H, VARLEN, HAS_LENS, BLOCK_M)
             start_m = m * BLOCK_M
             if start_m < n_rows:
                 acc = gl.zeros([ROWS, D], gl.float32, o_layout)
@@ -315,11 +353,11 @@ if HAVE_GLUON:
                     c0 = -bb * 1.4426950408889634
                     n_kv = gl.cdiv(L, BLOCK_N)
                     if SELF_LOAD:
-                        lkv, lit, lw, lj, lm, lh, lrow0, lL = _produce(
-                            kv + STAGES - 1, it + 1, lkv, lit, lw, lj, lm, lh, lrow0, lL, q_desc, k_desc, v_desc,
-                            q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, SeqInfo, N,
-                            H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
-                            ORDER)
+                        lkv, lit, lw, lg, lbase, lcnt, lj, lm, lh, lrow0, lL = _produce(
+                            kv + STAGES - 1, it + 1, lkv, lit, lw, lg, lbase, lcnt, lj, lm, lh, lrow0, lL, q_desc,
+                            k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                            v_empty, SeqInfo, N, H, GROUP, B, NUM_M, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N, D, STAGES,
+                            CONSUMERS)
                     qb = it % 2
                     q_tile = q_smem.index(qb * CONSUMERS + PART)
                     mbarrier.wait(q_ready.index(qb), (it // 2) & 1)
@@ -332,11 +370,11 @@ if HAVE_GLUON:
                     mbarrier.arrive(k_empty.index(s))
                     for j in range(n_kv - 1):
                         if SELF_LOAD:
-                            lkv, lit, lw, lj, lm, lh, lrow0, lL = _produce(
-                                kv + STAGES - 1, it + 1, lkv, lit, lw, lj, lm, lh, lrow0, lL, q_desc, k_desc, v_desc,
-                                q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, SeqInfo,
-                                N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N, D, STAGES,
-                                CONSUMERS, ORDER)
+                            lkv, lit, lw, lg, lbase, lcnt, lj, lm, lh, lrow0, lL = _produce(
+                                kv + STAGES - 1, it + 1, lkv, lit, lw, lg, lbase, lcnt, lj, lm, lh, lrow0, lL, q_desc,
+                                k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                                v_empty, SeqInfo, N, H, GROUP, B, NUM_M, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N, D,
+                                STAGES, CONSUMERS)
                         s = kv % STAGES
                         s2 = (kv + 1) % STAGES
                         if DEPTH >= 3:  # ping-pong: σ(S_j), then S_{j+1} and PV_j in this consumer's turn
@@ -400,6 +438,8 @@ if HAVE_GLUON:
                 o = gl.where(rows[:, None] < L, o, 0.0)
                 ptrs = O + (row0 + rows).to(gl.int64)[:, None] * stride_ot + h * D + cols_io[None, :]
                 gl.store(ptrs, o, mask=(rows < n_rows)[:, None])
+            w += nprog
+            g, base, cnt = _seek(w, g, base, cnt, G, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
         if DEPTH == 4 and PART == 0:
             _turn_bar(8, False)  # consumes consumer 1's last arrive: both barriers end with no arrival pending
 
@@ -435,12 +475,12 @@ if HAVE_GLUON:
         return n_clean + 1
 
     @gluon.jit
-    def _consumer_pairs(O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
+    def _consumer_pairs(O, SeqInfo, scale, bias, N, H, B, NUM_M, stride_ot, q_smem, k_smem, v_smem,
                         q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean,
                         VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                         FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-                        PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr, ORDER: gl.constexpr,
+                        PART: gl.constexpr, PROBE: gl.constexpr, SIG: gl.constexpr,
                         num_warps: gl.constexpr):
         """DEPTH 2: key tiles in pairs (j, j+1) with two score register sets sa, sb. σ(S_{j+1}) runs while the
         tensor cores hold PV_j and S_{j+2}; σ(S_j) while they hold PV_{j-1}. Score tiles never cross the loop's
@@ -467,8 +507,14 @@ if HAVE_GLUON:
         kv = 0
         it = 0
         n_clean = 0
-        for w in range(pid, n_work, nprog):
-            m, b, h, row0, L, n_rows = _item(w, n_bh, H, NUM_M, SeqInfo, N, VARLEN, HAS_LENS, ORDER)
+        G = B
+        if HAS_LENS and not VARLEN:  # padded layout: the empty tiles (zero rows of O) are items too, after the rest
+            G = 2 * B
+        w = pid
+        g, base, cnt = _seek(w, 0, 0, _count(0, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M), G, SeqInfo, N,
+                             B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
+        while g < G:
+            m, b, h, row0, L, n_rows = _decode(w, g, base, cnt, SeqInfo, N, B, H, VARLEN, HAS_LENS, BLOCK_M)
             start_m = m * BLOCK_M
             if start_m < n_rows:
                 acc = gl.zeros([ROWS, D], gl.float32, o_layout)
@@ -570,14 +616,15 @@ if HAVE_GLUON:
                 o = gl.where(rows[:, None] < L, o, 0.0)
                 ptrs = O + (row0 + rows).to(gl.int64)[:, None] * stride_ot + h * D + cols_io[None, :]
                 gl.store(ptrs, o, mask=(rows < n_rows)[:, None])
+            w += nprog
+            g, base, cnt = _seek(w, g, base, cnt, G, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
 
     @gluon.jit
-    def hopper_fwd_kernel(q_desc, k_desc, v_desc, O, SeqInfo, scale, bias, N, H, GROUP, n_bh, NUM_M, n_work,
-                          stride_ot,
+    def hopper_fwd_kernel(q_desc, k_desc, v_desc, O, SeqInfo, scale, bias, N, H, GROUP, B, NUM_M, stride_ot,
                           VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                           FAST_SIGMOID: gl.constexpr, CLEAN_V: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-                          PROBE: gl.constexpr, SIG: gl.constexpr, DEPTH: gl.constexpr, ORDER: gl.constexpr):
+                          PROBE: gl.constexpr, SIG: gl.constexpr, DEPTH: gl.constexpr):
         gl.static_assert(DEPTH == 1 or (DEPTH == 2 and STAGES >= 3 and CONSUMERS == 1)
                          or (DEPTH >= 3 and DEPTH <= 4 and CONSUMERS == 2),
                          "DEPTH 2: one consumer, ≥ 3 K/V stages; DEPTH 3 (ping-pong): two consumers")
@@ -613,33 +660,33 @@ if HAVE_GLUON:
         fence_async_shared()
         if DEPTH == 2:
             gl.warp_specialize([
-                (_consumer_pairs, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem,
+                (_consumer_pairs, (O, SeqInfo, scale, bias, N, H, B, NUM_M, stride_ot, q_smem, k_smem,
                                    v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, VARLEN,
                                    HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D, STAGES, CONSUMERS,
-                                   0, PROBE, SIG, ORDER, gl.num_warps())),
+                                   0, PROBE, SIG, gl.num_warps())),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                           v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
-                           D, STAGES, CONSUMERS, ORDER))], [1], [24])
+                           v_empty, SeqInfo, N, H, GROUP, B, NUM_M, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
+                           D, STAGES, CONSUMERS))], [1], [24])
         elif CONSUMERS == 1:  # one 8-warp consumer (2 warpgroups in lockstep)
             gl.warp_specialize([
-                (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
+                (_consumer, (O, SeqInfo, scale, bias, N, H, B, NUM_M, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc,
                              v_desc, GROUP, VARLEN, HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D,
-                             STAGES, CONSUMERS, 0, PROBE, SIG, DEPTH, ORDER, False, gl.num_warps())),
+                             STAGES, CONSUMERS, 0, PROBE, SIG, DEPTH, False, gl.num_warps())),
                 (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                           v_empty, SeqInfo, N, H, GROUP, n_bh, NUM_M, n_work, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
-                           D, STAGES, CONSUMERS, ORDER))], [1], [24])
+                           v_empty, SeqInfo, N, H, GROUP, B, NUM_M, VARLEN, HAS_LENS, BLOCK_M, BLOCK_N,
+                           D, STAGES, CONSUMERS))], [1], [24])
         else:  # two independent 4-warp consumers (one warpgroup each, 64 query rows), FA3's layout; consumer 0 also
             # issues the TMA loads: 8 warps in all (a loader partition would make 12, see _produce)
             gl.warp_specialize([
-                (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
+                (_consumer, (O, SeqInfo, scale, bias, N, H, B, NUM_M, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc,
                              v_desc, GROUP, VARLEN, HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D,
-                             STAGES, CONSUMERS, 0, PROBE, SIG, DEPTH, ORDER, True, 4)),
-                (_consumer, (O, SeqInfo, scale, bias, N, H, n_bh, NUM_M, n_work, stride_ot, q_smem, k_smem, v_smem,
+                             STAGES, CONSUMERS, 0, PROBE, SIG, DEPTH, True, 4)),
+                (_consumer, (O, SeqInfo, scale, bias, N, H, B, NUM_M, stride_ot, q_smem, k_smem, v_smem,
                              q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, v_clean, turn, q_desc, k_desc,
                              v_desc, GROUP, VARLEN, HAS_LENS, LOG_N_BIAS, FAST_SIGMOID, CLEAN_V, BLOCK_M, BLOCK_N, D,
-                             STAGES, CONSUMERS, 1, PROBE, SIG, DEPTH, ORDER, False, 4))], [4], [256])
+                             STAGES, CONSUMERS, 1, PROBE, SIG, DEPTH, False, 4))], [4], [256])
 
 
 @functools.lru_cache(maxsize=None)
@@ -690,7 +737,7 @@ def launch_fwd(q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float
     if B == 0 or max_seqlen == 0 or q.numel() == 0:
         return out.zero_()
     cfg = tuple(config or CONFIGS[D])
-    BM, BN, STAGES, CONSUMERS, sig, depth, order = cfg + (0, 1, 0)[len(cfg) - 4:]
+    BM, BN, STAGES, CONSUMERS, sig, depth = cfg + (0, 1)[len(cfg) - 4:]
     qd = _desc(_as_2d(q, varlen), (BM // CONSUMERS, D))
     kd = _desc(_as_2d(k, varlen), (BN, D))
     vd = _desc(_as_2d(v, varlen), (BN, D))
@@ -698,13 +745,11 @@ def launch_fwd(q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float
     if seq_info is None:
         seq_info = q.new_empty(1, dtype=torch.int32)
     num_m = triton.cdiv(max_seqlen, BM)
-    n_bh = B * H
-    n_work = num_m * n_bh
-    grid = (min(n_work, _num_sms(q.device.index or 0)), )
+    grid = (min(num_m * B * H, _num_sms(q.device.index or 0)), )  # items ≤ NUM_M·B·H (no host read of lengths)
     stride_ot = out.stride(0) if varlen else out.stride(1)
-    hopper_fwd_kernel[grid](qd, kd, vd, out, seq_info, float(scale), float(bias), N, H, H // H_kv, n_bh, num_m,
-                            n_work, stride_ot, VARLEN=varlen, HAS_LENS=has_lens, LOG_N_BIAS=bool(log_n_bias),
+    hopper_fwd_kernel[grid](qd, kd, vd, out, seq_info, float(scale), float(bias), N, H, H // H_kv, B, num_m,
+                            stride_ot, VARLEN=varlen, HAS_LENS=has_lens, LOG_N_BIAS=bool(log_n_bias),
                             FAST_SIGMOID=bool(fast_sigmoid), CLEAN_V=not varlen, BLOCK_M=BM, BLOCK_N=BN, D=D,
-                            STAGES=STAGES, CONSUMERS=CONSUMERS, PROBE=probe, SIG=sig, DEPTH=depth, ORDER=order,
+                            STAGES=STAGES, CONSUMERS=CONSUMERS, PROBE=probe, SIG=sig, DEPTH=depth,
                             num_warps=8 if CONSUMERS == 1 else 4)
     return out
