@@ -91,6 +91,19 @@ def test_max_logit_matches_brute_force_per_cell():
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
+def test_max_logit_negative_cells_and_empty_cells():
+    # every logit of the only non-empty cell is negative: padded slots must not count as 0; empty cells are skipped
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    D = 4
+    k = torch.rand(7, 2, D, generator=g) + 0.5
+    q = -(torch.rand(7, 2, D, generator=g) + 0.5)
+    cu = torch.tensor([0, 0, 7, 7], dtype=torch.int32)                   # cells of 0, 7 and 0 tokens
+    want = float((q.transpose(0, 1) @ k.permute(1, 2, 0)).max()) / math.sqrt(D)
+    assert want < 0
+    got = max_logit(q, k, cu, 12, block_elems=50)                        # max_seqlen above the longest cell
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
 def test_monitor_reports_max_activation_and_logit_of_a_real_encoder(tmp_path):
     from training.config import ModelConfig
     from training.encoder import build_model

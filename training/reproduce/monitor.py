@@ -6,9 +6,9 @@ fused QKV projection reads q, k (``[T, H, D]``, packed cells) and takes
     max_attn_logit = max over layers, heads, cells c and i, j ∈ c of  q_i·k_j / √D
 
 (the pre-bias logit, the same quantity for sigmoid and softmax; sigmoid adds b = −log n afterwards).
-The cells are padded to ``[B, max_seqlen]`` on the device (no host read of ``cu_seqlens``) and the scores
-are formed block by block of queries under ``no_grad``, so the cost is one extra QKᵀ per layer and memory
-stays at ``block_elems`` scores. A forward hook on every block takes ``max_activation`` = max |x| of the
+The cells are gathered to ``[B, max_seqlen]`` on the device (no host read of ``cu_seqlens``) and the scores
+are formed block by block of queries under ``no_grad``, so the cost is one extra QKᵀ per layer (in the model's
+dtype) and memory stays at ``block_elems`` scores. A forward hook on every block takes ``max_activation`` = max |x| of the
 residual stream after the block. Both are kept as device scalars and read once per optimizer step by the
 trainer callback (``Trainer(callbacks=[monitor])``), which writes one JSON line per step:
 ``step, loss, grad_norm, lr, max_attn_logit, max_activation`` to ``stability.jsonl``.
@@ -22,28 +22,33 @@ from pathlib import Path
 
 import torch
 
-from training.attention import Attention, pad_cells, segment_ids
+from training.attention import Attention
 from training.encoder import Block
 
 
 def max_logit(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
               block_elems: int = 1 << 27) -> torch.Tensor:
-    """Largest ``q_i·k_j/√D`` over pairs of tokens of the same cell (0-dim device tensor)."""
+    """Largest ``q_i·k_j/√D`` over pairs of tokens of the same cell (0-dim float32 device tensor).
+
+    Each cell is gathered to ``[B, H, L, D]`` with its rows past the end repeating its last token, so every padded
+    score duplicates a real one and no mask is needed: a block of scores is one matmul in the input dtype and one
+    max (4 bytes of memory traffic per score, not the ~28 of float32 + mask). Empty cells are dropped at the end."""
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
-    seq, pos = segment_ids(cu_seqlens, T)
-    qp, kp = (pad_cells(x, seq, pos, B, max_seqlen) for x in (q, k))   # [B, H, L, D]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     idx = torch.arange(max_seqlen, device=q.device)
-    valid = idx[None, :] < lengths[:, None]                         # [B, L]
-    scale = 1.0 / math.sqrt(D)
+    src = cu_seqlens[:-1].long()[:, None] + torch.minimum(idx[None, :], (lengths - 1).clamp(min=0)[:, None])
+    src = src.clamp(0, max(T - 1, 0))                                  # [B, L] token of each padded slot
+    if T == 0:
+        return torch.full((), -torch.inf, device=q.device, dtype=torch.float32)
+    qp, kp = (x[src].transpose(1, 2) for x in (q, k))                  # [B, H, L, D]
     block = max(1, block_elems // max(1, B * H * max_seqlen))
-    best = torch.full((), -torch.inf, device=q.device, dtype=torch.float32)
+    best = torch.full((B,), -torch.inf, device=q.device, dtype=torch.float32)
     for s0 in range(0, max_seqlen, block):
-        s = torch.matmul(qp[:, :, s0:s0 + block], kp.transpose(-1, -2)).float() * scale   # [B, H, b, L]
-        ok = valid[:, None, s0:s0 + block, None] & valid[:, None, None, :]
-        best = torch.maximum(best, s.masked_fill(~ok, -torch.inf).amax())
-    return best
+        s = torch.matmul(qp[:, :, s0:s0 + block], kp.transpose(-1, -2))   # [B, H, b, L]
+        best = torch.maximum(best, s.flatten(1).amax(1).float())
+    best = torch.where(lengths > 0, best, -torch.inf)
+    return best.amax() / math.sqrt(D)
 
 
 class StabilityMonitor:
