@@ -84,8 +84,9 @@ def test_hopper_fwd_walk_skips_and_fills(layout):
 
 
 def test_hopper_fwd_few_items():
-    # fewer work items than SMs, one token
-    run_fwd("varlen", torch.bfloat16, 128, 1, 1, "log_n", [1], 1)
+    # fewer work items than SMs, one token (8 heads: with one head the whole output is one p·v, and the 2x-torch
+    # criterion compares two roundings of a single scalar)
+    run_fwd("varlen", torch.bfloat16, 128, 8, 8, "log_n", [1], 1)
     run_fwd("padded", torch.bfloat16, 64, 2, 1, 0.5, [5], 5)
 
 
