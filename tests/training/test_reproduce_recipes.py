@@ -55,6 +55,8 @@ def test_stability_recipe_tiny(tmp_path):
     _png(out / "stability.png")
     md = (out / "report.md").read_text()
     assert "| sigmoid | 0.001 |" in md and "](stability.png)" in md
+    assert all(r["trained_on"]["device"] == s["provenance"]["device"] for r in s["arms"])   # where each arm ran
+    assert f"Arms trained on {s['provenance']['device']}" in md
     before = (out / "arms" / "sigmoid_lr0.001" / "verdict.json").read_text()
     assert main(argv + ["--attention", "sigmoid"]) == 0                          # finished arms are reused
     assert (out / "arms" / "sigmoid_lr0.001" / "verdict.json").read_text() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -13,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def provenance() -> dict:
-    """Commit measured (``git rev-parse HEAD``, ``+dirty`` with local changes), host, device, versions, date."""
+    """Commit measured (``$SIGATTN_COMMIT`` where set, as on a GPU machine given a copy without ``.git``; else
+    ``git rev-parse HEAD``, ``+dirty`` with local changes), host, device, versions, date."""
     import torch
 
     def git(*a):
@@ -22,8 +24,8 @@ def provenance() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    commit = git("rev-parse", "HEAD") or None
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
+    commit = os.environ.get("SIGATTN_COMMIT") or git("rev-parse", "HEAD") or None
+    if commit and not os.environ.get("SIGATTN_COMMIT") and git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
     cuda = torch.cuda.is_available()
     return {"commit": commit, "host": socket.gethostname(), "platform": platform.platform(),

@@ -101,7 +101,7 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
     verdict = assess(read_records(arm_dir))
     row = {"arm": arm_name(attention, lr), "attention": attention, "lr": lr, **verdict.to_dict(),
            "seconds": round(time.perf_counter() - t0, 1), "run_dir": f"{arm_dir.parent.name}/{arm_dir.name}",
-           "overrides": overrides, "scale": dataclasses.asdict(scale)}
+           "overrides": overrides, "scale": dataclasses.asdict(scale), "trained_on": provenance()}
     write_json(done, row)
     return row
 
@@ -149,7 +149,7 @@ def plot(rows: list[dict], path: Path, title: str, root: Path) -> Path:
                 if j == 0:
                     axes[i][j].set_ylabel(name)
             axes[0][j].legend(fontsize=8)
-        fig.suptitle(title + "   (dashed: first non-finite value or gradient-norm spike)", fontsize=10)
+        fig.suptitle(title + "\n(dashed: first non-finite value or gradient-norm spike)", fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -171,8 +171,8 @@ def markdown(summary: dict) -> str:
              f"{s['settings']['preset']} preset, synthetic cells filling a {s['settings']['context']}-token context, "
              f"micro-batch {s['settings']['batch_size']}, {s['settings']['steps']} steps (warm-up "
              f"{s['settings']['warmup']}, cosine to 0.1×), seed {s['settings']['seed']}, no gradient clipping, "
-             f"only the attention differs. Device: {s['provenance']['device']}; commit "
-             f"`{s['provenance']['commit']}`; {s['provenance']['date']}.", "",
+             f"only the attention differs. {_trained_on(rows)} Report written on {s['provenance']['device']}, "
+             f"commit `{s['provenance']['commit']}`, {s['provenance']['date']}.", "",
              "| attention | lr | diverged | first non-finite step | first grad-norm spike (>100× median) | "
              "max grad norm | max attn logit | max activation | first → best → final loss | steps |",
              "|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -184,6 +184,15 @@ def markdown(summary: dict) -> str:
     lines += ["", s["verdict"], "", f"![loss and gradient norm per learning rate]({s['plots'][0]})", "",
               f"Paper: {PAPER['claim']}. " + s["caveat"], ""]
     return "\n".join(lines)
+
+
+def _trained_on(rows: list[dict]) -> str:
+    """Where the arms were trained (each verdict records it; an arm trained elsewhere keeps its own)."""
+    seen = sorted({(t.get("device"), t.get("commit"), (t.get("date") or "")[:10])
+                   for t in (r.get("trained_on") for r in rows) if t})
+    if not seen:
+        return "Arms trained where the report was written."
+    return "Arms trained on " + "; ".join(f"{d}, commit `{c}`, {day}" for d, c, day in seen) + "."
 
 
 def verdict_line(rows: list[dict]) -> str:
