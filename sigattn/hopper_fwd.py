@@ -10,11 +10,12 @@ Structure (one persistent CTA per SM, warp-specialised):
       pipes, then O += P_j·V_j (P from registers). DEPTH 2 (_consumer_pairs): key tiles in pairs, so the sigmoid of
       one tile runs while the tensor cores hold the previous PV and the next S. Sigmoid needs no running max or
       rescale: a tile is S → P → PV.
-Work items are (sequence b, head h, query tile m), walked by each CTA with stride = grid size, (b, h)-major so the
-CTAs running at one time share a few heads' K/V in L2 (m-major order, i.e. longest-first by tile index, measured
-0.87× slower at N=4096 on an H200: every CTA streamed a different head's K/V from HBM). Within a head the highest
-m goes first. Tiles past a sequence's end do nothing (padded layout: they write their zero rows). No host reads of
-the lengths: the grid comes from B, H and max_seqlen.
+Work items are (sequence b, head h, query tile m), walked by each CTA with stride = grid size through groups: group b
+is sequence b's H·⌈L_b/BLOCK_M⌉ real query tiles, (b, h)-major so the CTAs running at one time share a few heads'
+K/V in L2 (m-major order measured 0.87× at N=4096 on an H200), the highest m first; in the padded layout groups
+B…2B−1 then hold each sequence's empty tiles, which only write their zero rows. Only real tiles are work, so
+padding no longer lands unevenly on CTAs (see ``_seek``). No host reads of the lengths: the grid comes from B, H
+and max_seqlen.
 
 Addressing: q/k/v viewed as 2-D ``[tokens, H·D]`` (padded: tokens = B·N) so that one TMA descriptor serves every
 sequence and head; the box is ``[BLOCK, D]`` at ``[row0 + offset, h·D]``. TMA reads across a sequence end (into
