@@ -73,8 +73,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv(x).view(T, 3, self.n_heads, self.head_dim).unbind(1)
-        o = (self.core if self.context_parallel is None else self.context_parallel)(q, k, v, cu_seqlens, max_seqlen)
+        qkv = self.qkv(x).view(T, 3, self.n_heads, self.head_dim)
+        if self.context_parallel is None:
+            o = self.core(*qkv.unbind(1), cu_seqlens, max_seqlen)
+        else:                                                   # one exchange for q, k and v
+            o = self.context_parallel(qkv, cu_seqlens, max_seqlen)
         return self.out(o.reshape(T, -1))
 
     def core(self, q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
