@@ -1,7 +1,7 @@
 """Compile the Gluon Hopper forward for sm90 without a GPU (ahead of time), and report registers/spills/smem.
 
 Needs a Triton whose Gluon API matches the GPU image's (3.6): e.g. ``pip install --target /tmp/tri36 triton==3.6.0``
-then ``PYTHONPATH=/tmp/tri36:$PWD python benchmarks/attention_hopper_compile.py [--ptx out.ptx]``. The kernel
+then ``PYTHONPATH=/tmp/tri36:$PWD python benchmarks/attention_hopper_compile.py [--ptx out.ptx] [--bwd]``. The kernel
 cannot run here; this catches Gluon front-end/layout errors and register spills before spending device time.
 """
 
@@ -56,7 +56,16 @@ def main():
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--ptx", type=Path)
     ap.add_argument("--config", help="BLOCK_M,BLOCK_N,STAGES,CONSUMERS (default: hopper_fwd.CONFIGS)")
+    ap.add_argument("--bwd", action="store_true", help="the backward's two kernels (sigattn/hopper_bwd.py) instead")
     args = ap.parse_args()
+    if args.bwd:
+        from sigattn import hopper_bwd
+
+        for D in args.d:
+            for varlen in (False, True):
+                for name, k in zip(("kv", "q"), hopper_bwd.compiled_for_sm90(D, varlen)):
+                    print(f"bwd {name} D={D} varlen={varlen}: smem {k.metadata.shared} B; {resource_usage(k)}")
+        return
     for D in args.d:
         for varlen in (False, True):
             k = compile_fwd(D, varlen, tuple(int(x) for x in args.config.split(",")) if args.config else None)

@@ -2,7 +2,7 @@
 # One GPU-machine session: install carried wheels, build the C++ extension, then run the phases asked for.
 # usage: OUT=dir bash benchmarks/gpu_session.sh PHASE...   (phases run in order; each writes its own files to $OUT)
 #   gluon-api   print the installed Gluon Hopper API (dir of the modules the Hopper kernel uses)
-#   hopper-tests  GPU tests of the Gluon Hopper forward (tests/sigattn/test_gpu_hopper.py) -> hopper_tests.log
+#   hopper-tests  GPU tests of the Gluon Hopper forward and backward (tests/sigattn/test_gpu_hopper*.py) -> hopper_tests.log
 #   bench-hopper  attention benchmark with $BENCH_ARGS (default: D=128, fwd, Hopper vs portable vs anchors)
 #                                                                                     -> attention_hopper.json
 #   hopper-variants  Hopper forward variants side by side ($VARIANTS: BM,BN,STAGES,CONSUMERS,SIG,DEPTH each;
@@ -42,7 +42,7 @@ for phase in "$@"; do
       python3 -c "import triton.experimental.gluon.language.nvidia.hopper as h, triton.experimental.gluon.language as gl; print('hopper:', [n for n in dir(h) if not n.startswith('_')]); print('tma:', [n for n in dir(h.tma) if not n.startswith('_')]); print('mbarrier:', [n for n in dir(h.mbarrier) if not n.startswith('_')])" 2>&1 | tee "$OUT/gluon_api.txt" ;;
     hopper-tests)
       { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
-          -n 8 tests/sigattn/test_gpu_hopper.py; } 2>&1 | tee "$OUT/hopper_tests.log" | grep -E "passed|failed|FAILED|Error|error" | tail -25 ;;
+          -n 8 tests/sigattn/test_gpu_hopper.py tests/sigattn/test_gpu_hopper_bwd.py; } 2>&1 | tee "$OUT/hopper_tests.log" | grep -E "passed|failed|FAILED|Error|error" | tail -25 ;;
     bench-hopper)
       timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention.py ${BENCH_ARGS:---d 128 --modes fwd --pad 0 25 \
         --kernels hopper_padded hopper_varlen ours_padded ours_varlen tsig sdpa_cudnn} --out "$OUT/${BENCH_OUT:-attention_hopper.json}" 2>&1 \
