@@ -19,7 +19,8 @@
 #   bench-d64   attention benchmark, D=64 (+ peak memory at N=16384, cold start)      -> attention_d64.json
 #   train       trainer throughput, 160m@2K/8K and 1.4b@8K, sigmoid vs softmax        -> training_gpu.json/.md
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
-# Knobs: TRAIN_RUNS, TRAIN_STEPS, PROJECT_SIZES, and *_TIMEOUT per phase (seconds).
+# Knobs: TRAIN_RUNS, TRAIN_STEPS, TRAIN_WORLD (e.g. "1 2 4": data-parallel rows), PROJECT_SIZES, and *_TIMEOUT per
+# phase (seconds).
 # Wheels for the packages the GPU image lacks (deepspeed, mosaicml-streaming, zarr, anndata, submitit, pydantic, ...,
 # triton-sigmoid) travel in .whl/: build the kit here with `bash benchmarks/gpu_wheels.sh`, carry ".whl".
 set -o pipefail
@@ -67,7 +68,8 @@ for phase in "$@"; do
         --out "$OUT/attention_d64.json" 2>&1 | grep -v "^benchmark:" | tail -40 ;;
     train)
       timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs ${TRAIN_RUNS:-160m:2048 160m:8192 1.4b:8192} \
-        --steps "${TRAIN_STEPS:-200}" --out "$OUT/training_gpu.json" 2>&1 | grep -v "it/s\]$" | tail -30 ;;
+        --steps "${TRAIN_STEPS:-200}" --world-sizes ${TRAIN_WORLD:-1} --out "$OUT/training_gpu.json" 2>&1 \
+        | grep -v "it/s\]$" | tail -30 ;;
     project)
       timeout "${PROJECT_TIMEOUT:-500}" python3 -m launch.project --measure --sizes ${PROJECT_SIZES:-160m 400m 600m 1.4b} \
         --context 2048 4096 8192 --cells 131.6e6 --gpus 16 --out "$OUT/projection-measured" 2>&1 | tail -40 ;;
