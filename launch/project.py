@@ -118,17 +118,45 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                     if on_row is not None:
                         on_row(rows[-1])
                     progress.advance(task)
-    for r in rows:  # sigmoid's saving relative to softmax (on the sigmoid row, when both were run)
+    _savings(rows)
+    return rows
+
+
+def _savings(rows: list[dict]) -> None:
+    """Sigmoid's GPU-hour saving relative to softmax (on the sigmoid row, when both were run)."""
+    for r in rows:
         soft = [x for x in rows if (x["size"], x["context"], x["attention"]) == (r["size"], r["context"], "softmax")]
         r["sigmoid_saving_pct"] = (100 * (1 - r["gpu_hours"] / soft[0]["gpu_hours"])
                                    if r["attention"] == "sigmoid" and soft and r["gpu_hours"] and soft[0]["gpu_hours"]
                                    else None)
+
+
+def apply_scaling(rows: list[dict], measured: list[dict], gpus: int) -> list[dict]:
+    """Scale each row's one-GPU rate by the data-parallel efficiency measured for its (size, context, attention):
+    e = per-GPU tokens/s at W GPUs ÷ tokens/s at 1 GPU, from the largest W ≤ ``gpus`` in ``measured`` (rows of
+    ``benchmarks/training_gpu.py --world-sizes``). Rows without such a measurement keep their rate (e = 1, said
+    so in ``dp_efficiency_source``). Measured within one node: across nodes the efficiency may be lower."""
+    ok = [m for m in measured if "error" not in m]
+    for r in rows:
+        same = [m for m in ok if (m["size"], m["context"], m["attention"]) == (r["size"], r["context"], r["attention"])]
+        one = [m for m in same if m.get("world_size", 1) == 1]
+        many = [m for m in same if 1 < m.get("world_size", 1) <= gpus]
+        if gpus == 1 or not one or not many or not r.get("cells_per_s_per_gpu"):
+            r.update(dp_efficiency=1.0, dp_efficiency_source="assumed (no data-parallel measurement)")
+            continue
+        top = max(many, key=lambda m: m["world_size"])
+        per_gpu = top.get("tokens_per_s_per_gpu") or top["tokens_per_s"] / top["world_size"]
+        e = per_gpu / one[0]["tokens_per_s"]
+        r.update(dp_efficiency=e, dp_efficiency_source=f"measured at {top['world_size']} GPUs",
+                 cells_per_s_per_gpu=r["cells_per_s_per_gpu"] * e, gpu_hours=r["gpu_hours"] / e,
+                 wall_hours=r["wall_hours"] / e)
+    _savings(rows)
     return rows
 
 
 def _markdown(rows: list[dict], header: str) -> str:
     cols = ["size", "context", "attention", "n_params", "cells_per_s_per_gpu", "gpu_hours", "wall_hours",
-            "sigmoid_saving_pct", "zero_stage", "model_state_gib", "max_cells", "max_cells_ckpt", "memory",
+            "sigmoid_saving_pct", "dp_efficiency", "zero_stage", "model_state_gib", "max_cells", "max_cells_ckpt", "memory",
             "plan_zero_stage", "plan_checkpointing", "plan_micro_batch"]
     if any(r.get("context_parallel_degree", 1) > 1 for r in rows):
         cols += ["context_parallel_degree", "cp_comm_gib_per_cell"]
@@ -222,8 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", choices=("preset", "plan"), default="preset",
                    help="memory settings measured and checked: the preset's ZeRO stage / checkpointing / "
                         "micro-batch, or launch.memory.plan's choice for --gpus GPUs of --gpu-mem-gib")
+    p.add_argument("--scaling", type=Path, default=None,
+                   help="a benchmarks/training_gpu.py JSON with --world-sizes rows: scale each rate by the measured "
+                        "data-parallel efficiency")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.scaling is not None and not a.scaling.is_file():
+        p.error(f"--scaling {a.scaling}: no such file")
     mfu = a.mfu if a.mfu is not None else 0.4
     if not a.measure and not 0 < mfu <= 1:
         p.error(f"--mfu must lie in (0, 1], got {mfu}")
@@ -255,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
                    measure_steps=(a.warmup_steps, a.timed_steps) if a.measure else None, attentions=a.attention,
                    batch_size=a.batch_size, context_parallel=a.context_parallel, settings=a.settings,
                    on_row=on_row)
+    if a.scaling is not None:
+        try:
+            apply_scaling(rows, json.loads(a.scaling.read_text())["rows"], a.gpus)
+        except (ValueError, KeyError) as e:
+            p.error(f"--scaling {a.scaling}: not a training benchmark JSON ({type(e).__name__}: {e})")
     device = "cpu"
     if a.measure:
         import torch

@@ -105,6 +105,32 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, msg):
     assert msg in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_scaling_applies_the_measured_data_parallel_efficiency(tmp_path, capsys):
+    # a training_gpu.py JSON: 160m@2048 sigmoid measured on 1 and 4 GPUs (0.9 per-GPU efficiency), softmax on 1 only
+    scaling = tmp_path / "dp.json"
+    rows = [dict(size="160m", context=2048, attention="sigmoid", world_size=1, tokens_per_s=1000.0),
+            dict(size="160m", context=2048, attention="sigmoid", world_size=4, tokens_per_s=3600.0,
+                 tokens_per_s_per_gpu=900.0),
+            dict(size="160m", context=2048, attention="sigmoid", world_size=8, error="OutOfMemoryError"),
+            dict(size="160m", context=2048, attention="softmax", world_size=1, tokens_per_s=950.0)]
+    scaling.write_text(json.dumps({"rows": rows}))
+    base, scaled = tmp_path / "base", tmp_path / "scaled"
+    argv = ["--sizes", "160m", "--context", "2048", "--gpus", "16", "--mfu", "0.4"]
+    assert project.main(argv + ["--out", str(base)]) == 0
+    assert project.main(argv + ["--scaling", str(scaling), "--out", str(scaled)]) == 0
+    b, s = ({r["attention"]: r for r in json.loads((d / "projection.json").read_text())["rows"]} for d in (base, scaled))
+    assert s["sigmoid"]["dp_efficiency"] == pytest.approx(0.9)
+    assert s["sigmoid"]["dp_efficiency_source"] == "measured at 4 GPUs"
+    assert s["sigmoid"]["gpu_hours"] == pytest.approx(b["sigmoid"]["gpu_hours"] / 0.9)
+    assert s["sigmoid"]["cells_per_s_per_gpu"] == pytest.approx(b["sigmoid"]["cells_per_s_per_gpu"] * 0.9)
+    assert s["softmax"]["dp_efficiency"] == 1.0 and "assumed" in s["softmax"]["dp_efficiency_source"]
+    assert s["softmax"]["gpu_hours"] == pytest.approx(b["softmax"]["gpu_hours"])
+    assert s["sigmoid"]["sigmoid_saving_pct"] < b["sigmoid"]["sigmoid_saving_pct"]      # recomputed after scaling
+    with pytest.raises(SystemExit):
+        project.main(argv + ["--scaling", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")])
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def _sigattn_api() -> bool:
     try:
         return hasattr(importlib.import_module("sigattn"), "sigmoid_attention_varlen")
