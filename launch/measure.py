@@ -52,6 +52,21 @@ class Measurement:
     tokens_per_s_per_gpu: float | None = None
 
 
+def trainer_config(size: str, context: int, attention: str, bs: int, steps: int, extra_overrides, run_dir):
+    """The measured trainer's config: the preset, synthetic cells filling ``context``, no checkpoints, no logs."""
+    from launch.configs import resolve_config
+    from training.config import load_config
+    from training.presets import NOMINAL_VOCAB
+
+    return load_config(resolve_config(size), [
+        f"model.attention={attention}", "data.mds=null", f"data.context_length={context}",
+        f"data.batch_size={bs}", f"data.synthetic_vocab={NOMINAL_VOCAB}",
+        f"data.synthetic_mean_genes={min(2 * context, NOMINAL_VOCAB // 2)}", f"run.dir={run_dir}",
+        f"run.max_steps={steps + 10}", "run.ckpt_every=1000000",
+        "optim.warmup_steps=1", "run.progress=false",
+        "run.tensorboard=false", "run.nan_policy=skip", *extra_overrides])
+
+
 def _attempt(size: str, context: int, attention: str, bs: int, steps: int, extra_overrides: list[str]):
     """Child process: run ``steps`` trainer steps at micro-batch ``bs``; return their records, or ``OOM``."""
     import os
@@ -64,9 +79,6 @@ def _attempt(size: str, context: int, attention: str, bs: int, steps: int, extra
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(var, None)
 
-    from launch.configs import resolve_config
-    from training.config import load_config
-    from training.presets import NOMINAL_VOCAB
     from training.trainer import Trainer
 
     records: list[dict] = []
@@ -77,13 +89,7 @@ def _attempt(size: str, context: int, attention: str, bs: int, steps: int, extra
             raise _Done
 
     with tempfile.TemporaryDirectory(prefix="sigattn-measure-") as run_dir:
-        cfg = load_config(resolve_config(size), [
-            f"model.attention={attention}", "data.mds=null", f"data.context_length={context}",
-            f"data.batch_size={bs}", f"data.synthetic_vocab={NOMINAL_VOCAB}",
-            f"data.synthetic_mean_genes={min(2 * context, NOMINAL_VOCAB // 2)}", f"run.dir={run_dir}",
-            f"run.max_steps={steps + 10}", "run.ckpt_every=1000000",
-            "optim.warmup_steps=1", "run.progress=false",
-            "run.tensorboard=false", "run.nan_policy=skip", *extra_overrides])
+        cfg = trainer_config(size, context, attention, bs, steps, extra_overrides, run_dir)
         try:
             with Trainer(cfg, callbacks=[collect]) as trainer:
                 trainer.train()

@@ -1,0 +1,255 @@
+"""Where a training step's time goes: torch.profiler over real trainer steps, per preset × context × attention.
+
+Each run is the trainer ``launch.measure`` times (the preset's ZeRO stage, precision, checkpointing; synthetic cells
+filling the context), in a fresh spawned process; after ``--warmup`` steps the profiler records ``--steps`` steps.
+Device time (GPU kernels; on a CPU the ops' self time) is put into categories by kernel/op name:
+
+    communication  NCCL/gloo collectives           attention  our sigmoid kernels, SDPA flash/cuDNN
+    optimizer      Adam / multi-tensor kernels     loss       the masked-expression loss (cross-entropy, log-softmax)
+    gemm           matmul kernels (projections, MLP, head)     copies  memcpy/memset
+    other          norms, activations, residuals, casts, reductions...
+
+and ``idle`` = step wall time − the union of busy intervals (host gaps, launch latency, syncs). Writes one JSON
+(device, commit, date, per run: ms per step and share per category, the top kernels), a markdown table and a
+stacked-bar plot:
+
+    python benchmarks/training_profile.py --runs 160m:2048 160m:8192 1.4b:8192 --out benchmarks/results/profile_h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import re
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CATEGORIES = [  # first match wins
+    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|broadcast|all_?to_?all|c10d|gloo"),
+    ("attention", r"attn|sigattn|flash|fmha|sdpa|scaled_dot_product|cudnn.*(attention|mha)|hopper_(fwd|bwd)"),
+    ("optimizer", r"adam|multi_tensor|foreach|optimizer|lamb"),
+    ("loss", r"cross_entropy|nll_loss|log_softmax|mse_loss"),
+    ("gemm", r"gemm|matmul|cutlass|xmma|nvjet|aten::mm$|aten::addmm|aten::bmm|aten::baddbmm|^sm90_|^sm80_|ampere_"),
+    ("copies", r"memcpy|memset|aten::copy_"),
+]
+ORDER = [c for c, _ in CATEGORIES] + ["other", "idle"]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, pat in CATEGORIES:
+        if re.search(pat, low):
+            return cat
+    return "other"
+
+
+def event_category(e) -> str:
+    """The category of a profiler event: its own name's, or ``optimizer`` when it runs under the optimizer's step
+    (e.g. the ``aten::sqrt``/``aten::div`` of a non-fused Adam on a CPU, whose names say nothing)."""
+    cat = category(e.name)
+    if cat in ("optimizer", "communication"):
+        return cat
+    parent = getattr(e, "cpu_parent", None)
+    while parent is not None:
+        if re.search(r"optimizer\.step|optimizer_step|\.step#", parent.name.lower()):
+            return "optimizer"
+        parent = getattr(parent, "cpu_parent", None)
+    return cat
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
+    """Per-category ms per step and share of the step wall time, from a profiler's event list."""
+    steps = [e for e in events if e.name.startswith("ProfilerStep")]
+    wall_us = sum(e.time_range.end - e.time_range.start for e in steps)
+    per_cat: dict[str, float] = {c: 0.0 for c in ORDER}
+    top: dict[str, float] = {}
+    busy = []
+    for e in events:
+        if e.name.startswith("ProfilerStep") or e.name.startswith("[memory]"):
+            continue
+        if on_gpu:
+            if str(e.device_type).endswith("CUDA"):
+                us = e.time_range.end - e.time_range.start
+                busy.append((e.time_range.start, e.time_range.end))
+            else:
+                continue
+        else:
+            us = e.self_cpu_time_total
+            busy.append((0.0, us))           # one thread: self times do not overlap; summed below
+        per_cat[event_category(e)] += us
+        top[e.name] = top.get(e.name, 0.0) + us
+    busy_us = _union_us(busy) if on_gpu else sum(b for _, b in busy)
+    per_cat["idle"] = max(0.0, wall_us - busy_us)
+    n = max(1, n_steps)
+    return {"step_ms": wall_us / n / 1e3, "busy_ms": busy_us / n / 1e3,
+            "categories": {c: {"ms_per_step": v / n / 1e3, "share": v / wall_us if wall_us else None}
+                           for c, v in per_cat.items()},
+            "top": [{"name": k[:120], "ms_per_step": v / n / 1e3, "category": category(k)}
+                    for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]]}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _profile_run(size: str, context: int, attention: str, bs: int, warmup: int, steps: int, extra: list[str],
+                 trace: str | None) -> dict:
+    """Child process: train ``warmup + steps`` steps, profile the last ``steps``; return the breakdown."""
+    import os
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from launch.measure import trainer_config
+    from training.trainer import Trainer
+
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
+    on_gpu = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    seen = []
+    with tempfile.TemporaryDirectory(prefix="sigattn-profile-") as run_dir:
+        cfg = trainer_config(size, context, attention, bs, warmup + steps + 1, extra, run_dir)
+        with profile(activities=acts, schedule=schedule(wait=max(0, warmup - 1), warmup=1, active=steps, repeat=1),
+                     record_shapes=False) as prof:
+            def step(trainer, record):
+                seen.append(record)
+                prof.step()
+                if len(seen) >= warmup + steps:
+                    raise _Stop
+
+            try:
+                with Trainer(cfg, callbacks=[step]) as trainer:
+                    trainer.train()
+            except _Stop:
+                pass
+        if trace:
+            prof.export_chrome_trace(trace)
+        out = breakdown(prof.events(), steps, on_gpu)
+    out["tokens_per_s"] = next((r["tokens_per_s"] for r in reversed(seen) if r.get("tokens_per_s")), None)
+    out["mem_gb"] = max((r.get("mem_gb") or 0.0) for r in seen) if seen else None
+    return out
+
+
+def _table(rows: list[dict]) -> str:
+    head = "| preset | context | attention | micro-batch | step ms | " + " | ".join(ORDER) + " |"
+    lines = [head, "|" + "---|" * (5 + len(ORDER))]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['context']} | {r['attention']} | – | error: {r['error'][:80]} |")
+            continue
+        cells = [f"{100 * r['categories'][c]['share']:.1f} %" if r["categories"][c]["share"] is not None else "–"
+                 for c in ORDER]
+        lines.append(f"| {r['size']} | {r['context']} | {r['attention']} | {r['batch_size']} | {r['step_ms']:.1f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(ok)), 4.2))
+    labels = [f"{r['size']}@{r['context']}\n{r['attention']}" for r in ok]
+    bottom = [0.0] * len(ok)
+    colours = plt.get_cmap("tab10")
+    for i, c in enumerate(ORDER):
+        vals = [r["categories"][c]["ms_per_step"] for r in ok]
+        ax.bar(labels, vals, bottom=bottom, label=c, color=colours(i) if c != "idle" else "lightgrey")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("ms per training step")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _commit() -> str | None:
+    import os
+    import subprocess
+
+    if os.environ.get("SIGATTN_COMMIT"):
+        return os.environ["SIGATTN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", default=["160m:2048", "160m:8192", "1.4b:8192"], help="PRESET:CONTEXT")
+    ap.add_argument("--attention", nargs="+", default=["sigmoid", "softmax"])
+    ap.add_argument("--warmup", type=int, default=5, help="steps before the profiled ones")
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps")
+    ap.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: the preset's tokens)")
+    ap.add_argument("--override", action="append", default=[], help="extra trainer override (repeatable)")
+    ap.add_argument("--trace", action="store_true", help="also write a Chrome trace per run (large)")
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
+    a = ap.parse_args(argv)
+    if a.warmup < 1 or a.steps < 1:
+        ap.error("--warmup and --steps must be >= 1")
+    import torch
+
+    from launch.model_size import model_size
+
+    runs = []
+    for spec in a.runs:
+        size, _, ctx = spec.partition(":")
+        if not ctx.isdigit():
+            ap.error(f"bad --runs entry {spec!r}: expected PRESET:CONTEXT")
+        runs += [(size, int(ctx), att) for att in a.attention]
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "commit": _commit(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "warmup": a.warmup, "steps": a.steps, "overrides": a.override, "rows": []}
+    from tqdm.auto import tqdm
+
+    for size, ctx, att in tqdm(runs, desc="profile", unit="run"):
+        m = model_size(size)
+        bs = a.batch_size or max(1, m.batch_size * m.context // ctx)
+        trace = str(a.out / f"trace_{size}_{ctx}_{att}.json") if a.trace else None
+        row = {"size": size, "context": ctx, "attention": att, "batch_size": bs}
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                row |= pool.submit(_profile_run, size, ctx, att, bs, a.warmup, a.steps, list(a.override),
+                                   trace).result()
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+            row["error"] = f"{type(e).__name__}: {e}"
+        res["rows"].append(row)
+        (a.out / "profile.json").write_text(json.dumps(res, indent=1))   # incremental
+    table = _table(res["rows"])
+    (a.out / "profile.md").write_text(f"{res['device']}, commit {res['commit']}, {res['date']}\n\n{table}\n")
+    _plot(res["rows"], a.out / "profile.png", f"{res['device']}: time per training step by category")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

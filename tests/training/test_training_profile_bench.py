@@ -1,0 +1,52 @@
+"""benchmarks/training_profile.py on the CPU: real trainer steps under torch.profiler, the time put into categories
+that (with idle) add up to the step, a table and a plot; the categoriser on GPU kernel names."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import training_profile  # noqa: E402
+
+
+@pytest.mark.parametrize("name, cat", [
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "communication"),
+    ("hopper_fwd_kernel", "attention"), ("attn_bwd_kv_kernel", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
+    ("multi_tensor_apply_kernel<...AdamFunctor...>", "optimizer"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"), ("nvjet_hsh_256x128_64x4", "gemm"),
+    ("aten::addmm", "gemm"), ("void at::native::(anonymous)::cunn_SoftMaxForward<4, float>", "other"),
+    ("at::native::(anonymous)::nll_loss_forward_reduce_cuda_kernel_2d", "loss"),
+    ("Memcpy HtoD (Pageable -> Device)", "copies"), ("triton_per_fused_native_layer_norm_0", "other")])
+def test_categories(name, cat):
+    assert training_profile.category(name) == cat
+
+
+@pytest.mark.slow
+def test_profile_of_a_tiny_run(tmp_path):
+    out = tmp_path / "prof"
+    assert training_profile.main(["--runs", "tiny:64", "--attention", "sigmoid", "--warmup", "2", "--steps", "2",
+                                  "--batch-size", "4", "--out", str(out)]) == 0
+    res = json.loads((out / "profile.json").read_text())
+    assert res["device"] == "cpu" and res["commit"] and res["steps"] == 2
+    (row,) = res["rows"]
+    assert "error" not in row, row
+    assert row["step_ms"] > 0 and set(row["categories"]) == set(training_profile.ORDER)
+    shares = sum(c["share"] for c in row["categories"].values())
+    assert shares == pytest.approx(1.0, abs=0.15)               # categories + idle ≈ the step (busy ≤ wall)
+    assert row["categories"]["gemm"]["ms_per_step"] > 0 and row["categories"]["attention"]["ms_per_step"] > 0
+    assert row["categories"]["optimizer"]["ms_per_step"] > 0   # the Adam step's ops, attributed by their parent
+    assert row["top"] and row["tokens_per_s"] > 0
+    assert "| tiny | 64 | sigmoid | 4 |" in (out / "profile.md").read_text()
+    assert (out / "profile.png").stat().st_size > 5000
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        training_profile.main(["--runs", "tiny", "--out", str(tmp_path / "p")])
+    assert "expected PRESET:CONTEXT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        training_profile.main(["--runs", "tiny:64", "--steps", "0", "--out", str(tmp_path / "p")])
