@@ -31,7 +31,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from .hopper_fwd import _prob, _seq
+    from .hopper_fwd import _coeffs, _prob, _seq
 
 # (BLOCK_M, BLOCK_N) of the kv kernel (BLOCK_N keys held, BLOCK_M queries streamed) and of the q kernel (BLOCK_M
 # queries held, BLOCK_N keys streamed); 8 warps = 2 warpgroups × 64 rows of the held tile.
@@ -105,11 +105,7 @@ if HAVE_GLUON:
             for i in gl.static_range(2):
                 mbarrier.init(ld_bar.index(i), count=1)
             fence_async_shared()
-            bb = bias
-            if LOG_N_BIAS:
-                bb = bb - gl.log(gl.maximum(L, 1).to(gl.float32))
-            c1 = -scale * 1.4426950408889634
-            c0 = -bb * 1.4426950408889634
+            c1, c0 = _coeffs(scale, bias, L, LOG_N_BIAS)
             mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [row0 + start_n, hk * D], kv_bar, k_smem)
             tma.async_copy_global_to_shared(v_desc, [row0 + start_n, hk * D], kv_bar, v_smem)
@@ -190,11 +186,7 @@ if HAVE_GLUON:
             for i in gl.static_range(2):
                 mbarrier.init(ld_bar.index(i), count=1)
             fence_async_shared()
-            bb = bias
-            if LOG_N_BIAS:
-                bb = bb - gl.log(gl.maximum(L, 1).to(gl.float32))
-            c1 = -scale * 1.4426950408889634
-            c0 = -bb * 1.4426950408889634
+            c1, c0 = _coeffs(scale, bias, L, LOG_N_BIAS)
             mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [row0 + start_m, h * D], q_bar, q_smem)
             tma.async_copy_global_to_shared(do_desc, [row0 + start_m, h * D], q_bar, do_smem)

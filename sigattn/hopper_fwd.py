@@ -179,6 +179,26 @@ if HAVE_GLUON:
         return m, b, h, row0, L, n_rows
 
     @gluon.jit
+    def _walk_start(pid, SeqInfo, N, B, H, NUM_M, VARLEN: gl.constexpr, HAS_LENS: gl.constexpr,
+                    BLOCK_M: gl.constexpr):
+        """A consumer's walk: (G groups, its first item w = pid, the cursor g, base, cnt moved to it). The padded
+        layout's empty tiles (zero rows of O) are items too, in groups B…2B−1 after all real work."""
+        G = B
+        if HAS_LENS and not VARLEN:
+            G = 2 * B
+        g, base, cnt = _seek(pid, 0, 0, _count(0, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M), G, SeqInfo, N,
+                             B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
+        return G, pid, g, base, cnt
+
+    @gluon.jit
+    def _coeffs(scale, bias, L, LOG_N_BIAS: gl.constexpr):
+        """(c1, c0) of the folded sigmoid σ(scale·s + b) = 1/(1 + 2^(c1·s + c0)), b = bias (− log L with LOG_N_BIAS)."""
+        bb = bias
+        if LOG_N_BIAS:
+            bb = bb - gl.log(gl.maximum(L, 1).to(gl.float32))
+        return -scale * 1.4426950408889634, -bb * 1.4426950408889634
+
+    @gluon.jit
     def _load_q(q_desc, q_smem, q_ready, q_empty, it, row, col, BLOCK_M: gl.constexpr, CONSUMERS: gl.constexpr):
         """TMA the it-th Q tile (rows [row, row + BLOCK_M), one box per consumer) into buffer it % 2, once both
         consumers have freed that buffer."""
@@ -335,23 +355,14 @@ if HAVE_GLUON:
                 VARLEN, HAS_LENS, BLOCK_M)
         if DEPTH == 4 and PART == 1:
             _turn_bar(8, True)  # consumer 0 takes the first turn
-        G = B
-        if HAS_LENS and not VARLEN:  # padded layout: the empty tiles (zero rows of O) are items too, after the rest
-            G = 2 * B
-        w = pid
-        g, base, cnt = _seek(w, 0, 0, _count(0, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M), G, SeqInfo, N,
-                             B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
+        G, w, g, base, cnt = _walk_start(pid, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
         while g < G:
             m, b, h, row0, L, n_rows = _decode(w, g, base, cnt, SeqInfo, N, B, H, VARLEN, HAS_LENS, BLOCK_M)
             start_m = m * BLOCK_M
             if start_m < n_rows:
                 acc = gl.zeros([ROWS, D], gl.float32, o_layout)
                 if start_m < L:
-                    bb = bias
-                    if LOG_N_BIAS:
-                        bb = bb - gl.log(gl.maximum(L, 1).to(gl.float32))
-                    c1 = -scale * 1.4426950408889634
-                    c0 = -bb * 1.4426950408889634
+                    c1, c0 = _coeffs(scale, bias, L, LOG_N_BIAS)
                     n_kv = gl.cdiv(L, BLOCK_N)
                     if SELF_LOAD:
                         lkv, lit, lw, lg, lbase, lcnt, lj, lm, lh, lrow0, lL = _produce(
@@ -508,23 +519,14 @@ if HAVE_GLUON:
         kv = 0
         it = 0
         n_clean = 0
-        G = B
-        if HAS_LENS and not VARLEN:  # padded layout: the empty tiles (zero rows of O) are items too, after the rest
-            G = 2 * B
-        w = pid
-        g, base, cnt = _seek(w, 0, 0, _count(0, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M), G, SeqInfo, N,
-                             B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
+        G, w, g, base, cnt = _walk_start(pid, SeqInfo, N, B, H, NUM_M, VARLEN, HAS_LENS, BLOCK_M)
         while g < G:
             m, b, h, row0, L, n_rows = _decode(w, g, base, cnt, SeqInfo, N, B, H, VARLEN, HAS_LENS, BLOCK_M)
             start_m = m * BLOCK_M
             if start_m < n_rows:
                 acc = gl.zeros([ROWS, D], gl.float32, o_layout)
                 if start_m < L:
-                    bb = bias
-                    if LOG_N_BIAS:
-                        bb = bb - gl.log(gl.maximum(L, 1).to(gl.float32))
-                    c1 = -scale * 1.4426950408889634
-                    c0 = -bb * 1.4426950408889634
+                    c1, c0 = _coeffs(scale, bias, L, LOG_N_BIAS)
                     n_kv = gl.cdiv(L, BLOCK_N)
                     odd = n_kv % 2
                     qb = it % 2
