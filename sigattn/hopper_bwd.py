@@ -260,32 +260,27 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
 
 @functools.lru_cache(maxsize=None)
 def compiled_for_sm90(D: int, varlen: bool):
-    """AOT-compile both kernels for sm90 (no GPU needed): (kv, q) compiled kernels. For offline checks."""
+    """AOT-compile both kernels for sm90 without a GPU (``benchmarks/attention_hopper_compile.py --bwd``):
+    the compiled (kv, q) kernels, bf16, −log n bias."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    def desc(rows):
+        return f"tensordesc<bf16[{rows},{D}],{gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)!r}>"
+
+    head = {"SeqInfo": "*i32", "scale": "fp32", "bias": "fp32", "N": "i32"}
+    kernels = (  # (kernel, (BLOCK_M, BLOCK_N), rows of the Q/dO boxes, rows of the K/V boxes, its other arguments)
+        (hopper_bwd_kv_kernel, KV_BLOCKS, KV_BLOCKS[0], KV_BLOCKS[1],
+         {"DK": "*bf16", "DV": "*bf16", **head, "H_kv": "i32", "GROUP": "i32", "stride_dkt": "i32",
+          "stride_dvt": "i32"}),
+        (hopper_bwd_q_kernel, Q_BLOCKS, Q_BLOCKS[0], Q_BLOCKS[1],
+         {"DQ": "*bf16", **head, "H": "i32", "GROUP": "i32", "stride_dqt": "i32"}))
     out = []
-    for kern, (bm, bn), extra in ((hopper_bwd_kv_kernel, KV_BLOCKS, {"DK": "*bf16", "DV": "*bf16", "H_kv": "i32",
-                                                                      "GROUP": "i32", "stride_dkt": "i32",
-                                                                      "stride_dvt": "i32"}),
-                                  (hopper_bwd_q_kernel, Q_BLOCKS, {"DQ": "*bf16", "H": "i32", "GROUP": "i32",
-                                                                   "stride_dqt": "i32"})):
-        held, streamed = (bn, bm) if kern is hopper_bwd_kv_kernel else (bm, bn)
-        lay = lambda r: gl.NVMMASharedLayout.get_default_for([r, D], gl.bfloat16)  # noqa: E731
-        desc = lambda r: f"tensordesc<bf16[{r},{D}],{lay(r)!r}>"  # noqa: E731
-        qrows = streamed if kern is hopper_bwd_kv_kernel else held
-        krows = held if kern is hopper_bwd_kv_kernel else streamed
-        sig = {"q_desc": desc(qrows), "k_desc": desc(krows), "v_desc": desc(krows), "do_desc": desc(qrows)}
-        if kern is hopper_bwd_kv_kernel:
-            sig.update({"DK": "*bf16", "DV": "*bf16"})
-        else:
-            sig.update({"DQ": "*bf16"})
-        sig.update({"SeqInfo": "*i32", "scale": "fp32", "bias": "fp32", "N": "i32"})
-        sig.update({k: v for k, v in extra.items() if k not in sig})
+    for kern, (bm, bn), q_rows, k_rows, rest in kernels:
+        sig = {"q_desc": desc(q_rows), "k_desc": desc(k_rows), "v_desc": desc(k_rows), "do_desc": desc(q_rows), **rest}
         const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN=not varlen,
                      BLOCK_M=bm, BLOCK_N=bn, D=D)
-        for k in const:
-            sig[k] = "constexpr"
-        src = GluonASTSource(kern, sig, constexprs=const)
-        out.append(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}))
+        sig.update({k: "constexpr" for k in const})
+        out.append(triton.compile(GluonASTSource(kern, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 8}))
     return tuple(out)
