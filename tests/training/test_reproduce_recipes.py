@@ -62,6 +62,22 @@ def test_stability_recipe_tiny(tmp_path):
     assert (out / "arms" / "sigmoid_lr0.001" / "verdict.json").read_text() == before
 
 
+def test_stability_over_several_seeds(tmp_path):
+    out = tmp_path / "stab"
+    argv = ["stability", "--out", str(out), "--steps", "3", "--context", "16", "--batch-size", "2", "--warmup", "1",
+            "--lrs", "1e-3", "--seeds", "0", "5", "--attention", "sigmoid", "--quiet"]
+    assert main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["seeds"] == [0, 5]
+    assert {(r["arm"], r["seed"]) for r in s["arms"]} == {("sigmoid_lr0.001", 0), ("sigmoid_lr0.001_s5", 5)}
+    a, b = ([json.loads(x) for x in (out / "arms" / n / "stability.jsonl").read_text().splitlines()]
+            for n in ("sigmoid_lr0.001", "sigmoid_lr0.001_s5"))
+    assert a[0]["loss"] != b[0]["loss"]                                       # another seed: other weights/cells
+    md = (out / "report.md").read_text()
+    assert "| sigmoid | 0.001 | 5 |" in md and "seed(s) 0, 5" in md and "runs (learning rate × seed)" in md
+    _png(out / "stability.png")
+
+
 def test_stability_cluster_scale_writes_a_valid_sweep(tmp_path):
     from launch.submit import parse_args, validate
 

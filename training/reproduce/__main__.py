@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int)
     s.add_argument("--lrs", type=float, nargs="+", help="the learning-rate ladder")
     s.add_argument("--seed", type=int)
+    s.add_argument("--seeds", type=int, nargs="+",
+                   help="repeat every arm over these seeds (weights, cells, masks); default: --seed alone")
     s.add_argument("--attention", nargs="+", choices=("sigmoid", "softmax"), default=["sigmoid", "softmax"],
                    help="attentions to train (finished arms in --out are reused, also by a later run with a "
                         "longer ladder)")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                "batch_size": "batch_size", "steps": "steps", "warmup": "warmup", "lrs": "lrs",
                                "seed": "seed"})
                 summary = stability.run(a.scale, out, scale=scale, attentions=tuple(a.attention), force=a.force,
-                                        progress=not a.quiet)
+                                        progress=not a.quiet, seeds=tuple(a.seeds) if a.seeds else None)
                 print(summary["verdict"])
         elif a.recipe == "quality":
             from training.reproduce import quality

@@ -70,8 +70,9 @@ def _budget(scale: dict) -> dict:
     return {k: v for k, v in scale.items() if k != "lrs"}
 
 
-def arm_name(attention: str, lr: float) -> str:
-    return f"{attention}_lr{lr:g}"
+def arm_name(attention: str, lr: float, seed: int | None = None) -> str:
+    """``sigmoid_lr0.006``; with a seed other than the scale's: ``sigmoid_lr0.006_s1``."""
+    return f"{attention}_lr{lr:g}" + (f"_s{seed}" if seed is not None else "")
 
 
 def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bool = False,
@@ -86,7 +87,7 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
     if done.is_file() and not force:
         row = read_json(done)
         if _budget(row.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))):
-            return row | {"run_dir": f"{arm_dir.parent.name}/{arm_dir.name}"}
+            return {"seed": scale.seed} | row | {"run_dir": f"{arm_dir.parent.name}/{arm_dir.name}"}
     if arm_dir.exists():
         shutil.rmtree(arm_dir)
     arm_dir.mkdir(parents=True)
@@ -99,7 +100,7 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
         except NonFiniteError:
             pass                                            # logged by the monitor; the verdict reads it
     verdict = assess(read_records(arm_dir))
-    row = {"arm": arm_name(attention, lr), "attention": attention, "lr": lr, **verdict.to_dict(),
+    row = {"arm": arm_dir.name, "attention": attention, "lr": lr, "seed": scale.seed, **verdict.to_dict(),
            "seconds": round(time.perf_counter() - t0, 1), "run_dir": f"{arm_dir.parent.name}/{arm_dir.name}",
            "overrides": overrides, "scale": dataclasses.asdict(scale), "trained_on": provenance()}
     write_json(done, row)
@@ -132,13 +133,19 @@ def plot(rows: list[dict], path: Path, title: str, root: Path) -> Path:
     with plt.style.context("default"):
         fig, axes = plt.subplots(3, len(lrs), figsize=(4.2 * len(lrs), 8.4), squeeze=False, sharex="col")
         for j, lr in enumerate(lrs):
+            several = len({r.get("seed", 0) for r in rows}) > 1      # one line per seed, one legend entry per kind
+            labelled = set()
             for r in (r for r in rows if r["lr"] == lr):
                 recs = read_records(root / r["run_dir"])
                 steps = [x["step"] for x in recs]
+                n_div = sum(x["diverged"] for x in rows if x["lr"] == lr and x["attention"] == r["attention"])
+                label = None if r["attention"] in labelled else r["attention"] + (
+                    f" ({n_div} diverged)" if several and n_div else " (diverged)" if r["diverged"] else "")
+                labelled.add(r["attention"])
                 for i, key in enumerate(("loss", "grad_norm", "max_attn_logit")):
                     vals = [x[key] if x.get(key) is not None else float("nan") for x in recs]
-                    axes[i][j].plot(steps, vals, color=colours.get(r["attention"]), lw=1.0,
-                                    label=r["attention"] + (" (diverged)" if r["diverged"] else ""))
+                    axes[i][j].plot(steps, vals, color=colours.get(r["attention"]), lw=0.8 if several else 1.0,
+                                    alpha=0.6 if several else 1.0, label=label if i == 0 else None)
                     if r["instability_step"] is not None:
                         axes[i][j].axvline(r["instability_step"], color=colours.get(r["attention"]), ls="--", lw=0.8)
             axes[0][j].set_title(f"lr {lr:g}")
@@ -170,14 +177,16 @@ def markdown(summary: dict) -> str:
     lines = [f"# Stability recipe ({s['scale_name']} scale)", "",
              f"{s['settings']['preset']} preset, synthetic cells filling a {s['settings']['context']}-token context, "
              f"micro-batch {s['settings']['batch_size']}, {s['settings']['steps']} steps (warm-up "
-             f"{s['settings']['warmup']}, cosine to 0.1×), seed {s['settings']['seed']}, no gradient clipping, "
+             f"{s['settings']['warmup']}, cosine to 0.1×), seed(s) "
+             f"{', '.join(map(str, s['settings'].get('seeds', [s['settings']['seed']])))}, no gradient clipping, "
              f"only the attention differs. {_trained_on(rows)} Report written on {s['provenance']['device']}, "
              f"commit `{s['provenance']['commit']}`, {s['provenance']['date']}.", "",
-             "| attention | lr | diverged | first non-finite step | first grad-norm spike (>100× median) | "
+             "| attention | lr | seed | diverged | first non-finite step | first grad-norm spike (>100× median) | "
              "max grad norm | max attn logit | max activation | first → best → final loss | steps |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
-    for r in sorted(rows, key=lambda r: (r["lr"], r["attention"])):
-        lines.append(f"| {r['attention']} | {r['lr']:g} | {_cell(r['diverged'])} | {_cell(r['first_nonfinite_step'])} | "
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in sorted(rows, key=lambda r: (r["lr"], r.get("seed", 0), r["attention"])):
+        lines.append(f"| {r['attention']} | {r['lr']:g} | {r.get('seed', 0)} | {_cell(r['diverged'])} | "
+                     f"{_cell(r['first_nonfinite_step'])} | "
                      f"{_cell(r['first_grad_spike_step'])} | {_cell(r['max_grad_norm'])} | {_cell(r['max_attn_logit'])} | "
                      f"{_cell(r['max_activation'])} | {_cell(r['first_loss'])} → {_cell(r['best_loss'])} → "
                      f"{_cell(r['final_loss'])} | {r['steps']} |")
@@ -191,7 +200,7 @@ def _trained_on(rows: list[dict]) -> str:
     seen = sorted({(t.get("device"), t.get("commit"), (t.get("date") or "")[:10])
                    for t in (r.get("trained_on") for r in rows) if t})
     if not seen:
-        return "Arms trained where the report was written."
+        return "The arms' verdicts do not record where they were trained (written before they did)."
     return "Arms trained on " + "; ".join(f"{d}, commit `{c}`, {day}" for d, c, day in seen) + "."
 
 
@@ -200,29 +209,36 @@ def verdict_line(rows: list[dict]) -> str:
     for kind in KINDS:
         mine = [r for r in rows if r["attention"] == kind]
         if mine:
-            div = [f"{r['lr']:g}" for r in mine if r["diverged"]]
-            spk = [f"{r['lr']:g}" for r in mine if r["first_grad_spike_step"] is not None]
-            parts.append(f"{kind}: diverged at {len(div)} of {len(mine)} learning rates"
+            tag = (lambda r: f"{r['lr']:g}") if len({r.get("seed", 0) for r in mine}) == 1 else (
+                lambda r: f"{r['lr']:g} seed {r.get('seed', 0)}")
+            div = [tag(r) for r in mine if r["diverged"]]
+            spk = [tag(r) for r in mine if r["first_grad_spike_step"] is not None]
+            unit = "learning rates" if len({r.get("seed", 0) for r in mine}) == 1 else "runs (learning rate × seed)"
+            parts.append(f"{kind}: diverged at {len(div)} of {len(mine)} {unit}"
                          + (f" ({', '.join(div)})" if div else "")
                          + f", gradient-norm spikes at {len(spk)}" + (f" ({', '.join(spk)})" if spk else ""))
     return "; ".join(parts) + "."
 
 
 def run(scale_name: str, out: Path, *, scale: Scale, attentions=KINDS, force: bool = False,
-        progress: bool = True) -> dict:
-    """Train every arm of the ladder (skipping finished ones) and write summary.json, the plot and report.md."""
+        progress: bool = True, seeds: tuple[int, ...] | None = None) -> dict:
+    """Train every arm of the ladder (skipping finished ones) and write summary.json, the plot and report.md.
+    ``seeds``: every (attention, lr) arm once per seed (the scale's own seed keeps the plain arm name)."""
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    arms = [(a, lr) for lr in scale.lrs for a in attentions]
-    for a, lr in tqdm(arms, desc="stability arms", unit="arm", disable=not progress):
-        rows.append(run_arm(scale, a, lr, out / "arms" / arm_name(a, lr), force=force, progress=progress))
+    seeds = tuple(seeds) if seeds else (scale.seed,)
+    arms = [(a, lr, sd) for lr in scale.lrs for sd in seeds for a in attentions]
+    for a, lr, sd in tqdm(arms, desc="stability arms", unit="arm", disable=not progress):
+        name = arm_name(a, lr, None if sd == scale.seed else sd)
+        rows.append(run_arm(dataclasses.replace(scale, seed=sd), a, lr, out / "arms" / name, force=force,
+                            progress=progress))
     caveat = ("Demo scale on a CPU (a tiny model, a few hundred steps) says nothing about the paper's 80K-step "
               "claim: it checks the recipe end to end." if scale_name == "demo" else
               "One seed and a few hundred steps per arm: a learning-rate ladder makes instability show early; "
               "it does not reproduce the paper's step-55K divergence at its learning rate.")
-    summary = {"recipe": "stability", "scale_name": scale_name, "settings": dataclasses.asdict(scale),
+    summary = {"recipe": "stability", "scale_name": scale_name, "settings": dataclasses.asdict(scale) | {"seeds": seeds},
                "criteria": {"grad_spike_factor": SPIKE_FACTOR, "spike_median_window": 50,
                             "diverged": "non-finite loss/grad norm, or final loss > 1.5 × best running-mean loss"},
                "provenance": provenance(), "arms": rows, "verdict": verdict_line(rows), "paper": PAPER,
