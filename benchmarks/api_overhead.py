@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,16 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sigattn  # noqa: E402
-
-
-def commit() -> str | None:
-    """The commit measured (``SIGATTN_COMMIT`` where the checkout travels without ``.git``)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
-    except OSError:
-        out = None
-    return os.environ.get("SIGATTN_COMMIT", out)
+from benchmarks.provenance import commit  # noqa: E402
 
 
 def _timer(device):

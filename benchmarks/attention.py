@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.provenance import commit  # noqa: E402
 from sigattn.triton_bwd import launch_bwd  # noqa: E402
 from sigattn.triton_fwd import launch_fwd  # noqa: E402
 
@@ -187,13 +187,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
-    except OSError:
-        commit = None
-    commit = os.environ.get("SIGATTN_COMMIT", commit)  # the device copy may travel without .git
-    result = {"device": torch.cuda.get_device_name(), "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
               "env": {k: v for k, v in os.environ.items() if k.startswith("SIGATTN_")},

@@ -53,20 +53,6 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str | None:
-    import os
-    import subprocess
-
-    if os.environ.get("SIGATTN_COMMIT"):
-        return os.environ["SIGATTN_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out or None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", default=["160m:2048", "160m:8192", "1.4b:8192"], help="PRESET:CONTEXT")
@@ -83,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import triton
 
+    from benchmarks.provenance import commit
     from launch.measure import measure
 
     runs = []
@@ -91,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ctx.isdigit():
             ap.error(f"bad --runs entry {spec!r}: expected PRESET:CONTEXT")
         runs += [(size, int(ctx), att, w) for w in a.world_sizes for att in a.attention]
-    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "commit": _commit(),
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "commit": commit(),
             "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "warmup_steps": a.warmup_steps, "timed_steps": a.steps, "overrides": a.override, "rows": []}

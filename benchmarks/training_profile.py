@@ -113,17 +113,13 @@ class _Stop(Exception):
 def _profile_run(size: str, context: int, attention: str, bs: int, warmup: int, steps: int, extra: list[str],
                  trace: str | None) -> dict:
     """Child process: train ``warmup + steps`` steps, profile the last ``steps``; return the breakdown."""
-    import os
-
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from launch.measure import trainer_config
+    from launch.measure import own_rendezvous, trainer_config
     from training.trainer import Trainer
 
-    if os.environ.get("WORLD_SIZE", "1") == "1":
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(var, None)
+    own_rendezvous()
     on_gpu = torch.cuda.is_available()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     seen = []
@@ -189,19 +185,6 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _commit() -> str | None:
-    import os
-    import subprocess
-
-    if os.environ.get("SIGATTN_COMMIT"):
-        return os.environ["SIGATTN_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", default=["160m:2048", "160m:8192", "1.4b:8192"], help="PRESET:CONTEXT")
@@ -217,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--warmup and --steps must be >= 1")
     import torch
 
+    from benchmarks.provenance import commit
     from launch.model_size import model_size
 
     runs = []
@@ -226,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"bad --runs entry {spec!r}: expected PRESET:CONTEXT")
         runs += [(size, int(ctx), att) for att in a.attention]
     a.out.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "commit": _commit(),
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "commit": commit(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "warmup": a.warmup, "steps": a.steps, "overrides": a.override, "rows": []}
     from tqdm.auto import tqdm
