@@ -52,6 +52,17 @@ class Measurement:
     tokens_per_s_per_gpu: float | None = None
 
 
+def own_rendezvous() -> None:
+    """In a spawned one-process measurement: drop a rendezvous inherited from the parent (e.g. a trainer built
+    earlier in the same pytest or notebook process, whose store may still hold MASTER_PORT), so the trainer starts
+    its own. Ranks of a data-parallel measurement (WORLD_SIZE > 1) keep theirs."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
+
+
 def trainer_config(size: str, context: int, attention: str, bs: int, steps: int, extra_overrides, run_dir):
     """The measured trainer's config: the preset, synthetic cells filling ``context``, no checkpoints, no logs."""
     from launch.configs import resolve_config
@@ -69,15 +80,9 @@ def trainer_config(size: str, context: int, attention: str, bs: int, steps: int,
 
 def _attempt(size: str, context: int, attention: str, bs: int, steps: int, extra_overrides: list[str]):
     """Child process: run ``steps`` trainer steps at micro-batch ``bs``; return their records, or ``OOM``."""
-    import os
-
     import torch
 
-    # A one-process run of its own: a rendezvous inherited from the parent (e.g. a trainer built earlier in the
-    # same pytest or notebook process, whose store may still hold MASTER_PORT) must not be reused.
-    if os.environ.get("WORLD_SIZE", "1") == "1":
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(var, None)
+    own_rendezvous()
 
     from training.trainer import Trainer
 

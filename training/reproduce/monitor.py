@@ -34,13 +34,13 @@ def max_logit(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_se
     score duplicates a real one and no mask is needed: a block of scores is one matmul in the input dtype and one
     max (4 bytes of memory traffic per score, not the ~28 of float32 + mask). Empty cells are dropped at the end."""
     T, H, D = q.shape
+    if T == 0:
+        return torch.full((), -torch.inf, device=q.device, dtype=torch.float32)
     B = cu_seqlens.numel() - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     idx = torch.arange(max_seqlen, device=q.device)
     src = cu_seqlens[:-1].long()[:, None] + torch.minimum(idx[None, :], (lengths - 1).clamp(min=0)[:, None])
-    src = src.clamp(0, max(T - 1, 0))                                  # [B, L] token of each padded slot
-    if T == 0:
-        return torch.full((), -torch.inf, device=q.device, dtype=torch.float32)
+    src = src.clamp(0, T - 1)                                          # [B, L] token of each padded slot
     qp, kp = (x[src].transpose(1, 2) for x in (q, k))                  # [B, H, L, D]
     block = max(1, block_elems // max(1, B * H * max_seqlen))
     best = torch.full((B,), -torch.inf, device=q.device, dtype=torch.float32)

@@ -209,11 +209,11 @@ def verdict_line(rows: list[dict]) -> str:
     for kind in KINDS:
         mine = [r for r in rows if r["attention"] == kind]
         if mine:
-            tag = (lambda r: f"{r['lr']:g}") if len({r.get("seed", 0) for r in mine}) == 1 else (
-                lambda r: f"{r['lr']:g} seed {r.get('seed', 0)}")
+            one_seed = len({r.get("seed", 0) for r in mine}) == 1
+            tag = (lambda r: f"{r['lr']:g}") if one_seed else (lambda r: f"{r['lr']:g} seed {r.get('seed', 0)}")
             div = [tag(r) for r in mine if r["diverged"]]
             spk = [tag(r) for r in mine if r["first_grad_spike_step"] is not None]
-            unit = "learning rates" if len({r.get("seed", 0) for r in mine}) == 1 else "runs (learning rate × seed)"
+            unit = "learning rates" if one_seed else "runs (learning rate × seed)"
             parts.append(f"{kind}: diverged at {len(div)} of {len(mine)} {unit}"
                          + (f" ({', '.join(div)})" if div else "")
                          + f", gradient-norm spikes at {len(spk)}" + (f" ({', '.join(spk)})" if spk else ""))
