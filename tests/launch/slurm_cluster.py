@@ -114,13 +114,16 @@ class SlurmCluster:
         return r
 
     def release_requeued(self, job_id: str, timeout: float = 120) -> None:
-        """Wait until ``job_id`` is pending again after a requeue, then clear the ~120 s begin-time hold
-        Slurm puts on requeued jobs (``scontrol update StartTime=now``) so tests do not sit idle."""
+        """Wait until ``job_id`` is pending again after a requeue, then shorten the ~120 s begin-time hold
+        Slurm puts on requeued jobs to a few seconds so tests do not sit idle.
+
+        Not ``StartTime=now``: slurmd revokes the killed run's credential with one-second resolution, and a
+        relaunch within that same second is refused ("Job credential revoked") and fails the job."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.run("squeue", "-h", "-j", job_id, "-o", "%T|%r", check=False).stdout.strip()
             if out.startswith("PENDING"):
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3")
                 return
             if not out:
                 raise RuntimeError(f"job {job_id} left the queue instead of being requeued")
