@@ -18,6 +18,9 @@
 #   bench-d128  attention benchmark, D=128, every N/padding/kernel                   -> attention_d128.json
 #   bench-d64   attention benchmark, D=64 (+ peak memory at N=16384, cold start)      -> attention_d64.json
 #   train       trainer throughput, 160m@2K/8K and 1.4b@8K, sigmoid vs softmax        -> training_gpu.json/.md
+#   train-real  the data path: real MDS shards through the real loader vs synthetic cells of the same mean length,
+#               $REAL_RUNS (default 160m@2K, 1.4b@8K; $REAL_MDS, default runs/demo/corpus: `make demo` builds it from
+#               PBMC 3k; carry it)                                                   -> training_real.json/.md
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS -> profile/
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
 # Knobs: TRAIN_RUNS, TRAIN_STEPS, TRAIN_WORLD (e.g. "1 2 4": data-parallel rows), PROJECT_SIZES, and *_TIMEOUT per
@@ -70,6 +73,10 @@ for phase in "$@"; do
     train)
       timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs ${TRAIN_RUNS:-160m:2048 160m:8192 1.4b:8192} \
         --steps "${TRAIN_STEPS:-200}" --world-sizes ${TRAIN_WORLD:-1} --out "$OUT/training_gpu.json" 2>&1 \
+        | grep -v "it/s\]$" | tail -30 ;;
+    train-real)
+      timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs ${REAL_RUNS:-160m:2048 1.4b:8192} \
+        --mds "${REAL_MDS:-runs/demo/corpus}" --steps "${TRAIN_STEPS:-200}" --out "$OUT/training_real.json" 2>&1 \
         | grep -v "it/s\]$" | tail -30 ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-400}" python3 benchmarks/training_profile.py --runs ${PROFILE_RUNS:-160m:2048 160m:8192 1.4b:8192} \

@@ -39,3 +39,45 @@ def test_measure_refuses_a_bad_world_size():
 
     with pytest.raises(ValueError, match="world_size must be >= 1"):
         measure("tiny", 64, "sigmoid", world_size=0)
+
+
+@pytest.mark.slow
+def test_training_benchmark_real_corpus_against_matched_synthetic(tmp_path, monkeypatch):
+    """--mds: a real-shards row and a synthetic row of the same micro-batch, vocabulary and mean cell length."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import training_gpu
+
+    from benchmarks.real_feed import corpus_stats, synthetic_tokens_per_cell
+    from data_prep.build import BuildOptions, build
+    from data_prep.datasets import pbmc3k_path
+
+    corpus = tmp_path / "corpus"
+    build([pbmc3k_path()], str(corpus), BuildOptions(cell_type_key="celltype", seed=3), log=lambda *a: None)
+    stats = corpus_stats(corpus)
+    assert stats["cells"] == 2700 and 500 < stats["genes_per_cell"] < 1500 and stats["vocab_size"] > 30000
+    out = tmp_path / "real.json"
+    # context 512: PBMC cells (~850 genes) mostly fill it, some are shorter
+    assert training_gpu.main(["--runs", "tiny:512", "--attention", "sigmoid", "--steps", "2", "--warmup-steps", "1",
+                              "--batch-size", "2", "--mds", str(corpus), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["mds"] == str(corpus)
+    rows = {r["data"]: r for r in res["rows"]}
+    assert set(rows) == {"mds", "synthetic_matched"} and all("error" not in r for r in rows.values()), res["rows"]
+    real, syn = rows["mds"], rows["synthetic_matched"]
+    assert real["corpus_cells"] == 2700 and real["batch_size"] == syn["batch_size"] == 2
+    assert 300 < real["tokens_per_cell"] <= 512
+    # the matched generator's expected length is the real run's, within one bisection step's reach
+    assert synthetic_tokens_per_cell(syn["synthetic_mean_genes"], stats["vocab_size"], 512) == pytest.approx(
+        real["tokens_per_cell"], rel=0.05)
+    table = out.with_suffix(".md").read_text()
+    assert "real / synthetic tokens/s" in table and "| tiny | 512 | sigmoid | mds | 1 |" in table
+
+
+def test_training_benchmark_refuses_a_folder_that_is_no_corpus(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import training_gpu
+
+    with pytest.raises(SystemExit):
+        training_gpu.main(["--runs", "tiny:64", "--mds", str(tmp_path), "--out", str(tmp_path / "x.json")])
+    assert "is not a data_prep corpus: manifest.json missing" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
