@@ -1,24 +1,26 @@
 """Context-parallel training throughput: tokens/s, MFU, peak memory and the CP all-to-all share of step time.
 
-Each run ``PRESET:CONTEXT:P`` is the real ``training.trainer.Trainer`` (DeepSpeed, the preset's ZeRO stage,
+Each run ``PRESET:CONTEXT:P[:C]`` is the real ``training.trainer.Trainer`` (DeepSpeed, the preset's ZeRO stage,
 bf16 on GPU, activation checkpointing where the preset sets it) on all ``world_size`` ranks with
-``parallel.context_parallel_degree = P`` (DP = world/P), on synthetic cells that fill the context (the
+``parallel.context_parallel_degree = P`` (DP = world/P) and ``parallel.context_parallel_chunks = C`` (default 1:
+one exchange; C > 1 pipelines it in C head chunks, ``training.parallel.ulysses_pipelined``), on synthetic cells that fill the context (the
 vocabulary is widened to ``2·context + 256`` genes where the nominal 60K cannot fill it: whole-transcriptome
 or multi-cell contexts). Micro-batch: ``--batch-size`` cells per DP rank (default: the preset's tokens per
 micro-batch, at least one cell). After ``--warmup-steps``, ``--steps`` timed steps give the median tokens/s
 and MFU (``(6·N_nonemb + 12·L·d·s)·tokens/s / (world · bf16 peak)``, attention FLOPs counted; see
 ``training.metrics``) and the peak ``torch.cuda.max_memory_allocated``; then ``--profile-steps`` steps under
 ``torch.profiler`` give the share of wall time spent in the context-parallel all-to-alls (device time of
-NCCL ``SendRecv``/``AllToAll`` kernels on GPU — the exchange is synchronous on the compute stream, so it
-is exposed time; CPU time of ``all_to_all`` ops on CPU/gloo).
+NCCL ``SendRecv``/``AllToAll`` kernels on GPU — with C = 1 the exchange is synchronous on the compute stream, so
+it is exposed time; with C > 1 the kernels run beside attention and their time is an upper bound of what is
+exposed: compare ``step_s`` with the C = 1 row; CPU time of ``all_to_all`` ops on CPU/gloo).
 
     # on a 4-GPU machine (nvidia-h100-x4): launches one torchrun per run, so an OOM or hang loses one row
     python benchmarks/context_parallel.py --nproc 4 --out benchmarks/results/context_parallel_h100x4.json
     # or directly under torchrun (all runs in one process group)
     torchrun --nproc_per_node 4 benchmarks/context_parallel.py --runs 160m:32768:4 --out /tmp/cp.json
 
-Rows carry ``world_size``, ``context_parallel_degree``, ``data_parallel_degree``; the JSON has the commit
-(``git rev-parse HEAD``), device, host, versions and date; a markdown table is written beside it.
+Rows carry ``world_size``, ``context_parallel_degree``, ``context_parallel_chunks``, ``data_parallel_degree``; the
+JSON has the commit (``benchmarks.provenance``), device, host, versions and date; a markdown table is written beside it.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DEFAULT_RUNS = ["160m:8192:1", "160m:16384:2", "160m:16384:4", "160m:32768:2", "160m:32768:4", "160m:65536:2",
-                "160m:65536:4", "1.4b:8192:1", "1.4b:8192:2", "1.4b:8192:4", "1.4b:32768:2", "1.4b:32768:4"]
+DEFAULT_RUNS = ["160m:8192:1", "160m:16384:2", "160m:16384:4", "160m:32768:2", "160m:32768:4", "160m:32768:4:3",
+                "160m:65536:2", "160m:65536:4", "1.4b:8192:1", "1.4b:8192:2", "1.4b:8192:4", "1.4b:8192:4:2",
+                "1.4b:32768:2", "1.4b:32768:4", "1.4b:32768:4:2", "1.4b:32768:4:4"]
 COMM_KERNEL = re.compile(r"SendRecv|AllToAll", re.IGNORECASE)     # NCCL kernels of all_to_all_single
 
 
@@ -48,11 +51,12 @@ class _Done(Exception):
     pass
 
 
-def parse_run(spec: str) -> tuple[str, int, int]:
+def parse_run(spec: str) -> tuple[str, int, int, int]:
+    """``PRESET:CONTEXT:P[:C]`` → (preset, context, P, C); C (head chunks of the pipelined exchange) defaults to 1."""
     parts = spec.split(":")
-    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-        raise ValueError(f"bad run {spec!r}: expected PRESET:CONTEXT:P, e.g. 160m:32768:4")
-    return parts[0], int(parts[1]), int(parts[2])
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[1:]):
+        raise ValueError(f"bad run {spec!r}: expected PRESET:CONTEXT:P[:C], e.g. 160m:32768:4 or 1.4b:32768:4:2")
+    return parts[0], int(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 1
 
 
 def _comm_seconds(prof, cuda: bool) -> float:
@@ -68,7 +72,7 @@ def _comm_seconds(prof, cuda: bool) -> float:
     return total / 1e6
 
 
-def run_one(size: str, context: int, P: int, attention: str, *, batch_size: int | None, warmup: int, steps: int,
+def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1, batch_size: int | None, warmup: int, steps: int,
             profile_steps: int, overrides: list[str]) -> dict:
     """One run on the current process group; every rank returns the same row (rank 0's is kept)."""
     import torch
@@ -111,7 +115,7 @@ def run_one(size: str, context: int, P: int, attention: str, *, batch_size: int 
         cfg = load_config(resolve_config(size), [
             f"model.attention={attention}", "data.mds=null", f"data.context_length={context}",
             f"data.batch_size={bs}", f"data.synthetic_vocab={vocab}", f"data.synthetic_mean_genes={2 * context}",
-            f"parallel.context_parallel_degree={P}", f"run.dir={run_dir}",
+            f"parallel.context_parallel_degree={P}", f"parallel.context_parallel_chunks={chunks}", f"run.dir={run_dir}",
             f"run.max_steps={warmup + steps + profile_steps + 10}", "run.ckpt_every=0", "optim.warmup_steps=1",
             "run.progress=false", "run.tensorboard=false", "run.nan_policy=skip", *overrides])
         error = None
@@ -124,7 +128,7 @@ def run_one(size: str, context: int, P: int, attention: str, *, batch_size: int 
         except torch.OutOfMemoryError as e:
             error = f"out of memory: {str(e)[:200]}"
     row = {"size": size, "context": context, "attention": attention, "context_parallel_degree": P,
-           "batch_size": bs, "vocab": vocab}
+           "context_parallel_chunks": chunks, "batch_size": bs, "vocab": vocab}
     if error or len(records) < warmup + steps:
         return row | {"error": error or f"only {len(records)} steps ran"}
     timed = [r for r in records[warmup:warmup + steps] if r.get("tokens_per_s")]
@@ -147,10 +151,11 @@ def run_one(size: str, context: int, P: int, attention: str, *, batch_size: int 
 
 def _meta() -> dict:
     import torch
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
-    meta = {"commit": commit or None, "dirty": dirty, "host": socket.gethostname(),
+
+    from benchmarks.provenance import commit
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip() if (REPO / ".git").exists() else None
+    meta = {"commit": commit(), "dirty": bool(dirty) if dirty is not None else None, "host": socket.gethostname(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -163,11 +168,12 @@ def _meta() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | context | attention | world | CP | DP | cells/micro-batch | tokens/s | tokens/s/GPU | MFU | "
-             "peak mem GiB | CP comm share |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | context | attention | world | CP | chunks | DP | cells/micro-batch | tokens/s | tokens/s/GPU | "
+             "MFU | peak mem GiB | CP comm share |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['size']} | {r['context']} | {r['attention']} | {r.get('world_size', '')} | " \
-               f"{r['context_parallel_degree']} | {r.get('data_parallel_degree', '')} | {r['batch_size']} |"
+               f"{r['context_parallel_degree']} | {r.get('context_parallel_chunks', 1)} | " \
+               f"{r.get('data_parallel_degree', '')} | {r['batch_size']} |"
         if "error" in r:
             lines.append(head + f" error: {r['error'][:60]} |||||")
             continue
@@ -194,10 +200,10 @@ def worker(a) -> int:
     rows = []
     try:
         for spec in a.runs:
-            size, ctx, P = parse_run(spec)
+            size, ctx, P, C = parse_run(spec)
             for att in a.attention:
                 t0 = time.time()
-                row = run_one(size, ctx, P, att, batch_size=a.batch_size, warmup=a.warmup_steps, steps=a.steps,
+                row = run_one(size, ctx, P, att, chunks=C, batch_size=a.batch_size, warmup=a.warmup_steps, steps=a.steps,
                               profile_steps=a.profile_steps, overrides=a.override)
                 rows.append(row | {"seconds": round(time.time() - t0, 1)})
                 if rank == 0:
@@ -237,8 +243,9 @@ def launcher(a) -> int:
                 meta = meta or {k: v for k, v in got.items() if k != "rows"}
                 rows += got["rows"]
             else:
-                size, ctx, P = parse_run(spec)
+                size, ctx, P, C = parse_run(spec)
                 rows.append({"size": size, "context": ctx, "attention": att, "context_parallel_degree": P,
+                             "context_parallel_chunks": C,
                              "world_size": a.nproc, "batch_size": a.batch_size or "", "error": tail})
         _write(a.out, meta or (_meta() | {"world_size": a.nproc}), rows)
     print(table(rows))
@@ -247,7 +254,8 @@ def launcher(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="PRESET:CONTEXT:P (P = context-parallel degree)")
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="PRESET:CONTEXT:P[:C] (P = context-parallel degree, "
+                    "C = head chunks of the pipelined exchange, default 1)")
     ap.add_argument("--attention", nargs="+", default=["sigmoid"], choices=["sigmoid", "softmax"])
     ap.add_argument("--nproc", type=int, default=4, help="ranks per run when launching torchrun (default 4)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run")

@@ -111,10 +111,18 @@ class ParallelConfig:
     # P ranks share each cell's sequence (Ulysses all-to-all over heads; docs/context_parallel.md):
     # world = data-parallel × P; P must divide the world size and model.n_heads.
     context_parallel_degree: int = 1
+    # C > 1: the heads go through the exchange in C chunks whose all-to-alls overlap the other chunks' attention
+    # (training.parallel.ulysses_pipelined); P·C must divide model.n_heads. 1: one exchange (DeepSpeed's).
+    context_parallel_chunks: int = 1
 
     def __post_init__(self):
         if self.context_parallel_degree < 1:
             raise ValueError(f"parallel.context_parallel_degree must be >= 1, got {self.context_parallel_degree}")
+        if self.context_parallel_chunks < 1:
+            raise ValueError(f"parallel.context_parallel_chunks must be >= 1, got {self.context_parallel_chunks}")
+        if self.context_parallel_chunks > 1 and self.context_parallel_degree == 1:
+            raise ValueError(f"parallel.context_parallel_chunks={self.context_parallel_chunks} needs "
+                             "parallel.context_parallel_degree > 1 (it pipelines the context-parallel exchange)")
 
 
 @dataclass
@@ -130,6 +138,10 @@ class Config:
         if H % P:
             raise ValueError(f"parallel.context_parallel_degree={P} does not divide model.n_heads={H} "
                              f"(each context-parallel rank attends with n_heads/P whole heads)")
+        C = self.parallel.context_parallel_chunks
+        if H % (P * C):
+            raise ValueError(f"parallel.context_parallel_degree={P} × parallel.context_parallel_chunks={C} does not "
+                             f"divide model.n_heads={H} (each chunk gives every rank whole heads)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -63,6 +63,14 @@ def test_config_validates_the_degree():
         load_config(None, ["parallel.context_parallel_degree=3"])
     with pytest.raises(ValueError, match="expected int"):
         load_config(None, ["parallel.context_parallel_degree=two"])
+    cfg = load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=2"])
+    assert cfg.parallel.context_parallel_chunks == 2
+    with pytest.raises(ValueError, match="context_parallel_chunks must be >= 1"):
+        load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=0"])
+    with pytest.raises(ValueError, match="needs parallel.context_parallel_degree > 1"):
+        load_config(None, ["parallel.context_parallel_chunks=2"])
+    with pytest.raises(ValueError, match="degree=2 × parallel.context_parallel_chunks=4 does not divide model.n_heads=4"):
+        load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=4"])
     with pytest.raises(ValueError, match="does not divide the world size 6"):
         check_degree(4, 6, 8)
     check_degree(2, 6, 8)
@@ -70,7 +78,7 @@ def test_config_validates_the_degree():
 
 # ---------------------------------------------------------------- the attention layer across P ranks
 
-def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str]) -> None:
+def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str], chunks: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(P), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -89,14 +97,14 @@ def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str])
         for kind in kinds:
             for lengths in cases:
                 g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-                d, H = 24, 4 if P <= 4 else P
+                d, H = 24, max(4 if P <= 4 else P, P * chunks)
                 torch.manual_seed(int(rng.integers(2**31)))
                 ref = Attention(d, H, kind).double()
                 for p in ref.parameters():       # non-zero biases too, so their gradients are exercised
                     torch.nn.init.normal_(p, std=0.3, generator=g)
                 cp = Attention(d, H, kind).double()
                 cp.load_state_dict(ref.state_dict())
-                apply_context_parallel(cp, group)
+                apply_context_parallel(cp, group, chunks=chunks)
                 cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
                 T, L = int(cu[-1]), max(lengths)
                 s = CPShard(T, P, rank)
@@ -113,7 +121,9 @@ def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str])
                 (out * w[s.start:s.stop]).sum().backward()
 
                 real = slice(0, max(0, min(s.stop, T) - s.start))
-                what = f"{kind} P={P} rank {rank} lengths {lengths}"
+                what = f"{kind} P={P} chunks={chunks} rank {rank} lengths {lengths}"
+                with torch.no_grad():                                            # evaluation: no graph kept
+                    torch.testing.assert_close(cp(xl, s.cu_seqlens(cu), max(L, s.pad)), out, rtol=0, atol=0)
                 torch.testing.assert_close(out[real], out_ref[s.start:s.start + real.stop], rtol=1e-10, atol=1e-12,
                                            msg=lambda m: f"forward, {what}: {m}")
                 torch.testing.assert_close(xl.grad[real], xr.grad[s.start:s.start + real.stop], rtol=1e-10,
@@ -130,8 +140,9 @@ def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str])
 
 
 @pytest.mark.slow     # spawns P processes that import torch + DeepSpeed: ~50 s (P=2) to ~100 s (P=4) on 2 loaded cores
-@pytest.mark.parametrize("P", [2, 4])
-def test_ulysses_attention_equals_one_process_forward_and_every_gradient(P):
+@pytest.mark.parametrize("P, chunks", [(2, 1), (4, 1), (4, 2)])
+def test_ulysses_attention_equals_one_process_forward_and_every_gradient(P, chunks):
+    """chunks > 1: the pipelined exchange (head chunks whose all-to-alls overlap attention), H = P·chunks."""
     kinds = list(ATTENTION_KINDS)
     for k in ATTENTION_KINDS:
         try:
@@ -140,7 +151,7 @@ def test_ulysses_attention_equals_one_process_forward_and_every_gradient(P):
             kinds.remove(k)
     assert kinds
     seed = int(np.random.default_rng().integers(2**31))
-    mp.start_processes(_attention_worker, args=(P, _free_port(), seed, kinds), nprocs=P, start_method="spawn")
+    mp.start_processes(_attention_worker, args=(P, _free_port(), seed, kinds, chunks), nprocs=P, start_method="spawn")
     if "sigmoid" not in kinds:
         pytest.skip("sigmoid not built: only softmax checked")
 
@@ -157,5 +168,8 @@ def test_heads_not_divisible_by_the_degree_are_refused():
     try:
         with pytest.raises(ValueError, match="does not divide n_heads=4"):
             apply_context_parallel(Attention(8, 4), FakeGroup())
+        dist.get_world_size = lambda group=None: 2
+        with pytest.raises(ValueError, match="degree 2 × 4 chunks does not divide n_heads=4"):
+            apply_context_parallel(Attention(8, 4), FakeGroup(), chunks=4)
     finally:
         dist.get_world_size = orig

@@ -1,5 +1,5 @@
 """Training with context parallelism (real Trainer, DeepSpeed, gloo, torchrun): CP = 2 on 2 processes equals
-1 process (ZeRO-3 + activation checkpointing), and DP = 2 × CP = 2 on 4 processes equals DP = 2 on 2 processes
+1 process (ZeRO-3 + activation checkpointing; also with the exchange pipelined in 2 head chunks), and DP = 2 × CP = 2 on 4 processes equals DP = 2 on 2 processes
 (ZeRO-2) — per-step loss and gradient norm (grad clipping on), sigmoid and softmax; a CP = 2 run stopped and
 resumed reproduces the uninterrupted losses. (Adam is nearly invariant to a gradient scale, so the losses alone
 would not catch a wrong normalisation: the gradient norms do.)"""
@@ -67,8 +67,11 @@ def test_cp2_equals_one_process(tmp_path, seed):
     extra = {"run.zero_stage": 3, "model.activation_checkpointing": "true"}
     one = _train(tmp_path / "one", 1, 1, seed, **extra)
     cp2 = _train(tmp_path / "cp2", 2, 2, seed, **extra)
+    # the pipelined exchange (2 head chunks, training.parallel.ulysses_pipelined), recomputed under checkpointing
+    piped = _train(tmp_path / "cp2c2", 2, 2, seed, **extra, **{"parallel.context_parallel_chunks": 2})
     for k in KINDS:
         _same(cp2[k], one[k], f"{k}: CP=2 vs 1 process")
+        _same(piped[k], one[k], f"{k}: CP=2 in 2 pipelined head chunks vs 1 process")
         assert one[k][-1]["loss"] != one[k][0]["loss"]
 
 
@@ -107,20 +110,23 @@ def test_compiled_cp2_equals_eager_cp2(tmp_path, seed):
 
 
 def test_benchmark_script_runs_a_tiny_shape_on_cpu(tmp_path):
-    """benchmarks/context_parallel.py end to end (launcher → torchrun → worker) on 2 gloo ranks: a tiny CP=2 row
-    with world size, degrees, throughput, memory and a non-zero all-to-all share; the JSON names the commit."""
+    """benchmarks/context_parallel.py end to end (launcher → torchrun → worker) on 2 gloo ranks: tiny CP=2 rows, one
+    exchange and 2 pipelined head chunks, with world size, degrees, throughput, memory and a non-zero all-to-all
+    share; the JSON names the commit."""
     skip_unless_sigattn("sigmoid")
     out = tmp_path / "cp.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "context_parallel.py"), "--nproc", "2", "--runs", "tiny:96:2",
-           "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1", "--override=model.n_layers=1",
+           "tiny:96:2:2",           "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1", "--override=model.n_layers=1",
            "--override=model.d_model=32", "--override=model.d_ff=64", "--override=data.n_bins=11",
            "--override=data.batch_size=2", "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
-    (row,) = data["rows"]
-    assert "error" not in row, row
-    assert (row["world_size"], row["context_parallel_degree"], row["data_parallel_degree"]) == (2, 2, 1)
-    assert row["tokens_per_s"] > 0 and row["peak_mem_gib"] > 0 and 0 < row["cp_comm_share"] < 1
+    assert [r.get("context_parallel_chunks") for r in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        assert "error" not in row, row
+        assert (row["world_size"], row["context_parallel_degree"], row["data_parallel_degree"]) == (2, 2, 1)
+        assert row["tokens_per_s"] > 0 and row["peak_mem_gib"] > 0 and 0 < row["cp_comm_share"] < 1
     assert len(data["commit"]) == 40 and data["device"] == "cpu"
-    assert "| tiny | 96 | sigmoid | 2 | 2 | 1 |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| tiny | 96 | sigmoid | 2 | 2 | 1 | 1 |" in table and "| tiny | 96 | sigmoid | 2 | 2 | 2 | 1 |" in table

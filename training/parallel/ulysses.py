@@ -48,19 +48,22 @@ class UlyssesVarlen(nn.Module):
         return self._exchange(self.group, o.unsqueeze(1), 0, 2, 1).squeeze(1)   # [t, H, D]
 
 
-def apply_context_parallel(model: nn.Module, group) -> nn.Module:
-    """Make every :class:`training.attention.Attention` of ``model`` attend across ``group`` (in place)."""
+def apply_context_parallel(model: nn.Module, group, chunks: int = 1) -> nn.Module:
+    """Make every :class:`training.attention.Attention` of ``model`` attend across ``group`` (in place); with
+    ``chunks`` > 1 through the pipelined exchange (:mod:`training.parallel.ulysses_pipelined`)."""
     import torch.distributed as dist
 
     from training.attention import Attention
+    from training.parallel.ulysses_pipelined import UlyssesPipelined
 
     P = dist.get_world_size(group)
     n = 0
     for m in model.modules():
         if isinstance(m, Attention):
-            if m.n_heads % P:
-                raise ValueError(f"context-parallel degree {P} does not divide n_heads={m.n_heads}")
-            m.context_parallel = UlyssesVarlen(m.core, group)
+            if m.n_heads % (P * chunks):
+                raise ValueError(f"context-parallel degree {P}" + (f" × {chunks} chunks" if chunks > 1 else "")
+                                 + f" does not divide n_heads={m.n_heads}")
+            m.context_parallel = UlyssesPipelined(m.core, group, chunks) if chunks > 1 else UlyssesVarlen(m.core, group)
             n += 1
     if n == 0:
         raise ValueError("apply_context_parallel: the model has no training.attention.Attention layer")
