@@ -6,7 +6,10 @@ bf16 on GPU, activation checkpointing where the preset sets it) on all ``world_s
 one exchange; C > 1 pipelines it in C head chunks, ``training.parallel.ulysses_pipelined``), on synthetic cells that fill the context (the
 vocabulary is widened to ``2·context + 256`` genes where the nominal 60K cannot fill it: whole-transcriptome
 or multi-cell contexts). Micro-batch: ``--batch-size`` cells per DP rank (default: the preset's tokens per
-micro-batch, at least one cell). After ``--warmup-steps``, ``--steps`` timed steps give the median tokens/s
+micro-batch, at least one cell). ``--settings plan`` takes ZeRO stage, activation checkpointing and micro-batch
+from ``launch.memory.plan`` for the world, P and the card's memory instead of the preset (what ``launch.submit
+--memory-plan`` would run; at long context with CP the preset's tokens per micro-batch leave most of the card
+idle). After ``--warmup-steps``, ``--steps`` timed steps give the median tokens/s
 and MFU (``(6·N_nonemb + 12·L·d·s)·tokens/s / (world · bf16 peak)``, attention FLOPs counted; see
 ``training.metrics``) and the peak ``torch.cuda.max_memory_allocated``; then ``--profile-steps`` steps under
 ``torch.profiler`` give the share of wall time spent in the context-parallel all-to-alls (device time of
@@ -72,8 +75,21 @@ def _comm_seconds(prof, cuda: bool) -> float:
     return total / 1e6
 
 
-def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1, batch_size: int | None, warmup: int, steps: int,
-            profile_steps: int, overrides: list[str]) -> dict:
+def _plan_overrides(m, context: int, P: int, batch_size: int | None) -> tuple[int, list[str]]:
+    """``launch.memory.plan``'s micro-batch and (ZeRO stage, checkpointing) overrides for this world and card."""
+    import torch
+
+    from launch.memory import checkpointing_value, plan
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+    p = plan(m, context, world, mem, context_parallel=P)
+    return batch_size or p.micro_batch, [f"run.zero_stage={p.zero_stage}",
+                                         f"model.activation_checkpointing={checkpointing_value(p.activation_checkpointing)}"]
+
+
+def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1, batch_size: int | None, warmup: int,
+            steps: int, profile_steps: int, overrides: list[str], settings: str = "preset") -> dict:
     """One run on the current process group; every rank returns the same row (rank 0's is kept)."""
     import torch
     import torch.distributed as dist
@@ -85,7 +101,9 @@ def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1,
     from training.trainer import Trainer
 
     m = model_size(size)
-    bs = batch_size or max(1, m.batch_size * m.context // context)
+    bs, chosen = batch_size or max(1, m.batch_size * m.context // context), []
+    if settings == "plan":
+        bs, chosen = _plan_overrides(m, context, P, batch_size)
     vocab = max(NOMINAL_VOCAB, 2 * context + 256)
     cuda = torch.cuda.is_available()
     records: list[dict] = []
@@ -117,7 +135,7 @@ def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1,
             f"data.batch_size={bs}", f"data.synthetic_vocab={vocab}", f"data.synthetic_mean_genes={2 * context}",
             f"parallel.context_parallel_degree={P}", f"parallel.context_parallel_chunks={chunks}", f"run.dir={run_dir}",
             f"run.max_steps={warmup + steps + profile_steps + 10}", "run.ckpt_every=0", "optim.warmup_steps=1",
-            "run.progress=false", "run.tensorboard=false", "run.nan_policy=skip", *overrides])
+            "run.progress=false", "run.tensorboard=false", "run.nan_policy=skip", *chosen, *overrides])
         error = None
         try:
             with Trainer(cfg, callbacks=[collect]) as trainer:
@@ -128,7 +146,8 @@ def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1,
         except torch.OutOfMemoryError as e:
             error = f"out of memory: {str(e)[:200]}"
     row = {"size": size, "context": context, "attention": attention, "context_parallel_degree": P,
-           "context_parallel_chunks": chunks, "batch_size": bs, "vocab": vocab}
+           "context_parallel_chunks": chunks, "batch_size": cfg.data.batch_size, "vocab": vocab, "settings": settings,
+           "zero_stage": cfg.run.zero_stage, "activation_checkpointing": cfg.model.activation_checkpointing}
     if error or len(records) < warmup + steps:
         return row | {"error": error or f"only {len(records)} steps ran"}
     timed = [r for r in records[warmup:warmup + steps] if r.get("tokens_per_s")]
@@ -168,12 +187,14 @@ def _meta() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | context | attention | world | CP | chunks | DP | cells/micro-batch | tokens/s | tokens/s/GPU | "
-             "MFU | peak mem GiB | CP comm share |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | context | attention | world | CP | chunks | DP | settings (ZeRO, ckpt) | cells/micro-batch | "
+             "tokens/s | tokens/s/GPU | MFU | peak mem GiB | CP comm share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        settings = f"{r['settings']} ({r['zero_stage']}, {r['activation_checkpointing']})" if "zero_stage" in r else ""
         head = f"| {r['size']} | {r['context']} | {r['attention']} | {r.get('world_size', '')} | " \
                f"{r['context_parallel_degree']} | {r.get('context_parallel_chunks', 1)} | " \
-               f"{r.get('data_parallel_degree', '')} | {r['batch_size']} |"
+               f"{r.get('data_parallel_degree', '')} | {settings} | {r['batch_size']} |"
         if "error" in r:
             lines.append(head + f" error: {r['error'][:60]} |||||")
             continue
@@ -204,7 +225,7 @@ def worker(a) -> int:
             for att in a.attention:
                 t0 = time.time()
                 row = run_one(size, ctx, P, att, chunks=C, batch_size=a.batch_size, warmup=a.warmup_steps, steps=a.steps,
-                              profile_steps=a.profile_steps, overrides=a.override)
+                              profile_steps=a.profile_steps, overrides=a.override, settings=a.settings)
                 rows.append(row | {"seconds": round(time.time() - t0, 1)})
                 if rank == 0:
                     print(json.dumps(rows[-1]), flush=True)
@@ -230,7 +251,7 @@ def launcher(a) -> int:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--master_port",
                    str(port), __file__, "--runs", spec, "--attention", att, "--steps", str(a.steps),
                    "--warmup-steps", str(a.warmup_steps), "--profile-steps", str(a.profile_steps), "--out", str(part),
-                   *(["--batch-size", str(a.batch_size)] if a.batch_size else []),
+                   "--settings", a.settings, *(["--batch-size", str(a.batch_size)] if a.batch_size else []),
                    *[f"--override={o}" for o in a.override]]
             try:
                 res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.run_timeout)
@@ -262,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-steps", type=int, default=5)
     ap.add_argument("--profile-steps", type=int, default=3, help="steps profiled for the CP communication share")
     ap.add_argument("--batch-size", type=int, default=None, help="cells per micro-batch per DP rank")
+    ap.add_argument("--settings", choices=["preset", "plan"], default="preset",
+                    help="ZeRO stage / checkpointing / micro-batch: the preset's, or launch.memory.plan's for this card")
     ap.add_argument("--override", action="append", default=[], help="extra trainer override (repeatable)")
     ap.add_argument("--run-timeout", type=int, default=900, help="seconds per torchrun launch")
     ap.add_argument("--out", type=Path, required=True)

@@ -22,7 +22,8 @@
 #               $REAL_RUNS (default 160m@2K, 1.4b@8K; $REAL_MDS, default runs/demo/corpus: `make demo` builds it from
 #               PBMC 3k; carry it)                                                   -> training_real.json/.md
 #   cp          context-parallel training on every local GPU (benchmarks/context_parallel.py), $CP_RUNS
-#               (PRESET:CONTEXT:P[:C]; default: the script's list, one exchange vs pipelined head chunks); multi-GPU
+#               (PRESET:CONTEXT:P[:C]; default: the script's list, one exchange vs pipelined head chunks), $CP_SETTINGS
+#               (preset | plan: launch.memory.plan's ZeRO/checkpointing/micro-batch for the card); multi-GPU
 #               kinds only, with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 #                                                                                     -> context_parallel.json/.md
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS -> profile/
@@ -84,7 +85,7 @@ for phase in "$@"; do
         | grep -v "it/s\]$" | tail -30 ;;
     cp)
       timeout "${CP_TIMEOUT:-560}" python3 benchmarks/context_parallel.py --nproc "$(nvidia-smi -L | wc -l)" \
-        --steps "${CP_STEPS:-10}" --warmup-steps 3 --profile-steps 2 ${CP_RUNS:+--runs $CP_RUNS} \
+        --steps "${CP_STEPS:-10}" --warmup-steps 3 --profile-steps 2 --settings "${CP_SETTINGS:-preset}" ${CP_RUNS:+--runs $CP_RUNS} \
         --out "$OUT/context_parallel.json" 2>&1 | grep -E "^\|" | tail -24 ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-400}" python3 benchmarks/training_profile.py --runs ${PROFILE_RUNS:-160m:2048 160m:8192 1.4b:8192} \

@@ -116,9 +116,9 @@ def test_benchmark_script_runs_a_tiny_shape_on_cpu(tmp_path):
     skip_unless_sigattn("sigmoid")
     out = tmp_path / "cp.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "context_parallel.py"), "--nproc", "2", "--runs", "tiny:96:2",
-           "tiny:96:2:2",           "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1", "--override=model.n_layers=1",
-           "--override=model.d_model=32", "--override=model.d_ff=64", "--override=data.n_bins=11",
-           "--override=data.batch_size=2", "--out", str(out)]
+           "tiny:96:2:2", "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1",
+           "--override=model.n_layers=1", "--override=model.d_model=32", "--override=model.d_ff=64", "--override=data.n_bins=11",
+           "--override=data.batch_size=2", "--settings", "plan", "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -127,6 +127,10 @@ def test_benchmark_script_runs_a_tiny_shape_on_cpu(tmp_path):
         assert "error" not in row, row
         assert (row["world_size"], row["context_parallel_degree"], row["data_parallel_degree"]) == (2, 2, 1)
         assert row["tokens_per_s"] > 0 and row["peak_mem_gib"] > 0 and 0 < row["cp_comm_share"] < 1
+        # the memory plan's ZeRO stage and checkpointing; the micro-batch override wins over the plan's
+        assert (row["settings"], row["zero_stage"], row["activation_checkpointing"], row["batch_size"]) == (
+            "plan", 0, False, 2)
     assert len(data["commit"]) == 40 and data["device"] == "cpu"
     table = out.with_suffix(".md").read_text()
-    assert "| tiny | 96 | sigmoid | 2 | 2 | 1 | 1 |" in table and "| tiny | 96 | sigmoid | 2 | 2 | 2 | 1 |" in table
+    assert "| tiny | 96 | sigmoid | 2 | 2 | 1 | 1 | plan (0, False) |" in table
+    assert "| tiny | 96 | sigmoid | 2 | 2 | 2 | 1 | plan (0, False) |" in table
