@@ -240,14 +240,14 @@ def launcher(a) -> int:
     meta = None
     rows = []
     from tqdm.auto import tqdm
+
+    from training.ports import free_port
     jobs = [(spec, att) for spec in a.runs for att in a.attention]
     for spec, att in tqdm(jobs, desc="context-parallel runs", unit="run"):
         parse_run(spec)
         with tempfile.TemporaryDirectory() as tmp:
             part = Path(tmp) / "row.json"
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--master_port",
                    str(port), __file__, "--runs", spec, "--attention", att, "--steps", str(a.steps),
                    "--warmup-steps", str(a.warmup_steps), "--profile-steps", str(a.profile_steps), "--out", str(part),

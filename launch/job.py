@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launch.preemption import StopOnSignal
+from training.ports import RENDEZVOUS_PORTS
 
 log = logging.getLogger(__name__)
 
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 DEFAULT_ENTRY = "launch.trainer_entry:build_trainer"
-# Rendezvous ports lie below Linux's default ephemeral range (32768–60999). submitit's own pick (20000–60000, seeded
+# Rendezvous ports lie below Linux's default ephemeral range (training.ports). submitit's own pick (20000–60000, seeded
 # by the job id) can land on a port the kernel has just given to an outgoing connection on the master node, and
 # init_distributed then fails with EADDRINUSE now and then.
-RENDEZVOUS_PORTS = range(20000, 32768)
 
 
 def rendezvous_port(job_id: str) -> int:

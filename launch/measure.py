@@ -123,13 +123,11 @@ def _rank(rank: int, world: int, port: int, args: tuple, out) -> None:
 
 def _data_parallel(world: int, args: tuple):
     """Run ``_attempt(*args)`` on ``world`` local ranks; rank 0's records."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from training.ports import free_port
+
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
     mp.start_processes(_rank, args=(world, port, args, out), nprocs=world, join=True, start_method="spawn")

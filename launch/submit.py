@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from launch import cluster, configs, sweep
 from launch.job import DEFAULT_ENTRY, TrainJob
+from training.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,7 +216,7 @@ def submit(args: argparse.Namespace) -> tuple[Path, list]:
     # Local jobs get a port the OS reports free now; submitit's own pick (random, seeded by the job id =
     # the controller's PID) can land on a port in use and fail the rendezvous with EADDRINUSE.
     bodies = [TrainJob(config=str(cfg_path), overrides=o + [f"run.dir={d}"], entry=args.entry,
-                       max_requeues=args.max_requeues, master_port=None if use_slurm else _free_port())
+                       max_requeues=args.max_requeues, master_port=None if use_slurm else free_port(""))
               for o, d in zip(jobs_overrides, run_dirs)]
     snap = nullcontext() if args.no_snapshot else _snapshot(folder)
     cwd = os.getcwd()
@@ -235,13 +235,6 @@ def submit(args: argparse.Namespace) -> tuple[Path, list]:
                        for j, b, d, t in zip(jobs, bodies, run_dirs, tags)]}
     (folder / "launch.json").write_text(json.dumps(record, indent=2))
     return folder, jobs
-
-
-def _free_port() -> int:
-    """A TCP port on this machine that nothing listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

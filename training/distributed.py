@@ -11,15 +11,10 @@ Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (gloo b
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from training.ports import free_port
 
 
 def export_env() -> None:
@@ -42,7 +37,7 @@ def export_env() -> None:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

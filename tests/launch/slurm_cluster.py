@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from training.ports import free_port
+
 PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client", "slurmdbd", "mariadb-server")
 BINARIES = ("munged", "slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "mariadbd", "mariadb-install-db")
 CLUSTER_NAME = "sigattn"
@@ -29,12 +31,6 @@ PARTITION = "debug"
 
 class SlurmUnavailable(RuntimeError):
     """Slurm cannot be started on this machine (the message says why)."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_packages() -> None:
@@ -175,7 +171,7 @@ class SlurmCluster:
 
     def _start_mariadb(self, timeout: float) -> None:
         data = self.root / "mysql"
-        self.db_port = _free_port()
+        self.db_port = free_port()
         self.db_socket = self.root / "mysql.sock"
         r = subprocess.run(["mariadb-install-db", f"--datadir={data}", "--user=root", "--auth-root-authentication-method=normal",
                             "--skip-test-db"], capture_output=True, text=True)
@@ -188,7 +184,7 @@ class SlurmCluster:
         self._wait("mariadb", lambda: _port_open(self.db_port), timeout, "listening")
 
     def _start_slurmdbd(self, timeout: float) -> None:
-        self.dbd_port = _free_port()
+        self.dbd_port = free_port()
         conf = self.root / "slurmdbd.conf"
         conf.write_text("\n".join([
             "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}",
@@ -202,7 +198,8 @@ class SlurmCluster:
         self._wait("slurmdbd", lambda: _port_open(self.dbd_port), timeout, "listening")
 
     def _write_slurm_conf(self) -> None:
-        self.ctld_port, self.slurmd_port = _free_port(), _free_port()
+        self.ctld_port = free_port()
+        self.slurmd_port = free_port(exclude=(self.ctld_port,))
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(exist_ok=True)
         self.conf.write_text("\n".join([

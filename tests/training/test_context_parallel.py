@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,12 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from trainer_helpers import ATTENTION_KINDS, skip_unless_sigattn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from training.ports import free_port
 
 
 # ---------------------------------------------------------------- sharding (one process)
@@ -151,7 +145,7 @@ def test_ulysses_attention_equals_one_process_forward_and_every_gradient(P, chun
             kinds.remove(k)
     assert kinds
     seed = int(np.random.default_rng().integers(2**31))
-    mp.start_processes(_attention_worker, args=(P, _free_port(), seed, kinds, chunks), nprocs=P, start_method="spawn")
+    mp.start_processes(_attention_worker, args=(P, free_port(), seed, kinds, chunks), nprocs=P, start_method="spawn")
     if "sigmoid" not in kinds:
         pytest.skip("sigmoid not built: only softmax checked")
 

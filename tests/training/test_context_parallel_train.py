@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,17 +15,12 @@ import numpy as np
 import pytest
 
 from trainer_helpers import ATTENTION_KINDS, ENV, REPO, sigattn_works, skip_unless_sigattn
+from training.ports import free_port
 
 pytestmark = [pytest.mark.slow]
 DRIVER = str(REPO / "tests" / "training" / "cp_train_driver.py")
 STEPS = 4
 KINDS = [k for k in ATTENTION_KINDS if k != "sigmoid" or sigattn_works()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(seed: int, **extra) -> list[str]:
@@ -42,7 +36,7 @@ def _overrides(seed: int, **extra) -> list[str]:
 
 def _train(out, nproc: int, cp: int, seed: int, stop_after: int = 0, **extra) -> dict[str, list[dict]]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), DRIVER, str(out), ",".join(KINDS), str(stop_after),
+           str(free_port()), DRIVER, str(out), ",".join(KINDS), str(stop_after),
            *_overrides(seed, **{"parallel.context_parallel_degree": cp, **extra})]
     res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
@@ -95,7 +89,7 @@ def test_compiled_cp2_equals_eager_cp2(tmp_path, seed):
     error) and trains exactly as the eager CP run. aot_eager: Dynamo + AOTAutograd without Inductor's C++ builds
     (Inductor with our op is covered by test_trainer's compiled run)."""
     eager = _train(tmp_path / "eager", 2, 2, seed)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            DRIVER, str(tmp_path / "compiled"), ",".join(KINDS), "0",
            *_overrides(seed, **{"parallel.context_parallel_degree": 2, "run.compile": "true"})]
     res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV, "SIGATTN_COMPILE_BACKEND": "aot_eager"},

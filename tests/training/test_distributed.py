@@ -63,3 +63,22 @@ def test_synthetic_loader_shards_and_resumes():
     b = next(iter(fresh))
     assert b["cell_id"].tolist() == seen[1][2] and b["max_seqlen"] <= 200
     assert int(b["cu_seqlens"][-1]) == b["input_ids"].numel()
+
+
+def test_free_ports_lie_outside_the_ephemeral_range_and_skip_bound_and_excluded_ones(monkeypatch):
+    import socket
+
+    from training import ports
+
+    picked = {ports.free_port() for _ in range(20)}
+    assert all(20000 <= p < 32768 for p in picked) and len(picked) > 1      # Linux ephemeral: 32768–60999; random
+    a = ports.free_port()
+    b = ports.free_port(exclude=(a,))
+    c = ports.free_port(exclude=(a, b))
+    assert len({a, b, c}) == 3
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", a))                                        # bound: never handed out
+        monkeypatch.setattr(ports, "RENDEZVOUS_PORTS", [a, b, c])
+        assert {ports.free_port(exclude=(c,)) for _ in range(10)} == {b}
+        with pytest.raises(RuntimeError, match="no free TCP port"):
+            ports.free_port(exclude=(b, c))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from trainer_helpers import ATTENTION_KINDS, ENV, REPO, pbmc_corpus, skip_unless_sigattn, tiny_overrides
+from training.ports import free_port
 
 TINY = str(REPO / "training" / "configs" / "tiny.yaml")
 # Runs the real Trainer and SIGKILLs its own process right after step KILL_AFTER (no save at that step).
@@ -73,12 +73,6 @@ def test_sigkill_then_resume_is_bitwise_identical(corpus, tmp_path, attention):
     assert cut_cells == ref_cells and cells_before[kill_after] == ref_cells[kill_after]
     seen = [c for s in range(1, steps + 1) for c in cut_cells[s]]
     assert len(seen) == len(set(seen)) == steps * 8                                        # none twice, none skipped
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 LAUNCHERS = {
