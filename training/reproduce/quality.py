@@ -53,10 +53,11 @@ class Scale:
     lr: float = 2e-3
     warmup: int = 20
     val_frac: float = 0.2
+    num_workers: int = 0           # loader processes (tokenising beside the GPU step; streaming's order is the same)
 
     def overrides(self, attention: str, seed: int, corpus: Path, run_dir: Path, progress: bool) -> list[str]:
         return [f"model.attention={attention}", f"data.mds={corpus}", f"data.context_length={self.context}",
-                f"data.batch_size={self.batch_size}", "data.num_workers=0", f"optim.lr={self.lr}",
+                f"data.batch_size={self.batch_size}", f"data.num_workers={self.num_workers}", f"optim.lr={self.lr}",
                 f"optim.warmup_steps={self.warmup}", f"run.max_steps={self.steps}", f"run.ckpt_every={self.steps}",
                 "run.keep_last=1", f"run.seed={seed}", f"run.dir={run_dir}", "run.tensorboard=false",
                 f"run.progress={progress}"]
@@ -67,13 +68,14 @@ SCALES = {
     # One H100: 160m at 2K (the datasets' cells have ~700–1,000 genes), 10 models × 400 steps of 32 cells
     # (~1.5 min each) + evaluation ≈ 25 min of device time.
     "gpu": Scale(seeds=(0, 1, 2, 3, 4), steps=400, batch_size=32, context=2048, max_cells=None, mask_patterns=5,
-                 preset="160m", lr=6e-4, warmup=40),
+                 preset="160m", lr=6e-4, warmup=40, num_workers=4),
 }
 
 
 def _budget(scale: dict) -> dict:
-    """What one model and its evaluation depend on: the scale without the list of seeds."""
-    return {k: v for k, v in scale.items() if k != "seeds"}
+    """What one model and its evaluation depend on: the scale without the list of seeds and the loader workers
+    (the same cells in the same order either way)."""
+    return {k: v for k, v in scale.items() if k not in ("seeds", "num_workers")}
 
 
 def build_corpus(scale: Scale, out: Path, quiet: bool) -> Path:
