@@ -12,6 +12,7 @@
 #               LAYOUTS="padded varlen" times both calls
 #                                                                                     -> attention_hopper_variants.json
 #   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over 14 workers     -> gpu_tests.log
+#               (SIGATTN_HOPPER_BWD=1 in the environment: every op test's backward through the Hopper kernel)
 #   trainer-tests  every gpu-marked test under tests/training and tests/launch (by marker; trainer, validation loss,
 #               embeddings, CUDA graphs), serial, kit versions first; needs the kit (bash benchmarks/gpu_wheels.sh)
 #                                                                                     -> trainer_gpu_tests.log

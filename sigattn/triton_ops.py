@@ -8,15 +8,17 @@ besides the outputs, no host sync, so the ops are CUDA-graph and torch.compile f
 Kernel choice, once per device (capability): on sm90 the forward runs the Gluon Hopper kernel (``hopper_fwd``)
 for the inputs it supports (bf16/fp16, D 64/128, non-causal, heads contiguous); everything else, other GPUs and
 the Triton interpreter use the portable Triton kernels. ``SIGATTN_HOPPER=0`` turns the Hopper kernel off.
+The Gluon Hopper backward (``hopper_bwd``: its GPU tests pass, its speed against the portable backward is not
+measured yet) is opt-in until it is: ``SIGATTN_HOPPER_BWD=1`` routes the backward of the inputs it supports there.
 """
 
 import functools
 
 import torch
 
-from . import hopper_fwd
+from . import hopper_bwd, hopper_fwd
 from . import triton_tuning as tuning
-from .triton_bwd import launch_bwd
+from .triton_bwd import launch_bwd as _portable_bwd
 from .triton_fwd import launch_fwd as _portable_fwd
 
 
@@ -34,6 +36,18 @@ def launch_fwd(q, k, v, seq_info, *, varlen, max_seqlen, scale, bias, log_n_bias
                                      bias=bias, log_n_bias=log_n_bias, causal=causal,
                                      fast_sigmoid=tuning.fast_sigmoid(q.dtype))
     return _portable_fwd(q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale, bias=bias,
+                         log_n_bias=log_n_bias, causal=causal)
+
+
+def launch_bwd(do, q, k, v, seq_info, *, varlen, max_seqlen, scale, bias, log_n_bias, causal):
+    """Backward through the kernel chosen for this device: the portable one unless ``SIGATTN_HOPPER_BWD=1`` on sm90
+    (see module docstring); same contract as triton_bwd's."""
+    if (q.is_cuda and _hopper_device(q.device.index or 0) and tuning._flag("SIGATTN_HOPPER_BWD", "0")
+            and tuning._flag("SIGATTN_HOPPER", "1") and hopper_bwd.supported(do, q, k, v, causal)):
+        return hopper_bwd.launch_bwd(do, q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale,
+                                     bias=bias, log_n_bias=log_n_bias, causal=causal,
+                                     fast_sigmoid=tuning.fast_sigmoid(q.dtype))
+    return _portable_bwd(do, q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale, bias=bias,
                          log_n_bias=log_n_bias, causal=causal)
 
 

@@ -1,4 +1,5 @@
-"""The Gluon Hopper backward (sigattn/hopper_bwd.py, not dispatched yet) against float64 gradients (sm90 only).
+"""The Gluon Hopper backward (sigattn/hopper_bwd.py, dispatched only with SIGATTN_HOPPER_BWD=1 until it is timed) against
+float64 gradients (sm90 only).
 
 Same criterion as test_gpu_kernels: per gradient ‖ours − ref64‖/‖ref64‖ ≤ 2·‖torch_lowp − ref64‖/‖ref64‖ (+ floor);
 padded inputs (q, k, v and dO) poisoned with NaN past each length, padded gradient rows exactly 0; lengths 1, 17,
@@ -85,3 +86,46 @@ def test_hopper_bwd_matches_portable_on_a_long_sequence():
     got = hb.launch_bwd(do, q, k, v, seq, **kw)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert _rel(a, b) < 2e-2, name
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_public_api_backward_goes_to_hopper_when_opted_in(layout, monkeypatch):
+    """SIGATTN_HOPPER_BWD=1: the ops' CUDA backward (through autograd of the public API) is the Hopper kernel's,
+    bit for bit; without it, the portable kernel's."""
+    hb = _hopper_bwd()
+    import sigattn
+    from sigattn.triton_bwd import launch_bwd as portable
+
+    lens = [300, 17, 1]
+    q, k, v, do = _make(lens, 300, 4, 2, 128, torch.bfloat16, 5)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(scale=128 ** -0.5, bias=0.0, log_n_bias=True, causal=False)
+    if layout == "padded":
+        args = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = {"1": hb.launch_bwd(do, q, k, v, seq, varlen=False, max_seqlen=300, **kw),
+                "0": portable(do, q, k, v, seq, varlen=False, max_seqlen=300, **kw)}
+
+        def api():
+            return sigattn.sigmoid_attention(*args, seq_lens=seq)
+        grad_out = do
+    else:
+        cu = torch.tensor([0, 300, 317, 318], dtype=torch.int32, device=DEVICE)
+        pack = lambda t: torch.cat([t[i, :L] for i, L in enumerate(lens)])  # noqa: E731
+        pq, pk, pv, pdo = (pack(t) for t in (q, k, v, do))
+        args = [t.clone().requires_grad_() for t in (pq, pk, pv)]
+        want = {"1": hb.launch_bwd(pdo, pq, pk, pv, cu, varlen=True, max_seqlen=300, **kw),
+                "0": portable(pdo, pq, pk, pv, cu, varlen=True, max_seqlen=300, **kw)}
+
+        def api():
+            return sigattn.sigmoid_attention_varlen(*args, cu, 300)
+        grad_out = pdo
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SIGATTN_HOPPER_BWD", flag)
+        for a in args:
+            a.grad = None
+        api().backward(grad_out)
+        for name, a, w in zip(("dq", "dk", "dv"), args, want[flag]):
+            if flag == "1":     # the Hopper backward has no atomics: the same bits on every call
+                assert torch.equal(a.grad, w), f"{name}: the opted-in backward is not the Hopper kernel's"
+            else:               # the portable one may add dq with atomics (order-dependent rounding)
+                assert _rel(a.grad, w) < 1e-2, f"{name}: the default backward is not the portable kernel's"
