@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=int, default=1)
     p.add_argument("--context-parallel", type=int, default=None, metavar="P",
                    help="context-parallel degree: P ranks share each cell's sequence (parallel.context_parallel_degree; "
-                        "must divide nodes x tasks per node and the model's n_heads)")
+                        "must divide nodes x tasks per node and be at most the model's n_heads)")
     p.add_argument("--memory-plan", type=float, default=None, metavar="GPU_GIB",
                    help="set run.zero_stage, model.activation_checkpointing and data.batch_size by launch.memory.plan "
                         "for this many GiB per GPU and the job's GPU count (keys you override yourself are kept)")

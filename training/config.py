@@ -106,13 +106,24 @@ class RunConfig:
             raise ValueError(f"run.mask_ratio must lie in (0, 1), got {self.mask_ratio}")
 
 
+def check_heads(n_heads: int, P: int, chunks: int = 1) -> None:
+    """ValueError naming the problem unless each of the ``chunks`` head chunks gives every one of P ranks a head."""
+    if n_heads % chunks:
+        raise ValueError(f"parallel.context_parallel_chunks={chunks} does not divide model.n_heads={n_heads}")
+    if n_heads // chunks < P:
+        where = f"model.n_heads={n_heads}" + (f" / parallel.context_parallel_chunks={chunks}" if chunks > 1 else "")
+        raise ValueError(f"parallel.context_parallel_degree={P} exceeds {where} = {n_heads // chunks} heads: the "
+                         "Ulysses all-to-all gives every context-parallel rank at least one whole head")
+
+
+
 @dataclass
 class ParallelConfig:
     # P ranks share each cell's sequence (Ulysses all-to-all over heads; docs/context_parallel.md):
-    # world = data-parallel × P; P must divide the world size and model.n_heads.
+    # world = data-parallel × P; P must divide the world size and be ≤ model.n_heads (P ∤ n_heads: uneven heads).
     context_parallel_degree: int = 1
     # C > 1: the heads go through the exchange in C chunks whose all-to-alls overlap the other chunks' attention
-    # (training.parallel.ulysses_pipelined); P·C must divide model.n_heads. 1: one exchange (DeepSpeed's).
+    # (training.parallel.ulysses_pipelined); C must divide model.n_heads, P ≤ n_heads/C. 1: one exchange.
     context_parallel_chunks: int = 1
 
     def __post_init__(self):
@@ -134,14 +145,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
-        P, H = self.parallel.context_parallel_degree, self.model.n_heads
-        if H % P:
-            raise ValueError(f"parallel.context_parallel_degree={P} does not divide model.n_heads={H} "
-                             f"(each context-parallel rank attends with n_heads/P whole heads)")
-        C = self.parallel.context_parallel_chunks
-        if H % (P * C):
-            raise ValueError(f"parallel.context_parallel_degree={P} × parallel.context_parallel_chunks={C} does not "
-                             f"divide model.n_heads={H} (each chunk gives every rank whole heads)")
+        check_heads(self.model.n_heads, self.parallel.context_parallel_degree, self.parallel.context_parallel_chunks)
 
     def to_dict(self) -> dict:
         return asdict(self)

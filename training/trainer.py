@@ -139,6 +139,10 @@ class Trainer:
                   f"({self.n_params_nonemb:,} non-embedding); world {self.world}"
                   f"{f' = DP {self.parallel.dp} x CP {self.parallel.cp}' if self.parallel.cp > 1 else ''}; "
                   f"{'resumed at step ' + str(self.step) if client else 'fresh start'}", flush=True)
+            H, P = mcfg.n_heads, self.parallel.cp
+            if P > 1 and H % P:
+                print(f"[sigattn] context parallel {P} over {H} heads: {-(-H // P)} or {H // P} heads per rank "
+                      f"(uneven; attention runs at {H / (P * -(-H // P)):.2f} of an even split's balance)", flush=True)
 
     def _record_config(self) -> None:
         """``config.yaml``: the config of this start (each checkpoint keeps the one it was trained with);

@@ -26,7 +26,7 @@ def test_submit_passes_the_degree_through_and_refuses_bad_ones():
             submit.validate(_args("--context-parallel", bad), use_slurm=False)
     args = submit.parse_args(["tiny", "model.n_heads=2", "--gpus-per-node", "0", "--tasks-per-node", "4",
                               "--context-parallel", "4"])
-    with pytest.raises(SystemExit, match="does not divide model.n_heads=2"):
+    with pytest.raises(SystemExit, match="degree=4 exceeds model.n_heads=2"):
         submit.validate(args, use_slurm=False)
 
 

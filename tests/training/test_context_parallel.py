@@ -53,8 +53,9 @@ def test_config_validates_the_degree():
     assert load_config(None, ["parallel.context_parallel_degree=2"]).parallel.context_parallel_degree == 2
     with pytest.raises(ValueError, match="must be >= 1"):
         load_config(None, ["parallel.context_parallel_degree=0"])
-    with pytest.raises(ValueError, match="does not divide model.n_heads=4"):
-        load_config(None, ["parallel.context_parallel_degree=3"])
+    assert load_config(None, ["parallel.context_parallel_degree=3"]).parallel.context_parallel_degree == 3  # uneven
+    with pytest.raises(ValueError, match="degree=5 exceeds model.n_heads=4 = 4 heads"):
+        load_config(None, ["parallel.context_parallel_degree=5"])
     with pytest.raises(ValueError, match="expected int"):
         load_config(None, ["parallel.context_parallel_degree=two"])
     cfg = load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=2"])
@@ -63,8 +64,10 @@ def test_config_validates_the_degree():
         load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=0"])
     with pytest.raises(ValueError, match="needs parallel.context_parallel_degree > 1"):
         load_config(None, ["parallel.context_parallel_chunks=2"])
-    with pytest.raises(ValueError, match="degree=2 × parallel.context_parallel_chunks=4 does not divide model.n_heads=4"):
-        load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=4"])
+    with pytest.raises(ValueError, match="degree=4 exceeds model.n_heads=4 / parallel.context_parallel_chunks=2 = 2"):
+        load_config(None, ["parallel.context_parallel_degree=4", "parallel.context_parallel_chunks=2"])
+    with pytest.raises(ValueError, match="context_parallel_chunks=3 does not divide model.n_heads=4"):
+        load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=3"])
     with pytest.raises(ValueError, match="does not divide the world size 6"):
         check_degree(4, 6, 8)
     check_degree(2, 6, 8)
@@ -72,7 +75,7 @@ def test_config_validates_the_degree():
 
 # ---------------------------------------------------------------- the attention layer across P ranks
 
-def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str], chunks: int) -> None:
+def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str], chunks: int, H: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(P), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -91,7 +94,7 @@ def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str],
         for kind in kinds:
             for lengths in cases:
                 g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-                d, H = 24, max(4 if P <= 4 else P, P * chunks)
+                d = 24
                 torch.manual_seed(int(rng.integers(2**31)))
                 ref = Attention(d, H, kind).double()
                 for p in ref.parameters():       # non-zero biases too, so their gradients are exercised
@@ -128,15 +131,19 @@ def _attention_worker(rank: int, P: int, port: int, seed: int, kinds: list[str],
                     dist.all_reduce(gsum, group=group)          # DeepSpeed reduces over the CP group too
                     torch.testing.assert_close(gsum, pr.grad, rtol=1e-10, atol=1e-12,
                                                msg=lambda m: f"d{name}, {what}: {m}")
-                    assert p.grad.abs().sum() > 0 or pr.grad.abs().sum() == 0
+                    if real.stop == 0:                      # a shard of pad tokens only (P=3, 4 tokens)
+                        assert p.grad.count_nonzero() == 0, f"d{name} from pad tokens only, {what}"
+                    else:
+                        assert p.grad.abs().sum() > 0 or pr.grad.abs().sum() == 0
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow     # spawns P processes that import torch + DeepSpeed: ~50 s (P=2) to ~100 s (P=4) on 2 loaded cores
-@pytest.mark.parametrize("P, chunks", [(2, 1), (4, 1), (4, 2)])
-def test_ulysses_attention_equals_one_process_forward_and_every_gradient(P, chunks):
-    """chunks > 1: the pipelined exchange (head chunks whose all-to-alls overlap attention), H = P·chunks."""
+@pytest.mark.parametrize("P, chunks, H", [(2, 1, 4), (4, 1, 4), (4, 2, 8), (3, 1, 4), (2, 2, 6)])
+def test_ulysses_attention_equals_one_process_forward_and_every_gradient(P, chunks, H):
+    """P | H, one chunk: DeepSpeed's exchange; chunks > 1: ours, pipelined (head chunks whose all-to-alls overlap
+    attention); P ∤ H (3 ranks, 4 heads: 2/1/1; 2 chunks of 3 heads on 2 ranks: 2/1): ours, uneven heads."""
     kinds = list(ATTENTION_KINDS)
     for k in ATTENTION_KINDS:
         try:
@@ -145,12 +152,12 @@ def test_ulysses_attention_equals_one_process_forward_and_every_gradient(P, chun
             kinds.remove(k)
     assert kinds
     seed = int(np.random.default_rng().integers(2**31))
-    mp.start_processes(_attention_worker, args=(P, free_port(), seed, kinds, chunks), nprocs=P, start_method="spawn")
+    mp.start_processes(_attention_worker, args=(P, free_port(), seed, kinds, chunks, H), nprocs=P, start_method="spawn")
     if "sigmoid" not in kinds:
         pytest.skip("sigmoid not built: only softmax checked")
 
 
-def test_heads_not_divisible_by_the_degree_are_refused():
+def test_degrees_beyond_the_heads_are_refused_and_the_exchange_is_chosen():
     from training.attention import Attention
     from training.parallel.ulysses import apply_context_parallel
 
@@ -158,12 +165,22 @@ def test_heads_not_divisible_by_the_degree_are_refused():
         pass
     import torch.distributed as dist
     orig = dist.get_world_size
-    dist.get_world_size = lambda group=None: 3
+    dist.get_world_size = lambda group=None: 5
     try:
-        with pytest.raises(ValueError, match="does not divide n_heads=4"):
+        with pytest.raises(ValueError, match="degree=5 exceeds model.n_heads=4"):
             apply_context_parallel(Attention(8, 4), FakeGroup())
         dist.get_world_size = lambda group=None: 2
-        with pytest.raises(ValueError, match="degree 2 × 4 chunks does not divide n_heads=4"):
+        with pytest.raises(ValueError, match="degree=2 exceeds model.n_heads=4 / parallel.context_parallel_chunks=4"):
             apply_context_parallel(Attention(8, 4), FakeGroup(), chunks=4)
+        from training.parallel.ulysses import UlyssesVarlen
+        from training.parallel.ulysses_pipelined import UlyssesPipelined, head_split
+        kinds = {}
+        for P, chunks in [(2, 1), (3, 1), (2, 2)]:
+            dist.get_world_size = lambda group=None, P=P: P
+            kinds[P, chunks] = type(apply_context_parallel(Attention(8, 4), FakeGroup(), chunks).context_parallel)
+        # DeepSpeed's exchange where it applies (P | H, one chunk); ours for uneven heads or chunks
+        assert kinds == {(2, 1): UlyssesVarlen, (3, 1): UlyssesPipelined, (2, 2): UlyssesPipelined}
+        assert head_split(12, 8) == [2, 2, 2, 2, 1, 1, 1, 1] and head_split(4, 3) == [2, 1, 1]
+        assert head_split(8, 4) == [2] * 4
     finally:
         dist.get_world_size = orig

@@ -1,5 +1,6 @@
 """Training with context parallelism (real Trainer, DeepSpeed, gloo, torchrun): CP = 2 on 2 processes equals
-1 process (ZeRO-3 + activation checkpointing; also with the exchange pipelined in 2 head chunks), and DP = 2 × CP = 2 on 4 processes equals DP = 2 on 2 processes
+1 process (ZeRO-3 + activation checkpointing; also with the exchange pipelined in 2 head chunks, and CP = 3 on
+3 processes with 4 heads split 2/1/1), and DP = 2 × CP = 2 on 4 processes equals DP = 2 on 2 processes
 (ZeRO-2) — per-step loss and gradient norm (grad clipping on), sigmoid and softmax; a CP = 2 run stopped and
 resumed reproduces the uninterrupted losses. (Adam is nearly invariant to a gradient scale, so the losses alone
 would not catch a wrong normalisation: the gradient norms do.)"""
@@ -63,9 +64,11 @@ def test_cp2_equals_one_process(tmp_path, seed):
     cp2 = _train(tmp_path / "cp2", 2, 2, seed, **extra)
     # the pipelined exchange (2 head chunks, training.parallel.ulysses_pipelined), recomputed under checkpointing
     piped = _train(tmp_path / "cp2c2", 2, 2, seed, **extra, **{"parallel.context_parallel_chunks": 2})
+    uneven = _train(tmp_path / "cp3", 3, 3, seed, **extra)      # 4 heads over 3 ranks: 2/1/1 (our exchange)
     for k in KINDS:
         _same(cp2[k], one[k], f"{k}: CP=2 vs 1 process")
         _same(piped[k], one[k], f"{k}: CP=2 in 2 pipelined head chunks vs 1 process")
+        _same(uneven[k], one[k], f"{k}: CP=3 (uneven heads) vs 1 process")
         assert one[k][-1]["loss"] != one[k][0]["loss"]
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from training.config import check_heads
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -60,9 +62,7 @@ def check_degree(cp: int, world: int, n_heads: int) -> None:
     if world % cp:
         raise ValueError(f"parallel.context_parallel_degree={cp} does not divide the world size {world} "
                          f"(world = data-parallel × context-parallel ranks)")
-    if n_heads % cp:
-        raise ValueError(f"parallel.context_parallel_degree={cp} does not divide model.n_heads={n_heads}: the "
-                         f"Ulysses all-to-all gives each CP rank n_heads/P whole heads")
+    check_heads(n_heads, cp)
 
 
 def backward_scale(cp: int, zero_stage: int) -> float:

@@ -15,9 +15,10 @@ The exchange and its autograd (the backward is the inverse all-to-all) are DeepS
 function its ``DistributedAttention`` applies once per q, k and v: on the fused tensor it is one collective
 instead of three (same bytes, a third of the launches and latencies; DeepSpeed's own source leaves "merge three
 alltoall calls into one" as a TODO). Costs per layer and rank: 2 all-to-alls forward (``3·t·d·(P−1)/P`` and
-``t·d·(P−1)/P`` elements), 2 backward. Limits: P must divide ``n_heads`` (P ≤ H); a ring (K/V blocks passed
-around with P2P) would lift that and can overlap transfers with compute, but needs separate q/k lengths in the
-varlen op and, for softmax, an LSE merge — see docs/context_parallel.md.
+``t·d·(P−1)/P`` elements), 2 backward. This exchange needs P | ``n_heads``; P ∤ H (uneven heads) and head chunks
+overlapping the transfers go through :mod:`training.parallel.ulysses_pipelined`. P > H needs a ring (K/V blocks
+passed around with P2P: separate q/k lengths in the varlen op and, for softmax, an LSE merge) — see
+docs/context_parallel.md.
 ``torch.distributed.tensor.experimental.context_parallel`` is a ring for ``aten`` SDPA (flash/efficient/cudnn) and
 flex-attention only: it cannot run our custom op nor per-cell ``cu_seqlens``.
 """
@@ -49,21 +50,22 @@ class UlyssesVarlen(nn.Module):
 
 
 def apply_context_parallel(model: nn.Module, group, chunks: int = 1) -> nn.Module:
-    """Make every :class:`training.attention.Attention` of ``model`` attend across ``group`` (in place); with
-    ``chunks`` > 1 through the pipelined exchange (:mod:`training.parallel.ulysses_pipelined`)."""
+    """Make every :class:`training.attention.Attention` of ``model`` attend across ``group`` (in place): DeepSpeed's
+    exchange when P divides n_heads and ``chunks`` is 1, else ours (:mod:`training.parallel.ulysses_pipelined`:
+    ``chunks`` > 1 pipelines it, P ∤ n_heads splits the heads unevenly)."""
     import torch.distributed as dist
 
     from training.attention import Attention
+    from training.config import check_heads
     from training.parallel.ulysses_pipelined import UlyssesPipelined
 
     P = dist.get_world_size(group)
     n = 0
     for m in model.modules():
         if isinstance(m, Attention):
-            if m.n_heads % (P * chunks):
-                raise ValueError(f"context-parallel degree {P}" + (f" × {chunks} chunks" if chunks > 1 else "")
-                                 + f" does not divide n_heads={m.n_heads}")
-            m.context_parallel = UlyssesPipelined(m.core, group, chunks) if chunks > 1 else UlyssesVarlen(m.core, group)
+            check_heads(m.n_heads, P, chunks)
+            even = chunks == 1 and m.n_heads % P == 0
+            m.context_parallel = UlyssesVarlen(m.core, group) if even else UlyssesPipelined(m.core, group, chunks)
             n += 1
     if n == 0:
         raise ValueError("apply_context_parallel: the model has no training.attention.Attention layer")

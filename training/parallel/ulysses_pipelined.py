@@ -1,9 +1,10 @@
-"""Ulysses attention with the all-to-alls hidden behind the attention kernel: C head chunks in a pipeline.
+"""Ulysses attention of our own: the all-to-alls hidden behind the attention kernel (C head chunks in a
+pipeline), and any P ≤ H (an uneven head split where P does not divide H).
 
 The plain exchange (:class:`training.parallel.ulysses.UlyssesVarlen`) runs all-to-all → attention → all-to-all,
 each waiting for the last: the transfers sit on the step's critical path (3–26 % of step time on 4 GPUs,
 docs/context_parallel.md). Attention is independent per head, so the H heads are cut into C chunks of ``H/C``
-heads (``P·C`` must divide ``H``); chunk c runs its own Ulysses exchange, and the exchanges are issued
+heads (C must divide H); chunk c runs its own Ulysses exchange, and the exchanges are issued
 asynchronously (``async_op=True``: NCCL runs them on its own stream, ``wait()`` only orders the compute
 stream after them — no host sync):
 
@@ -11,11 +12,17 @@ stream after them — no host sync):
     backward:  send do₀ … do_{C−1}    │ wait do_c → (dq, dk, dv)_c = ∂core_cᵀ·do_c → send │ … │ wait dqkv_*
 
 so chunk c's attention overlaps chunk c+1's input and chunk c−1's output transfer; only the first input and the
-last output transfer stay exposed (≈ 1/C of the plain exchange's). Chunk c's exchange: rank p's tokens
-``[t, 3, H/C, D]`` → heads ``[c·H/C + r·H/(C·P), … + H/(C·P))`` of all ``P·t`` tokens on rank r (and the
-inverse for the output), so every head still sees whole cells and the result equals the plain exchange's
-exactly. Bytes sent are the plain exchange's; the price is C× the collective launches and C smaller attention
-launches per layer.
+last output transfer stay exposed (≈ 1/C of the plain exchange's). Chunk c's exchange: every rank's tokens
+``[t, 3, H/C, D]`` → rank r gets its ``h_r`` heads of the chunk for all ``P·t`` tokens (and the inverse for the
+output), so every head still sees whole cells and the result equals the plain exchange's exactly. Bytes sent are
+the plain exchange's; the price is C× the collective launches and C smaller attention launches per layer.
+
+**Uneven heads** (:func:`head_split`): with ``h = H/C`` heads per chunk and P ∤ h, the first ``h mod P`` ranks
+take ``⌈h/P⌉`` heads, the rest ``⌊h/P⌋`` (``all_to_all_single`` with per-rank split sizes; P ≤ h, so every rank
+has a head). It lifts Ulysses' "P divides H" — 160m (12 heads) on one 8-GPU node: CP = 8 with 2 or 1 heads per
+rank — at the price of balance: the ranks with ``⌈h/P⌉`` heads set the pace, attention runs at
+``h / (P·⌈h/P⌉)`` of the even split's efficiency (12 heads on 8 ranks: 0.75); the rest of the layer is unaffected.
+C = 1 is this exchange without the pipeline (what the trainer uses when P ∤ H and no chunks are asked for).
 
 Why our own: DeepSpeed's ``DistributedAttention`` overlaps only its separate q/k/v exchanges with each other
 (``sp_stream``), not with the attention kernel, and PyTorch's ``context_parallel`` is a ring for ``aten`` SDPA.
@@ -24,77 +31,99 @@ The autograd of one chunk is the core's own (a sub-graph built in forward, diffe
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _heads_to_tokens(x: torch.Tensor, P: int) -> torch.Tensor:
-    """Send buffer ``[P, t, …, h/P, D]`` of ``x [t, …, h, D]``: part p holds the heads rank p will own."""
-    *lead, h, D = x.shape
-    x = x.reshape(*lead, P, h // P, D)
-    return x.movedim(-3, 0).contiguous()
+from training.config import check_heads
 
 
-def _tokens_to_heads(buf: torch.Tensor) -> torch.Tensor:
-    """Received ``[P, t, …, h/P, D]`` (part p = rank p's tokens) → ``[P·t, …, h/P, D]`` in token order."""
-    return buf.reshape(-1, *buf.shape[2:])
+def head_split(h: int, P: int) -> list[int]:
+    """Heads per rank when ``h`` heads go over P ranks: the first ``h mod P`` ranks take one more (DeepSpeed's
+    uneven-head rule); rank r owns heads ``[Σ_{p<r} h_p, Σ_{p≤r} h_p)``."""
+    return [h // P + (r < h % P) for r in range(P)]
 
 
-def _send(buf: torch.Tensor, group):
-    out = torch.empty_like(buf)
-    return out, dist.all_to_all_single(out, buf, group=group, async_op=True)
+def _scatter_heads(x: torch.Tensor, split: list[int], group):
+    """Start the exchange ``x [t, …, h, D]`` (my tokens, all heads) → ``[P·t, …, h_me, D]`` (all tokens, my heads).
+    Returns (receive buffer, work, finish) — ``finish(buf)`` shapes the buffer once ``work`` is done."""
+    P, me = len(split), dist.get_rank(group)
+    t, mid, D = x.shape[0], x.shape[1:-2], x.shape[-1]
+    per_head = t * math.prod(mid) * D
+    send = x.new_empty(x.numel())
+    off = 0
+    for piece in x.split(split, dim=-2):                  # one copy: rank p's heads, contiguous, in rank order
+        send[off:off + piece.numel()].view(piece.shape).copy_(piece)
+        off += piece.numel()
+    recv = x.new_empty(P * per_head * split[me])
+    work = dist.all_to_all_single(recv, send, [per_head * split[me]] * P, [per_head * h for h in split], group=group,
+                                  async_op=True)
+    return recv, work, lambda buf: buf.view(P * t, *mid, split[me], D)
 
 
-def _back_to_heads(buf: torch.Tensor, P: int) -> torch.Tensor:
-    """Received ``[P, t, …, h/P, D]`` (part p = my tokens' heads from rank p) → ``[t, …, P·h/P, D]``."""
-    return buf.movedim(0, -3).flatten(-3, -2)
+def _gather_heads(y: torch.Tensor, split: list[int], group):
+    """Start the inverse exchange ``y [P·t, …, h_me, D]`` → ``[t, …, h, D]``; (buffer, work, finish) as above."""
+    P, me = len(split), dist.get_rank(group)
+    t, mid, D = y.shape[0] // P, y.shape[1:-2], y.shape[-1]
+    per_head = t * math.prod(mid) * D
+    send = y.contiguous().view(-1)                        # rows p·t … (p+1)·t are rank p's tokens
+    recv = y.new_empty(per_head * sum(split))
+    work = dist.all_to_all_single(recv, send, [per_head * h for h in split], [per_head * split[me]] * P, group=group,
+                                  async_op=True)
+
+    def finish(buf):
+        parts = buf.split([per_head * h for h in split])
+        return torch.cat([p.view(t, *mid, h, D) for p, h in zip(parts, split)], dim=-2)
+    return recv, work, finish
 
 
 def _pipelined_forward(qkv, cu_seqlens, max_seqlen, core, group, chunks: int, keep_graphs: bool):
     """The forward pipeline; with ``keep_graphs`` each chunk's core runs on a leaf copy of its input under grad
     mode and ``(input, output)`` is kept for the backward."""
     P = dist.get_world_size(group)
-    t = qkv.shape[0]
-    inputs = [_send(_heads_to_tokens(x, P), group) for x in qkv.chunk(chunks, dim=2)]   # all issued first
+    parts = qkv.chunk(chunks, dim=2)                                       # C × [t, 3, H/C, D]
+    split = head_split(parts[0].shape[2], P)
+    inputs = [_scatter_heads(x, split, group) for x in parts]              # all issued before any compute
     graphs, outputs = [], []
-    for buf, work in inputs:
+    for buf, work, finish in inputs:
         work.wait()
-        x = _tokens_to_heads(buf)                                           # [P·t, 3, H/(C·P), D]
+        x = finish(buf)                                                    # [P·t, 3, h_me, D]
         if keep_graphs:
             x = x.detach().requires_grad_()
         with torch.set_grad_enabled(keep_graphs):
-            o = core(*x.unbind(1), cu_seqlens, max_seqlen)                  # [P·t, H/(C·P), D]
+            o = core(*x.unbind(1), cu_seqlens, max_seqlen)                 # [P·t, h_me, D]
         graphs.append((x, o))
-        outputs.append(_send(o.detach().reshape(P, t, *o.shape[1:]), group))
+        outputs.append(_gather_heads(o.detach(), split, group))
     out = []
-    for buf, work in outputs:
+    for buf, work, finish in outputs:
         work.wait()
-        out.append(_back_to_heads(buf, P))                                 # [t, H/C, D]
-    return torch.cat(out, dim=1), (graphs if keep_graphs else None)
+        out.append(finish(buf))                                            # [t, H/C, D]
+    return torch.cat(out, dim=1), (graphs if keep_graphs else None), split
 
 
 class _Pipelined(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cu_seqlens, max_seqlen, core, group, chunks):
-        out, ctx.graphs = _pipelined_forward(qkv, cu_seqlens, max_seqlen, core, group, chunks, keep_graphs=True)
-        ctx.group, ctx.P, ctx.t = group, dist.get_world_size(group), qkv.shape[0]
+        out, ctx.graphs, ctx.split = _pipelined_forward(qkv, cu_seqlens, max_seqlen, core, group, chunks, True)
+        ctx.group = group
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        P, t, group = ctx.P, ctx.t, ctx.group
-        grads = [_send(_heads_to_tokens(g, P), group) for g in grad.chunk(len(ctx.graphs), dim=1)]
+        group, split = ctx.group, ctx.split
+        grads = [_scatter_heads(g, split, group) for g in grad.chunk(len(ctx.graphs), dim=1)]
         sends = []
-        for (x, o), (buf, work) in zip(ctx.graphs, grads):
+        for (x, o), (buf, work, finish) in zip(ctx.graphs, grads):
             work.wait()
-            (dx,) = torch.autograd.grad(o, x, _tokens_to_heads(buf))       # [P·t, 3, H/(C·P), D]
-            sends.append(_send(dx.reshape(P, t, *dx.shape[1:]), group))
+            (dx,) = torch.autograd.grad(o, x, finish(buf))                 # [P·t, 3, h_me, D]
+            sends.append(_gather_heads(dx, split, group))
         ctx.graphs = None
         dqkv = []
-        for buf, work in sends:
+        for buf, work, finish in sends:
             work.wait()
-            dqkv.append(_back_to_heads(buf, P))                            # [t, 3, H/C, D]
+            dqkv.append(finish(buf))                                       # [t, 3, H/C, D]
         return torch.cat(dqkv, dim=2), None, None, None, None, None
 
 
@@ -102,17 +131,15 @@ class UlyssesPipelined(nn.Module):
     """``core(q, k, v, cu_seqlens, max_seqlen)`` on the whole packed stream in ``chunks`` head chunks whose
     all-to-alls overlap the other chunks' attention; fed by the local ``qkv [t, 3, H, D]`` → ``[t, H, D]``."""
 
-    def __init__(self, core, group, chunks: int):
+    def __init__(self, core, group, chunks: int = 1):
         super().__init__()
-        if chunks < 2:
-            raise ValueError(f"UlyssesPipelined needs chunks >= 2, got {chunks} (chunks=1 is UlyssesVarlen)")
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
         self.core, self.group, self.chunks = core, group, chunks
 
     @torch.compiler.disable
     def forward(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        P, H = dist.get_world_size(self.group), qkv.shape[2]
-        if H % (P * self.chunks):
-            raise ValueError(f"context-parallel degree {P} × {self.chunks} chunks does not divide n_heads={H}")
+        check_heads(qkv.shape[2], dist.get_world_size(self.group), self.chunks)
         if not (torch.is_grad_enabled() and qkv.requires_grad):         # evaluation: no sub-graphs kept
             return _pipelined_forward(qkv, cu_seqlens, max_seqlen, self.core, self.group, self.chunks, False)[0]
         return _Pipelined.apply(qkv, cu_seqlens, max_seqlen, self.core, self.group, self.chunks)
