@@ -52,11 +52,14 @@ def _scatter_heads(x: torch.Tensor, split: list[int], group):
     P, me = len(split), dist.get_rank(group)
     t, mid, D = x.shape[0], x.shape[1:-2], x.shape[-1]
     per_head = t * math.prod(mid) * D
-    send = x.new_empty(x.numel())
-    off = 0
-    for piece in x.split(split, dim=-2):                  # one copy: rank p's heads, contiguous, in rank order
-        send[off:off + piece.numel()].view(piece.shape).copy_(piece)
-        off += piece.numel()
+    send = x.new_empty(x.numel())                        # rank p's heads, contiguous, in rank order
+    if len(set(split)) == 1:                              # even: one copy kernel
+        send.view(P, t, *mid, split[0], D).copy_(x.unflatten(-2, (P, split[0])).movedim(-3, 0))
+    else:                                                 # uneven: one copy per rank
+        off = 0
+        for piece in x.split(split, dim=-2):
+            send[off:off + piece.numel()].view(piece.shape).copy_(piece)
+            off += piece.numel()
     recv = x.new_empty(P * per_head * split[me])
     work = dist.all_to_all_single(recv, send, [per_head * split[me]] * P, [per_head * h for h in split], group=group,
                                   async_op=True)
