@@ -101,9 +101,10 @@ def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1,
     from training.trainer import Trainer
 
     m = model_size(size)
-    bs, chosen = batch_size or max(1, m.batch_size * m.context // context), []
     if settings == "plan":
         bs, chosen = _plan_overrides(m, context, P, batch_size)
+    else:
+        bs, chosen = batch_size or max(1, m.batch_size * m.context // context), []
     vocab = max(NOMINAL_VOCAB, 2 * context + 256)
     cuda = torch.cuda.is_available()
     records: list[dict] = []
@@ -172,9 +173,9 @@ def _meta() -> dict:
     import torch
 
     from benchmarks.provenance import commit
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip() if (REPO / ".git").exists() else None
-    meta = {"commit": commit(), "dirty": bool(dirty) if dirty is not None else None, "host": socket.gethostname(),
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip()) if (REPO / ".git").exists() else None
+    meta = {"commit": commit(), "dirty": dirty, "host": socket.gethostname(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

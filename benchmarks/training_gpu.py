@@ -70,12 +70,12 @@ def _real_ratio(r: dict, synthetic: dict | None) -> str:
     return f"{r['tokens_per_s'] / synthetic['tokens_per_s']:.3f}" if r.get("data") == "mds" and synthetic else ""
 
 
-def _measure_real(measure, size: str, ctx: int, att: str, w: int, a) -> list[dict]:
-    """The ``--mds`` pair of one run: real shards, then synthetic cells of the measured mean length."""
-    from benchmarks.real_feed import corpus_stats, matched_mean_genes
+def _measure_real(measure, size: str, ctx: int, att: str, w: int, a, stats: dict) -> list[dict]:
+    """The ``--mds`` pair of one run: real shards, then synthetic cells of the measured mean length (``stats``: the
+    corpus's ``benchmarks.real_feed.corpus_stats``)."""
+    from benchmarks.real_feed import matched_mean_genes
     from launch.model_size import model_size
 
-    stats = corpus_stats(a.mds)
     m = model_size(size)
     bs = a.batch_size or max(1, round(m.batch_size * m.context / (min(stats["genes_per_cell"], ctx - 1) + 1)))
     common = dict(warmup_steps=a.warmup_steps, timed_steps=a.steps, world_size=w)
@@ -108,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
                     "loader against synthetic cells of the same mean length (rows data=mds / synthetic_matched)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
+    stats = None
     if a.mds is not None:
         from benchmarks.real_feed import corpus_stats
 
         try:
-            corpus_stats(a.mds)
+            stats = corpus_stats(a.mds)
         except (FileNotFoundError, ValueError) as e:
             ap.error(f"--mds: {e}")
     import torch
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         try:
             if a.mds is not None:
-                new = _measure_real(measure, size, ctx, att, w, a)
+                new = _measure_real(measure, size, ctx, att, w, a, stats)
             else:
                 m = measure(size, ctx, att, warmup_steps=a.warmup_steps, timed_steps=a.steps,
                             batch_size=a.batch_size, extra_overrides=a.override, world_size=w)

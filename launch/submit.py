@@ -213,8 +213,8 @@ def submit(args: argparse.Namespace) -> tuple[Path, list]:
         if args.mem_gb:
             params["mem_gb"] = args.mem_gb
     executor.update_parameters(**params)
-    # Local jobs get a port the OS reports free now; submitit's own pick (random, seeded by the job id =
-    # the controller's PID) can land on a port in use and fail the rendezvous with EADDRINUSE.
+    # Local jobs get a port free now, below the ephemeral range (training.ports); submitit's own pick (random, seeded
+    # by the job id = the controller's PID) can land on a port in use and fail the rendezvous with EADDRINUSE.
     bodies = [TrainJob(config=str(cfg_path), overrides=o + [f"run.dir={d}"], entry=args.entry,
                        max_requeues=args.max_requeues, master_port=None if use_slurm else free_port(""))
               for o, d in zip(jobs_overrides, run_dirs)]

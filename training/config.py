@@ -116,7 +116,6 @@ def check_heads(n_heads: int, P: int, chunks: int = 1) -> None:
                          "Ulysses all-to-all gives every context-parallel rank at least one whole head")
 
 
-
 @dataclass
 class ParallelConfig:
     # P ranks share each cell's sequence (Ulysses all-to-all over heads; docs/context_parallel.md):
