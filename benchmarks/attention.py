@@ -2,7 +2,8 @@
 
 Ours: ``hopper_padded``/``hopper_varlen`` = the Gluon sm90 forward (sigattn/hopper_fwd.py; backward is the portable
 Triton one, as the ops run it), ``hopper_bwd_padded``/``hopper_bwd_varlen`` = the same with the Gluon sm90 backward
-(sigattn/hopper_bwd.py, not dispatched yet), ``ours_padded``/``ours_varlen`` = the portable Triton kernels.
+(sigattn/hopper_bwd.py, opt-in: dQ in its own kernel), ``hopper_bwd5_padded``/``hopper_bwd5_varlen`` = its 5-GEMM
+variant (dQ by fp32 atomics from the K/V kernel), ``ours_padded``/``ours_varlen`` = the portable Triton kernels.
 
 Setup (issue 3): bf16, 16,384 tokens per step, hidden 2048 (H = 2048/D), non-causal, −log n bias on for sigmoid
 kernels. Padding p ∈ {0, 25, 50}%: B = 16384/N sequences with lengths evenly spread over [(1−2p)·N, N] (mean
@@ -34,7 +35,8 @@ from sigattn.triton_bwd import launch_bwd  # noqa: E402
 from sigattn.triton_fwd import launch_fwd  # noqa: E402
 
 TOKENS, HIDDEN = 16384, 2048
-KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
+KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
+           "hopper_bwd5_varlen", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
 
 
 def lengths(N: int, pad: float) -> list[int]:
@@ -71,15 +73,16 @@ def make_runner(kernel, D, N, pad):
         det = kernel.endswith("det")
         return (lambda: launch_fwd(q, k, v, seq, varlen=False, max_seqlen=N, **kw),
                 lambda: launch_bwd(do, q, k, v, seq, varlen=False, max_seqlen=N, deterministic=det, **kw))
-    if kernel in ("hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen"):
+    if kernel.startswith("hopper"):
         # hopper_*: the Gluon forward + the portable backward (what the ops run); hopper_bwd_*: the Gluon forward +
-        # the Gluon backward (sigattn/hopper_bwd.py, not dispatched yet)
+        # the Gluon backward (sigattn/hopper_bwd.py, opt-in); hopper_bwd5_*: its dQ-by-atomics variant
         from sigattn import hopper_bwd, hopper_fwd
 
         cfg = os.environ.get("SIGATTN_HOPPER_CONFIG")  # "BLOCK_M,BLOCK_N,STAGES" to try another tiling
         hkw = dict(kw, config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
         if kernel.startswith("hopper_bwd"):
-            bwd_fn = lambda *a, **k: hopper_bwd.launch_bwd(*a, **k)  # noqa: E731
+            atomic = kernel.startswith("hopper_bwd5")
+            bwd_fn = lambda *a, **k: hopper_bwd.launch_bwd(*a, dq_atomic=atomic, **k)  # noqa: E731
         else:
             bwd_fn = lambda *a, **k: launch_bwd(*a, deterministic=False, **k)  # noqa: E731
 
@@ -259,7 +262,7 @@ def _get(rows, **kw):
 def print_table(result):
     rows = result["rows"]
     print(f"\n{result['device']}  torch {result['versions']['torch']}  triton {result['versions']['triton']}")
-    hdr = ("D", "N", "pad", "mode", "hop_pad", "hop_vl", "hbwd_pad", "ours_pad", "ours_vl", "tsig", "flash", "cudnn",
+    hdr = ("D", "N", "pad", "mode", "hop_pad", "hop_vl", "hbwd_pad", "hbwd5_pad", "ours_pad", "ours_vl", "tsig", "flash", "cudnn",
            "flex", "hop/tsig", "hop/ours", "hpad/dns", "hvl/hpad")
     print(" ".join(f"{h:>9}" for h in hdr))
     keys = sorted({(r["D"], r["N"], r["pad"], r["mode"]) for r in rows if "mode" in r})
@@ -267,7 +270,7 @@ def print_table(result):
         g = lambda k, pp=p: _get(rows, kernel=k, D=D, N=N, pad=pp, mode=mode)  # noqa: E731
         hp, hv, ours, vl, ts = g("hopper_padded"), g("hopper_varlen"), g("ours_padded"), g("ours_varlen"), g("tsig")
         dense = _get(rows, kernel="hopper_padded", D=D, N=N, pad=0, mode=mode)
-        vals = (hp, hv, g("hopper_bwd_padded"), ours, vl, ts, g("sdpa_flash"), g("sdpa_cudnn"), g("flex"), hp / ts, hp / ours, hp / dense,
+        vals = (hp, hv, g("hopper_bwd_padded"), g("hopper_bwd5_padded"), ours, vl, ts, g("sdpa_flash"), g("sdpa_cudnn"), g("flex"), hp / ts, hp / ours, hp / dense,
                 hv / hp)
         print(f"{D:>9} {N:>9} {p:>9g} {mode:>9} " + " ".join(f"{x:>9.2f}" if x < 10 else f"{x:>9.0f}" for x in vals))
 

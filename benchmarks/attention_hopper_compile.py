@@ -56,15 +56,17 @@ def main():
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--ptx", type=Path)
     ap.add_argument("--config", help="BLOCK_M,BLOCK_N,STAGES,CONSUMERS (default: hopper_fwd.CONFIGS)")
-    ap.add_argument("--bwd", action="store_true", help="the backward's two kernels (sigattn/hopper_bwd.py) instead")
+    ap.add_argument("--bwd", action="store_true", help="the backward's kernels (sigattn/hopper_bwd.py; both dQ variants) instead")
     args = ap.parse_args()
     if args.bwd:
         from sigattn import hopper_bwd
 
         for D in args.d:
             for varlen in (False, True):
-                for name, k in zip(("kv", "q"), hopper_bwd.compiled_for_sm90(D, varlen)):
-                    print(f"bwd {name} D={D} varlen={varlen}: smem {k.metadata.shared} B; {resource_usage(k)}")
+                for atomic in (False, True):
+                    for name, k in hopper_bwd.compiled_for_sm90(D, varlen, atomic).items():
+                        print(f"bwd {name}{' (dQ atomic)' if atomic else ''} D={D} varlen={varlen}: "
+                              f"smem {k.metadata.shared} B; {resource_usage(k)}")
         return
     for D in args.d:
         for varlen in (False, True):

@@ -1,17 +1,23 @@
-"""Hopper (sm90) backward in Gluon — first version, **not dispatched yet** (the ops use the portable backward).
+"""Hopper (sm90) backward in Gluon — opt-in (``SIGATTN_HOPPER_BWD=1``): timed at 0.78–0.90× the portable backward.
 
 With P = σ(scale·QKᵀ + b), dP = dO·Vᵀ, dS = P∘(1−P)∘dP (sigmoid needs no rowsum(dO∘O) pass):
     dV = Pᵀ·dO,   dK = scale·dSᵀ·Q,   dQ = scale·dS·K.
 
-Two kernels, deterministic, no atomics (the portable backward's deterministic split, on TMA + wgmma):
-  ``hopper_bwd_kv_kernel``, grid (key tiles, B·H_kv): a CTA holds one 128-key K/V tile in shared memory and walks the
-      GQA group's query heads and their 64-row query tiles (Q, dO by TMA, double-buffered: tile i+1 loads while
+Two dQ variants (``launch_bwd(dq_atomic=…)``, default ``DQ_ATOMIC``):
+  dQ kernel (7 GEMMs per tile pair, deterministic, no atomics — the portable backward's deterministic split):
+    ``hopper_bwd_kv_kernel``, grid (key tiles, B·H_kv): a CTA holds one 128-key K/V tile in shared memory and walks
+      the GQA group's query heads and their 64-row query tiles (Q, dO by TMA, double-buffered: tile i+1 loads while
       tile i computes): Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (both async), Pᵀ and dSᵀ in registers, then dV += Pᵀ·dO and
-      dK += dSᵀ·Q with Pᵀ/dSᵀ as the register A operand; 4 GEMMs per tile pair.
-  ``hopper_bwd_q_kernel``, grid (query tiles, B·H): a CTA holds a 128-row Q and dO tile and walks the key tiles
+      dK += dSᵀ·Q with Pᵀ/dSᵀ as the register A operand; 4 GEMMs.
+    ``hopper_bwd_q_kernel``, grid (query tiles, B·H): a CTA holds a 128-row Q and dO tile and walks the key tiles
       (K, V double-buffered): S = Q·Kᵀ, dP = dO·Vᵀ, dQ += dS·K; 3 GEMMs.
-7 GEMMs per tile pair against the 5 of a dQ-by-reduction design (issue 14 asks for whichever measures faster);
-no warp specialisation and no overlap of the sigmoid with the next GEMMs yet. Masking: query columns ≥ L and key
+  dQ by atomics (5 GEMMs, one kernel, not bitwise reproducible): the K/V kernel puts Pᵀ and dSᵀ in shared memory
+    (dV, dK as shared-memory GEMMs) and adds dQᵀ = Kᵀ·dSᵀ ([D, 64], fp32) into a head-major [H, tokens + 64, D]
+    buffer with relaxed ``red.global.add`` (per-thread offsets are constants; no mask: query columns past L are
+    exact zeros, so the spare rows and the next cell's rows get + 0.0); key rows past L are masked out of dSᵀ and,
+    in the padded layout, zeroed in K. Each key tile starts its query walk at another tile (rotation) so the CTAs of
+    one cell do not add into the same rows at once. dQ = scale·buffer, cast, in one elementwise pass.
+No warp specialisation and no overlap of the sigmoid with the next GEMMs yet. Masking: query columns ≥ L and key
 columns ≥ L are set to 0 with ``where`` (a product would keep NaN from padding); in the padded layout the tail rows
 of a partial Q/dO tile (kv kernel) or K tile (q kernel) are zeroed in shared memory before they enter a GEMM as
 the B operand, since 0·NaN is NaN. Rows of dQ/dK/dV past L are written as 0 (padded) or not at all (varlen).
@@ -37,6 +43,9 @@ if HAVE_GLUON:
 # queries held, BLOCK_N keys streamed); 8 warps = 2 warpgroups × 64 rows of the held tile.
 KV_BLOCKS = (64, 128)
 Q_BLOCKS = (128, 64)
+# dQ by atomics from the K/V kernel (5 GEMMs) instead of the dQ kernel (7): not yet run on a GPU, so off by default
+# (its sm90 build spills ~100–150 B of stack at D = 128; D = 64 does not)
+DQ_ATOMIC = False
 # _prob's form in the backward: SIG 0 (two Newton steps, rel. error 7e-6): dS = P(1−P)·dP loses P's relative error
 # where P ≈ 1
 SIG_BWD = gl.constexpr(0) if HAVE_GLUON else 0
@@ -74,11 +83,11 @@ if HAVE_GLUON:
         gl.store(ptr0 + rows.to(gl.int64)[:, None] * stride_t + cols[None, :], x, mask=(rows < n_rows)[:, None])
 
     @gluon.jit
-    def hopper_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, SeqInfo, scale, bias, N, H_kv, GROUP,
-                             stride_dkt, stride_dvt,
+    def hopper_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ32, SeqInfo, scale, bias, N, H_kv, GROUP,
+                             stride_dkt, stride_dvt, stride_dqh,
                              VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                              FAST_SIGMOID: gl.constexpr, CLEAN: gl.constexpr, BLOCK_M: gl.constexpr,
-                             BLOCK_N: gl.constexpr, D: gl.constexpr):
+                             BLOCK_N: gl.constexpr, D: gl.constexpr, DQ_ATOMIC: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_desc.dtype
         pid_n = gl.program_id(0)
@@ -92,6 +101,10 @@ if HAVE_GLUON:
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        # dQᵀ [D, BLOCK_M] = Kᵀ·dSᵀ: warpgroups split D (64 rows each) and, at D = 64, the query columns
+        WM: gl.constexpr = min(NW, D // 16)
+        dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, NW // WM],
+                                                       instr_shape=[16, BLOCK_M // (NW // WM), 16])
         dk = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         dv = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         if start_n < L:
@@ -101,6 +114,13 @@ if HAVE_GLUON:
             do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], do_desc.layout)
             kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
             ld_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            if DQ_ATOMIC:  # dSᵀ of the current query tile: the B operand of dQᵀ = Kᵀ·dSᵀ
+                ds_smem = gl.allocate_shared_memory(
+                    dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+                p_smem = gl.allocate_shared_memory(  # Pᵀ too: every GEMM reads shared memory, none pins registers
+                    dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+                dq_rows = gl.arange(0, D, layout=gl.SliceLayout(1, dq_l))
+                dq_cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_l))
             mbarrier.init(kv_bar, count=1)
             for i in gl.static_range(2):
                 mbarrier.init(ld_bar.index(i), count=1)
@@ -111,43 +131,75 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(v_desc, [row0 + start_n, hk * D], kv_bar, v_smem)
             n_m = gl.cdiv(L, BLOCK_M)
             total = GROUP * n_m
+            # with dQ atomics, each key tile starts its walk at another query tile, so the CTAs of one sequence
+            # do not all add into the same dQ rows at once (step i takes item (i + rot) mod total)
+            rot = (pid_n % n_m) if DQ_ATOMIC else 0
+            h0 = hk * GROUP + rot // n_m
             mbarrier.expect(ld_bar.index(0), 2 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [row0, hk * GROUP * D], ld_bar.index(0), q_smem.index(0))
-            tma.async_copy_global_to_shared(do_desc, [row0, hk * GROUP * D], ld_bar.index(0), do_smem.index(0))
-            s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l)
+            tma.async_copy_global_to_shared(q_desc, [row0 + (rot % n_m) * BLOCK_M, h0 * D], ld_bar.index(0),
+                                            q_smem.index(0))
+            tma.async_copy_global_to_shared(do_desc, [row0 + (rot % n_m) * BLOCK_M, h0 * D], ld_bar.index(0),
+                                            do_smem.index(0))
             cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
             mbarrier.wait(kv_bar, 0)
+            if DQ_ATOMIC:
+                if CLEAN:  # dQᵀ = Kᵀ·dSᵀ contracts over keys: K rows ≥ L must be 0, not NaN
+                    if start_n + BLOCK_N > L:
+                        _zero_tail(k_smem, start_n, L, BLOCK_N, D, NW)
+                keys_in = (start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_l))) < L
             for i in range(total):
                 buf = i % 2
                 if i + 1 < total:  # prefetch the next (head, query tile); its buffer's GEMMs finished last step
                     nb = (i + 1) % 2
-                    h1 = hk * GROUP + (i + 1) // n_m
-                    m1 = (i + 1) % n_m
+                    h1 = hk * GROUP + ((i + 1 + rot) % total) // n_m
+                    m1 = (i + 1 + rot) % n_m
                     mbarrier.expect(ld_bar.index(nb), 2 * q_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(q_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
                                                     q_smem.index(nb))
                     tma.async_copy_global_to_shared(do_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
                                                     do_smem.index(nb))
                 mbarrier.wait(ld_bar.index(buf), (i // 2) & 1)
-                start_m = (i % n_m) * BLOCK_M
+                start_m = ((i + rot) % n_m) * BLOCK_M
                 if CLEAN:
                     if start_m + BLOCK_M > L:
                         _zero_tail(q_smem.index(buf), start_m, L, BLOCK_M, D, NW)
                         _zero_tail(do_smem.index(buf), start_m, L, BLOCK_M, D, NW)
-                st = warpgroup_mma(k_smem, q_smem.index(buf).permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)
-                dpt = warpgroup_mma(v_smem, do_smem.index(buf).permute((1, 0)), s_zero, use_acc=False,
-                                    is_async=True)
+                st = warpgroup_mma(k_smem, q_smem.index(buf).permute((1, 0)),
+                                   gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
+                dpt = warpgroup_mma(v_smem, do_smem.index(buf).permute((1, 0)),
+                                    gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
                 st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
                 keep = (start_m + cols) < L
                 pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG_BWD), 0.0)
                 dst = gl.where(keep[None, :], pt * (1.0 - pt) * dpt, 0.0)
-                pa = gl.convert_layout(pt.to(dtype), a_l)
-                dsa = gl.convert_layout(dst.to(dtype), a_l)
-                dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
-                dk = warpgroup_mma(dsa, q_smem.index(buf), dk, is_async=True)
-                dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
-                gl.thread_barrier()  # every warpgroup is done with buffer `buf` before it is refilled
+                if DQ_ATOMIC:  # key rows ≥ L reach dQ here (not only dK rows that are never stored)
+                    dst = gl.where(keys_in[:, None], dst, 0.0)
+                dsb = dst.to(dtype)
+                if DQ_ATOMIC:  # both warpgroups' halves of dSᵀ in shared memory before either reads it
+                    ds_smem.store(dsb)
+                    p_smem.store(pt.to(dtype))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
+                    dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
+                    dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+                    dqt = warpgroup_mma(k_smem.permute((1, 0)), ds_smem, gl.zeros([D, BLOCK_M], gl.float32, dq_l),
+                                        use_acc=False, is_async=True)
+                    dqt = warpgroup_mma_wait(0, deps=(dqt,))
+                    # fire-and-forget reductions (red.global): they drain under the next tile's GEMMs
+                    h_i = hk * GROUP + ((i + rot) % total) // n_m
+                    # dQ32 is [H, tokens + BLOCK_M, D]: per-thread offsets are compile-time constants (immediates),
+                    # and no mask: query columns ≥ L of dQᵀ are exact zeros (dSᵀ columns zeroed, K finite), so the
+                    # rows past L (the next cell's, or the BLOCK_M spare rows) get + 0.0
+                    base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
+                    gl.atomic_add(base + (dq_cols[None, :] * D + dq_rows[:, None]), dqt, sem="relaxed")
+                else:
+                    pa = gl.convert_layout(pt.to(dtype), a_l)
+                    dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
+                    dsa = gl.convert_layout(dsb, a_l)
+                    dk = warpgroup_mma(dsa, q_smem.index(buf), dk, is_async=True)
+                    dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
+                gl.thread_barrier()  # every warpgroup is done with buffer `buf` (and dSᵀ) before it is refilled
             dk = dk * scale
         if start_n < n_rows:
             _store_rows(DK + row0.to(gl.int64) * stride_dkt + hk * D, dk, stride_dkt, start_n, L, n_rows,
@@ -228,9 +280,13 @@ if HAVE_GLUON:
 
 
 def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float, bias: float,
-               log_n_bias: bool, causal: bool, fast_sigmoid: bool = True, kv_blocks=None, q_blocks=None):
-    """(dq, dk, dv) for ``supported`` inputs; same contract as triton_bwd.launch_bwd (outputs contiguous)."""
+               log_n_bias: bool, causal: bool, fast_sigmoid: bool = True, kv_blocks=None, q_blocks=None,
+               dq_atomic: bool | None = None):
+    """(dq, dk, dv) for ``supported`` inputs; same contract as triton_bwd.launch_bwd (outputs contiguous).
+    ``dq_atomic``: dQ by fp32 atomics from the K/V kernel (5 GEMMs, one kernel, not deterministic) instead of the
+    dQ kernel (7 GEMMs, deterministic); default ``DQ_ATOMIC``."""
     assert supported(do, q, k, v, causal), "hopper_bwd.launch_bwd called on unsupported input"
+    dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -249,9 +305,15 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
                 CLEAN=not varlen, D=D, num_warps=8)
     st = (lambda t: t.stride(0)) if varlen else (lambda t: t.stride(1))  # noqa: E731
     q2, k2, v2, do2 = (_as_2d(t, varlen) for t in (q, k, v, do))
+    T = q2.shape[0]  # token rows (B·N padded)
+    dq32 = torch.zeros((H, T + kv_m, D), dtype=torch.float32, device=q.device) if dq_atomic else dk  # head-major
     hopper_bwd_kv_kernel[(triton.cdiv(max_seqlen, kv_n), B * H_kv)](
-        _desc(q2, (kv_m, D)), _desc(k2, (kv_n, D)), _desc(v2, (kv_n, D)), _desc(do2, (kv_m, D)), dk, dv, seq_info,
-        float(scale), float(bias), N, H_kv, H // H_kv, st(dk), st(dv), BLOCK_M=kv_m, BLOCK_N=kv_n, **meta)
+        _desc(q2, (kv_m, D)), _desc(k2, (kv_n, D)), _desc(v2, (kv_n, D)), _desc(do2, (kv_m, D)), dk, dv, dq32,
+        seq_info, float(scale), float(bias), N, H_kv, H // H_kv, st(dk), st(dv), (T + kv_m) * D, BLOCK_M=kv_m,
+        BLOCK_N=kv_n, DQ_ATOMIC=dq_atomic, **meta)
+    if dq_atomic:  # [H, T, D] fp32 → q's shape, × scale, in q's dtype (one elementwise pass)
+        dq.view(T, H, D).copy_(dq32[:, :T].permute(1, 0, 2).mul_(scale))
+        return dq, dk, dv
     hopper_bwd_q_kernel[(triton.cdiv(max_seqlen, q_m), B * H)](
         _desc(q2, (q_m, D)), _desc(k2, (q_n, D)), _desc(v2, (q_n, D)), _desc(do2, (q_m, D)), dq, seq_info,
         float(scale), float(bias), N, H, H // H_kv, st(dq), BLOCK_M=q_m, BLOCK_N=q_n, **meta)
@@ -259,9 +321,9 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_for_sm90(D: int, varlen: bool):
-    """AOT-compile both kernels for sm90 without a GPU (``benchmarks/attention_hopper_compile.py --bwd``):
-    the compiled (kv, q) kernels, bf16, −log n bias."""
+def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False):
+    """AOT-compile the kernels for sm90 without a GPU (``benchmarks/attention_hopper_compile.py --bwd``):
+    {name: compiled kernel}, bf16, −log n bias; ``kv`` and ``q``, or ``kv`` alone with ``dq_atomic``."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -269,18 +331,21 @@ def compiled_for_sm90(D: int, varlen: bool):
         return f"tensordesc<bf16[{rows},{D}],{gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)!r}>"
 
     head = {"SeqInfo": "*i32", "scale": "fp32", "bias": "fp32", "N": "i32"}
-    kernels = (  # (kernel, (BLOCK_M, BLOCK_N), rows of the Q/dO boxes, rows of the K/V boxes, its other arguments)
-        (hopper_bwd_kv_kernel, KV_BLOCKS, KV_BLOCKS[0], KV_BLOCKS[1],
-         {"DK": "*bf16", "DV": "*bf16", **head, "H_kv": "i32", "GROUP": "i32", "stride_dkt": "i32",
-          "stride_dvt": "i32"}),
-        (hopper_bwd_q_kernel, Q_BLOCKS, Q_BLOCKS[0], Q_BLOCKS[1],
-         {"DQ": "*bf16", **head, "H": "i32", "GROUP": "i32", "stride_dqt": "i32"}))
-    out = []
-    for kern, (bm, bn), q_rows, k_rows, rest in kernels:
+    kernels = {  # name: (kernel, (BLOCK_M, BLOCK_N), rows of the Q/dO boxes, rows of the K/V boxes, its other
+        # arguments, its own constexprs)
+        "kv": (hopper_bwd_kv_kernel, KV_BLOCKS, KV_BLOCKS[0], KV_BLOCKS[1],
+               {"DK": "*bf16", "DV": "*bf16", "DQ32": "*fp32", **head, "H_kv": "i32", "GROUP": "i32",
+                "stride_dkt": "i32", "stride_dvt": "i32", "stride_dqh": "i32"}, {"DQ_ATOMIC": dq_atomic}),
+        "q": (hopper_bwd_q_kernel, Q_BLOCKS, Q_BLOCKS[0], Q_BLOCKS[1],
+              {"DQ": "*bf16", **head, "H": "i32", "GROUP": "i32", "stride_dqt": "i32"}, {})}
+    if dq_atomic:
+        del kernels["q"]
+    out = {}
+    for name, (kern, (bm, bn), q_rows, k_rows, rest, own) in kernels.items():
         sig = {"q_desc": desc(q_rows), "k_desc": desc(k_rows), "v_desc": desc(k_rows), "do_desc": desc(q_rows), **rest}
         const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN=not varlen,
-                     BLOCK_M=bm, BLOCK_N=bn, D=D)
+                     BLOCK_M=bm, BLOCK_N=bn, D=D, **own)
         sig.update({k: "constexpr" for k in const})
-        out.append(triton.compile(GluonASTSource(kern, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 8}))
-    return tuple(out)
+        out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                                   options={"num_warps": 8})
+    return out

@@ -8,8 +8,9 @@ besides the outputs, no host sync, so the ops are CUDA-graph and torch.compile f
 Kernel choice, once per device (capability): on sm90 the forward runs the Gluon Hopper kernel (``hopper_fwd``)
 for the inputs it supports (bf16/fp16, D 64/128, non-causal, heads contiguous); everything else, other GPUs and
 the Triton interpreter use the portable Triton kernels. ``SIGATTN_HOPPER=0`` turns the Hopper kernel off.
-The Gluon Hopper backward (``hopper_bwd``: its GPU tests pass, its speed against the portable backward is not
-measured yet) is opt-in until it is: ``SIGATTN_HOPPER_BWD=1`` routes the backward of the inputs it supports there.
+The Gluon Hopper backward (``hopper_bwd``: its GPU tests pass; on an H200 it runs at 0.78–0.90× the portable
+backward) is opt-in: ``SIGATTN_HOPPER_BWD=1`` routes the backward of the inputs it supports there (deterministic
+mode keeps its dQ kernel, never the atomic variant).
 """
 
 import functools
@@ -46,7 +47,8 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen, max_seqlen, scale, bias, log_n_
             and tuning._flag("SIGATTN_HOPPER", "1") and hopper_bwd.supported(do, q, k, v, causal)):
         return hopper_bwd.launch_bwd(do, q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale,
                                      bias=bias, log_n_bias=log_n_bias, causal=causal,
-                                     fast_sigmoid=tuning.fast_sigmoid(q.dtype))
+                                     fast_sigmoid=tuning.fast_sigmoid(q.dtype),
+                                     dq_atomic=False if tuning.deterministic() else None)
     return _portable_bwd(do, q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale, bias=bias,
                          log_n_bias=log_n_bias, causal=causal)
 

@@ -1,5 +1,5 @@
-"""The Gluon Hopper backward (sigattn/hopper_bwd.py, dispatched only with SIGATTN_HOPPER_BWD=1 until it is timed) against
-float64 gradients (sm90 only).
+"""The Gluon Hopper backward (sigattn/hopper_bwd.py, dispatched only with SIGATTN_HOPPER_BWD=1: it measured slower than the
+portable one) against float64 gradients (sm90 only), both dQ variants (its own kernel; fp32 atomics from the K/V kernel).
 
 Same criterion as test_gpu_kernels: per gradient ‖ours − ref64‖/‖ref64‖ ≤ 2·‖torch_lowp − ref64‖/‖ref64‖ (+ floor);
 padded inputs (q, k, v and dO) poisoned with NaN past each length, padded gradient rows exactly 0; lengths 1, 17,
@@ -24,7 +24,7 @@ def _hopper_bwd():
     return hopper_bwd
 
 
-def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None):
+def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False):
     hb = _hopper_bwd()
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed
     q, k, v, do = _make(lens, N, H, Hkv, D, dtype, seed)
@@ -32,7 +32,7 @@ def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None):
     ref = math_attention(*(t.double() for t in (q, k, v, do)), lens, scale, bias, False)[1:]
     low = math_attention(q, k, v, do, lens, scale, bias, False)[1:]
     kw = dict(scale=scale, bias=0.0 if bias in (None, "log_n") else float(bias), log_n_bias=bias == "log_n",
-              causal=False)
+              causal=False, dq_atomic=dq_atomic)
     if layout == "padded":
         seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
         pq, pk, pv, pdo = (_poison(t, lens) for t in (q, k, v, do))
@@ -57,24 +57,33 @@ def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None):
         assert e_ours <= 2 * e_torch + FLOOR[dtype], f"{name}: ours {e_ours:.3g} vs torch {e_torch:.3g} (seed {seed})"
 
 
+DQ = pytest.mark.parametrize("dq_atomic", [False, True], ids=["dqkernel", "dqatomic"])
+
+
+@DQ
 @pytest.mark.parametrize("bias", ["log_n", 0.5, None], ids=["logn", "b0.5", "nobias"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_hopper_bwd_matrix(dtype, D, layout, heads, bias):
-    N = 300  # not a multiple of the 64/128 tiles
-    run_bwd(layout, dtype, D, heads[0], heads[1], bias, [N, 225, 17, 1, 0, 129], N)
+def test_hopper_bwd_matrix(dtype, D, layout, heads, bias, dq_atomic):
+    # N = 300: not a multiple of the 64/128 tiles; with dq_atomic the key tile past each length is poisoned with
+    # NaN (padded) or holds the next cell (varlen), and both must stay out of dQ
+    N = 300
+    run_bwd(layout, dtype, D, heads[0], heads[1], bias, [N, 225, 17, 1, 0, 129], N, dq_atomic=dq_atomic)
 
 
+@DQ
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
-def test_hopper_bwd_mixed_lengths(layout):
+def test_hopper_bwd_mixed_lengths(layout, dq_atomic):
+    # many key tiles adding into the same dQ rows at once (the atomic variant's reduction)
     g = torch.Generator().manual_seed(3)
     lens = torch.randint(1, 1100, (12,), generator=g).tolist() + [1100, 64, 128, 0]
-    run_bwd(layout, torch.bfloat16, 128, 4, 2, "log_n", lens, 1100)
+    run_bwd(layout, torch.bfloat16, 128, 4, 2, "log_n", lens, 1100, dq_atomic=dq_atomic)
 
 
-def test_hopper_bwd_matches_portable_on_a_long_sequence():
+@DQ
+def test_hopper_bwd_matches_portable_on_a_long_sequence(dq_atomic):
     # 4K tokens: many query tiles per key tile (the kv kernel's double-buffered walk) and vice versa
     hb = _hopper_bwd()
     from sigattn.triton_bwd import launch_bwd as portable
@@ -83,7 +92,7 @@ def test_hopper_bwd_matches_portable_on_a_long_sequence():
     seq = torch.tensor([4096, 3000], dtype=torch.int32, device=DEVICE)
     kw = dict(varlen=False, max_seqlen=4096, scale=128 ** -0.5, bias=0.0, log_n_bias=True, causal=False)
     want = portable(do, q, k, v, seq, deterministic=True, **kw)
-    got = hb.launch_bwd(do, q, k, v, seq, **kw)
+    got = hb.launch_bwd(do, q, k, v, seq, dq_atomic=dq_atomic, **kw)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert _rel(a, b) < 2e-2, name
 
