@@ -1,9 +1,11 @@
 """Context-parallel training throughput: tokens/s, MFU, peak memory and the CP all-to-all share of step time.
 
-Each run ``PRESET:CONTEXT:P[:C]`` is the real ``training.trainer.Trainer`` (DeepSpeed, the preset's ZeRO stage,
+Each run ``PRESET:CONTEXT:P[:C[:EXCHANGE]]`` is the real ``training.trainer.Trainer`` (DeepSpeed, the preset's ZeRO stage,
 bf16 on GPU, activation checkpointing where the preset sets it) on all ``world_size`` ranks with
 ``parallel.context_parallel_degree = P`` (DP = world/P) and ``parallel.context_parallel_chunks = C`` (default 1:
-one exchange; C > 1 pipelines it in C head chunks, ``training.parallel.ulysses_pipelined``), on synthetic cells that fill the context (the
+one exchange; C > 1 pipelines it in C head chunks, ``training.parallel.ulysses_pipelined``) and
+``parallel.context_parallel_exchange = EXCHANGE`` (auto: DeepSpeed's where it applies; ``ours`` at C = 1 times our
+exchange against DeepSpeed's), on synthetic cells that fill the context (the
 vocabulary is widened to ``2·context + 256`` genes where the nominal 60K cannot fill it: whole-transcriptome
 or multi-cell contexts). Micro-batch: ``--batch-size`` cells per DP rank (default: the preset's tokens per
 micro-batch, at least one cell). ``--settings plan`` takes ZeRO stage, activation checkpointing and micro-batch
@@ -54,12 +56,18 @@ class _Done(Exception):
     pass
 
 
-def parse_run(spec: str) -> tuple[str, int, int, int]:
-    """``PRESET:CONTEXT:P[:C]`` → (preset, context, P, C); C (head chunks of the pipelined exchange) defaults to 1."""
+def parse_run(spec: str) -> tuple[str, int, int, int, str]:
+    """``PRESET:CONTEXT:P[:C[:EXCHANGE]]`` → (preset, context, P, C, exchange); C (head chunks of the pipelined
+    exchange) defaults to 1, EXCHANGE (``parallel.context_parallel_exchange``: auto, deepspeed, ours) to auto."""
+    from training.config import EXCHANGES
+
     parts = spec.split(":")
-    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"bad run {spec!r}: expected PRESET:CONTEXT:P[:C], e.g. 160m:32768:4 or 1.4b:32768:4:2")
-    return parts[0], int(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 1
+    ok = 3 <= len(parts) <= 5 and all(p.isdigit() for p in parts[1:4]) and (len(parts) < 5 or parts[4] in EXCHANGES)
+    if not ok:
+        raise ValueError(f"bad run {spec!r}: expected PRESET:CONTEXT:P[:C[:EXCHANGE]] with EXCHANGE one of "
+                         f"{', '.join(EXCHANGES)}, e.g. 160m:32768:4, 1.4b:32768:4:2 or 1.4b:32768:4:1:ours")
+    return (parts[0], int(parts[1]), int(parts[2]), int(parts[3]) if len(parts) > 3 else 1,
+            parts[4] if len(parts) > 4 else "auto")
 
 
 def _comm_seconds(prof, cuda: bool) -> float:
@@ -88,7 +96,8 @@ def _plan_overrides(m, context: int, P: int, batch_size: int | None) -> tuple[in
                                          f"model.activation_checkpointing={checkpointing_value(p.activation_checkpointing)}"]
 
 
-def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1, batch_size: int | None, warmup: int,
+def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1, exchange: str = "auto",
+            batch_size: int | None, warmup: int,
             steps: int, profile_steps: int, overrides: list[str], settings: str = "preset") -> dict:
     """One run on the current process group; every rank returns the same row (rank 0's is kept)."""
     import torch
@@ -134,7 +143,8 @@ def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1,
         cfg = load_config(resolve_config(size), [
             f"model.attention={attention}", "data.mds=null", f"data.context_length={context}",
             f"data.batch_size={bs}", f"data.synthetic_vocab={vocab}", f"data.synthetic_mean_genes={2 * context}",
-            f"parallel.context_parallel_degree={P}", f"parallel.context_parallel_chunks={chunks}", f"run.dir={run_dir}",
+            f"parallel.context_parallel_degree={P}", f"parallel.context_parallel_chunks={chunks}",
+            f"parallel.context_parallel_exchange={exchange}", f"run.dir={run_dir}",
             f"run.max_steps={warmup + steps + profile_steps + 10}", "run.ckpt_every=0", "optim.warmup_steps=1",
             "run.progress=false", "run.tensorboard=false", "run.nan_policy=skip", *chosen, *overrides])
         error = None
@@ -147,7 +157,8 @@ def run_one(size: str, context: int, P: int, attention: str, *, chunks: int = 1,
         except torch.OutOfMemoryError as e:
             error = f"out of memory: {str(e)[:200]}"
     row = {"size": size, "context": context, "attention": attention, "context_parallel_degree": P,
-           "context_parallel_chunks": chunks, "batch_size": cfg.data.batch_size, "vocab": vocab, "settings": settings,
+           "context_parallel_chunks": chunks, "exchange": resolved_exchange(exchange, chunks, cfg.model.n_heads, P),
+           "batch_size": cfg.data.batch_size, "vocab": vocab, "settings": settings,
            "zero_stage": cfg.run.zero_stage, "activation_checkpointing": cfg.model.activation_checkpointing}
     if error or len(records) < warmup + steps:
         return row | {"error": error or f"only {len(records)} steps ran"}
@@ -187,14 +198,24 @@ def _meta() -> dict:
     return meta
 
 
+def resolved_exchange(exchange: str, chunks: int, n_heads: int, P: int) -> str:
+    """The all-to-all a run used (training.parallel.ulysses.apply_context_parallel's choice); "none" without CP."""
+    if P == 1:
+        return "none"
+    if exchange != "auto":
+        return exchange
+    return "deepspeed" if chunks == 1 and n_heads % P == 0 else "ours"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | context | attention | world | CP | chunks | DP | settings (ZeRO, ckpt) | cells/micro-batch | "
+    lines = ["| preset | context | attention | world | CP | chunks (exchange) | DP | settings (ZeRO, ckpt) | cells/micro-batch | "
              "tokens/s | tokens/s/GPU | MFU | peak mem GiB | CP comm share |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         settings = f"{r['settings']} ({r['zero_stage']}, {r['activation_checkpointing']})" if "zero_stage" in r else ""
         head = f"| {r['size']} | {r['context']} | {r['attention']} | {r.get('world_size', '')} | " \
-               f"{r['context_parallel_degree']} | {r.get('context_parallel_chunks', 1)} | " \
+               f"{r['context_parallel_degree']} | {r.get('context_parallel_chunks', 1)}" \
+               f"{' (' + r['exchange'] + ')' if r.get('exchange') else ''} | " \
                f"{r.get('data_parallel_degree', '')} | {settings} | {r['batch_size']} |"
         if "error" in r:
             lines.append(head + f" error: {r['error'][:60]} |||||")
@@ -222,10 +243,10 @@ def worker(a) -> int:
     rows = []
     try:
         for spec in a.runs:
-            size, ctx, P, C = parse_run(spec)
+            size, ctx, P, C, X = parse_run(spec)
             for att in a.attention:
                 t0 = time.time()
-                row = run_one(size, ctx, P, att, chunks=C, batch_size=a.batch_size, warmup=a.warmup_steps, steps=a.steps,
+                row = run_one(size, ctx, P, att, chunks=C, exchange=X, batch_size=a.batch_size, warmup=a.warmup_steps, steps=a.steps,
                               profile_steps=a.profile_steps, overrides=a.override, settings=a.settings)
                 rows.append(row | {"seconds": round(time.time() - t0, 1)})
                 if rank == 0:
@@ -265,9 +286,9 @@ def launcher(a) -> int:
                 meta = meta or {k: v for k, v in got.items() if k != "rows"}
                 rows += got["rows"]
             else:
-                size, ctx, P, C = parse_run(spec)
+                size, ctx, P, C, X = parse_run(spec)
                 rows.append({"size": size, "context": ctx, "attention": att, "context_parallel_degree": P,
-                             "context_parallel_chunks": C,
+                             "context_parallel_chunks": C, "exchange": X,
                              "world_size": a.nproc, "batch_size": a.batch_size or "", "error": tail})
         _write(a.out, meta or (_meta() | {"world_size": a.nproc}), rows)
     print(table(rows))
@@ -276,8 +297,8 @@ def launcher(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="PRESET:CONTEXT:P[:C] (P = context-parallel degree, "
-                    "C = head chunks of the pipelined exchange, default 1)")
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="PRESET:CONTEXT:P[:C[:EXCHANGE]] (P = context-parallel degree, "
+                    "C = head chunks of the pipelined exchange, default 1; EXCHANGE = auto | deepspeed | ours)")
     ap.add_argument("--attention", nargs="+", default=["sigmoid"], choices=["sigmoid", "softmax"])
     ap.add_argument("--nproc", type=int, default=4, help="ranks per run when launching torchrun (default 4)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run")

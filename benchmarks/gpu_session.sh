@@ -23,7 +23,8 @@
 #               $REAL_RUNS (default 160m@2K, 1.4b@8K; $REAL_MDS, default runs/demo/corpus: `make demo` builds it from
 #               PBMC 3k; carry it)                                                   -> training_real.json/.md
 #   cp          context-parallel training on every local GPU (benchmarks/context_parallel.py), $CP_RUNS
-#               (PRESET:CONTEXT:P[:C]; default: the script's list, one exchange vs pipelined head chunks), $CP_SETTINGS
+#               (PRESET:CONTEXT:P[:C[:EXCHANGE]]; default: the script's list, one exchange vs pipelined head chunks;
+#               EXCHANGE auto|deepspeed|ours), $CP_SETTINGS
 #               (preset | plan: launch.memory.plan's ZeRO/checkpointing/micro-batch for the card); multi-GPU
 #               kinds only, with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 #                                                                                     -> context_parallel.json/.md

@@ -106,7 +106,10 @@ class RunConfig:
             raise ValueError(f"run.mask_ratio must lie in (0, 1), got {self.mask_ratio}")
 
 
-def check_heads(n_heads: int, P: int, chunks: int = 1) -> None:
+EXCHANGES = ("auto", "deepspeed", "ours")
+
+
+def check_heads(n_heads: int, P: int, chunks: int = 1, exchange: str = "auto") -> None:
     """ValueError naming the problem unless each of the ``chunks`` head chunks gives every one of P ranks a head."""
     if n_heads % chunks:
         raise ValueError(f"parallel.context_parallel_chunks={chunks} does not divide model.n_heads={n_heads}")
@@ -114,6 +117,9 @@ def check_heads(n_heads: int, P: int, chunks: int = 1) -> None:
         where = f"model.n_heads={n_heads}" + (f" / parallel.context_parallel_chunks={chunks}" if chunks > 1 else "")
         raise ValueError(f"parallel.context_parallel_degree={P} exceeds {where} = {n_heads // chunks} heads: the "
                          "Ulysses all-to-all gives every context-parallel rank at least one whole head")
+    if exchange == "deepspeed" and n_heads % P:
+        raise ValueError(f"parallel.context_parallel_exchange=deepspeed needs parallel.context_parallel_degree={P} "
+                         f"to divide model.n_heads={n_heads} (DeepSpeed splits heads evenly): use 'ours' or 'auto'")
 
 
 @dataclass
@@ -124,6 +130,9 @@ class ParallelConfig:
     # C > 1: the heads go through the exchange in C chunks whose all-to-alls overlap the other chunks' attention
     # (training.parallel.ulysses_pipelined); C must divide model.n_heads, P ≤ n_heads/C. 1: one exchange.
     context_parallel_chunks: int = 1
+    # which all-to-all: "auto" = DeepSpeed's where it applies (P | n_heads, one chunk), else ours; "deepspeed" or
+    # "ours" force one (A/B timing: docs/context_parallel.md); "deepspeed" refuses chunks > 1 and P ∤ n_heads
+    context_parallel_exchange: str = "auto"
 
     def __post_init__(self):
         if self.context_parallel_degree < 1:
@@ -133,6 +142,12 @@ class ParallelConfig:
         if self.context_parallel_chunks > 1 and self.context_parallel_degree == 1:
             raise ValueError(f"parallel.context_parallel_chunks={self.context_parallel_chunks} needs "
                              "parallel.context_parallel_degree > 1 (it pipelines the context-parallel exchange)")
+        if self.context_parallel_exchange not in EXCHANGES:
+            raise ValueError(f"parallel.context_parallel_exchange must be one of {', '.join(EXCHANGES)}, "
+                             f"got {self.context_parallel_exchange!r}")
+        if self.context_parallel_exchange == "deepspeed" and self.context_parallel_chunks > 1:
+            raise ValueError(f"parallel.context_parallel_exchange=deepspeed cannot pipeline head chunks "
+                             f"(parallel.context_parallel_chunks={self.context_parallel_chunks}): use 'ours' or 'auto'")
 
 
 @dataclass
@@ -144,7 +159,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
-        check_heads(self.model.n_heads, self.parallel.context_parallel_degree, self.parallel.context_parallel_chunks)
+        check_heads(self.model.n_heads, self.parallel.context_parallel_degree, self.parallel.context_parallel_chunks,
+                    self.parallel.context_parallel_exchange)
 
     def to_dict(self) -> dict:
         return asdict(self)

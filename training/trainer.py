@@ -103,7 +103,8 @@ class Trainer:
         torch.manual_seed(r.seed)
         model = build_model(mcfg)
         if self.parallel.cp > 1:
-            apply_context_parallel(model, self.parallel.cp_group, chunks=cfg.parallel.context_parallel_chunks)
+            apply_context_parallel(model, self.parallel.cp_group, chunks=cfg.parallel.context_parallel_chunks,
+                                   exchange=cfg.parallel.context_parallel_exchange)
         if r.compile:   # with CP the Ulysses all-to-all stays eager between two compiled regions of each block
             compile_blocks(model, fullgraph=self.parallel.cp == 1)
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)

@@ -68,6 +68,15 @@ def test_config_validates_the_degree():
         load_config(None, ["parallel.context_parallel_degree=4", "parallel.context_parallel_chunks=2"])
     with pytest.raises(ValueError, match="context_parallel_chunks=3 does not divide model.n_heads=4"):
         load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=3"])
+    assert load_config(None, ["parallel.context_parallel_degree=2",
+                              "parallel.context_parallel_exchange=ours"]).parallel.context_parallel_exchange == "ours"
+    with pytest.raises(ValueError, match="context_parallel_exchange must be one of auto, deepspeed, ours, got 'ring'"):
+        load_config(None, ["parallel.context_parallel_exchange=ring"])
+    with pytest.raises(ValueError, match="exchange=deepspeed cannot pipeline head chunks"):
+        load_config(None, ["parallel.context_parallel_degree=2", "parallel.context_parallel_chunks=2",
+                           "parallel.context_parallel_exchange=deepspeed"])
+    with pytest.raises(ValueError, match="deepspeed needs parallel.context_parallel_degree=3 to divide"):
+        load_config(None, ["parallel.context_parallel_degree=3", "parallel.context_parallel_exchange=deepspeed"])
     with pytest.raises(ValueError, match="does not divide the world size 6"):
         check_degree(4, 6, 8)
     check_degree(2, 6, 8)
@@ -180,6 +189,16 @@ def test_degrees_beyond_the_heads_are_refused_and_the_exchange_is_chosen():
             kinds[P, chunks] = type(apply_context_parallel(Attention(8, 4), FakeGroup(), chunks).context_parallel)
         # DeepSpeed's exchange where it applies (P | H, one chunk); ours for uneven heads or chunks
         assert kinds == {(2, 1): UlyssesVarlen, (3, 1): UlyssesPipelined, (2, 2): UlyssesPipelined}
+        # parallel.context_parallel_exchange forces one: ours at P | H with one chunk (the A/B timing); DeepSpeed's
+        # refuses what it cannot do
+        dist.get_world_size = lambda group=None: 2
+        assert type(apply_context_parallel(Attention(8, 4), FakeGroup(), 1, "ours").context_parallel) is UlyssesPipelined
+        assert type(apply_context_parallel(Attention(8, 4), FakeGroup(), 1, "deepspeed").context_parallel) is UlyssesVarlen
+        with pytest.raises(ValueError, match="cannot pipeline 2 head chunks"):
+            apply_context_parallel(Attention(8, 4), FakeGroup(), 2, "deepspeed")
+        dist.get_world_size = lambda group=None: 3
+        with pytest.raises(ValueError, match="deepspeed needs parallel.context_parallel_degree=3 to divide model.n_heads=4"):
+            apply_context_parallel(Attention(8, 4), FakeGroup(), 1, "deepspeed")
         assert head_split(12, 8) == [2, 2, 2, 2, 1, 1, 1, 1] and head_split(4, 3) == [2, 1, 1]
         assert head_split(8, 4) == [2] * 4
     finally:

@@ -108,18 +108,19 @@ def test_compiled_cp2_equals_eager_cp2(tmp_path, seed):
 
 def test_benchmark_script_runs_a_tiny_shape_on_cpu(tmp_path):
     """benchmarks/context_parallel.py end to end (launcher → torchrun → worker) on 2 gloo ranks: tiny CP=2 rows, one
-    exchange and 2 pipelined head chunks, with world size, degrees, throughput, memory and a non-zero all-to-all
+    exchange (DeepSpeed's), 2 pipelined head chunks, and our exchange forced at one chunk, with world size, degrees, throughput, memory and a non-zero all-to-all
     share; the JSON names the commit."""
     skip_unless_sigattn("sigmoid")
     out = tmp_path / "cp.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "context_parallel.py"), "--nproc", "2", "--runs", "tiny:96:2",
-           "tiny:96:2:2", "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1",
+           "tiny:96:2:2", "tiny:96:2:1:ours", "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1",
            "--override=model.n_layers=1", "--override=model.d_model=32", "--override=model.d_ff=64", "--override=data.n_bins=11",
            "--override=data.batch_size=2", "--settings", "plan", "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert [r.get("context_parallel_chunks") for r in data["rows"]] == [1, 2]
+    assert [(r.get("context_parallel_chunks"), r.get("exchange")) for r in data["rows"]] == [
+        (1, "deepspeed"), (2, "ours"), (1, "ours")]
     for row in data["rows"]:
         assert "error" not in row, row
         assert (row["world_size"], row["context_parallel_degree"], row["data_parallel_degree"]) == (2, 2, 1)
@@ -129,5 +130,20 @@ def test_benchmark_script_runs_a_tiny_shape_on_cpu(tmp_path):
             "plan", 0, False, 2)
     assert len(data["commit"]) == 40 and data["device"] == "cpu"
     table = out.with_suffix(".md").read_text()
-    assert "| tiny | 96 | sigmoid | 2 | 2 | 1 | 1 | plan (0, False) |" in table
-    assert "| tiny | 96 | sigmoid | 2 | 2 | 2 | 1 | plan (0, False) |" in table
+    assert "| tiny | 96 | sigmoid | 2 | 2 | 1 (deepspeed) | 1 | plan (0, False) |" in table
+    assert "| tiny | 96 | sigmoid | 2 | 2 | 2 (ours) | 1 | plan (0, False) |" in table
+    assert "| tiny | 96 | sigmoid | 2 | 2 | 1 (ours) | 1 | plan (0, False) |" in table
+
+
+def test_benchmark_run_specs_parse_and_bad_ones_are_named():
+    from benchmarks.context_parallel import parse_run, resolved_exchange
+
+    assert parse_run("160m:32768:4") == ("160m", 32768, 4, 1, "auto")
+    assert parse_run("1.4b:32768:4:2") == ("1.4b", 32768, 4, 2, "auto")
+    assert parse_run("1.4b:32768:4:1:ours") == ("1.4b", 32768, 4, 1, "ours")
+    for bad in ("160m:32768", "1.4b:32768:4:1:ring", "1.4b:32k:4", "1.4b:32768:4:1:ours:x"):
+        with pytest.raises(ValueError, match="expected PRESET:CONTEXT:P\\[:C\\[:EXCHANGE\\]\\]"):
+            parse_run(bad)
+    assert [resolved_exchange(x, c, 12, P) for x, c, P in [("auto", 1, 4), ("auto", 3, 4), ("auto", 1, 8),
+                                                           ("ours", 1, 4), ("auto", 1, 1)]] == [
+        "deepspeed", "ours", "ours", "ours", "none"]

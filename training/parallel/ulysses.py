@@ -49,10 +49,11 @@ class UlyssesVarlen(nn.Module):
         return self._exchange(self.group, o.unsqueeze(1), 0, 2, 1).squeeze(1)   # [t, H, D]
 
 
-def apply_context_parallel(model: nn.Module, group, chunks: int = 1) -> nn.Module:
-    """Make every :class:`training.attention.Attention` of ``model`` attend across ``group`` (in place): DeepSpeed's
-    exchange when P divides n_heads and ``chunks`` is 1, else ours (:mod:`training.parallel.ulysses_pipelined`:
-    ``chunks`` > 1 pipelines it, P ∤ n_heads splits the heads unevenly)."""
+def apply_context_parallel(model: nn.Module, group, chunks: int = 1, exchange: str = "auto") -> nn.Module:
+    """Make every :class:`training.attention.Attention` of ``model`` attend across ``group`` (in place): with
+    ``exchange="auto"`` DeepSpeed's exchange when P divides n_heads and ``chunks`` is 1, else ours
+    (:mod:`training.parallel.ulysses_pipelined`: ``chunks`` > 1 pipelines it, P ∤ n_heads splits the heads
+    unevenly); ``"deepspeed"`` / ``"ours"`` force one (``parallel.context_parallel_exchange``)."""
     import torch.distributed as dist
 
     from training.attention import Attention
@@ -63,9 +64,11 @@ def apply_context_parallel(model: nn.Module, group, chunks: int = 1) -> nn.Modul
     n = 0
     for m in model.modules():
         if isinstance(m, Attention):
-            check_heads(m.n_heads, P, chunks)
-            even = chunks == 1 and m.n_heads % P == 0
-            m.context_parallel = UlyssesVarlen(m.core, group) if even else UlyssesPipelined(m.core, group, chunks)
+            check_heads(m.n_heads, P, chunks, exchange)
+            if exchange == "deepspeed" and chunks > 1:
+                raise ValueError(f"exchange='deepspeed' cannot pipeline {chunks} head chunks: use 'ours' or 'auto'")
+            ds = exchange == "deepspeed" or (exchange == "auto" and chunks == 1 and m.n_heads % P == 0)
+            m.context_parallel = UlyssesVarlen(m.core, group) if ds else UlyssesPipelined(m.core, group, chunks)
             n += 1
     if n == 0:
         raise ValueError("apply_context_parallel: the model has no training.attention.Attention layer")
