@@ -12,7 +12,8 @@ Two dQ variants (``launch_bwd(dq_atomic=…)``, default ``DQ_ATOMIC``):
     ``hopper_bwd_q_kernel``, grid (query tiles, B·H): a CTA holds a 128-row Q and dO tile and walks the key tiles
       (K, V double-buffered): S = Q·Kᵀ, dP = dO·Vᵀ, dQ += dS·K; 3 GEMMs.
   dQ by atomics (5 GEMMs, one kernel, not bitwise reproducible): the K/V kernel puts Pᵀ and dSᵀ in shared memory
-    (dV, dK as shared-memory GEMMs) and adds dQᵀ = Kᵀ·dSᵀ ([D, 64], fp32) into a head-major [H, tokens + 64, D]
+    (dV, dK as shared-memory GEMMs) and adds dQᵀ = Kᵀ·dSᵀ ([D, 64], fp32, in 64-row halves of D to stay within
+    the registers) into a head-major [H, tokens + 64, D]
     buffer with relaxed ``red.global.add`` (per-thread offsets are constants; no mask: query columns past L are
     exact zeros, so the spare rows and the next cell's rows get + 0.0); key rows past L are masked out of dSᵀ and,
     in the padded layout, zeroed in K. Each key tile starts its query walk at another tile (rotation) so the CTAs of
@@ -44,7 +45,7 @@ if HAVE_GLUON:
 KV_BLOCKS = (64, 128)
 Q_BLOCKS = (128, 64)
 # dQ by atomics from the K/V kernel (5 GEMMs) instead of the dQ kernel (7): not yet run on a GPU, so off by default
-# (its sm90 build spills ~100–150 B of stack at D = 128; D = 64 does not)
+# (sm90 build, D = 128: 247–251 registers, no spills, with dQᵀ in two 64-row halves; one [128, 64] piece spilled)
 DQ_ATOMIC = False
 # _prob's form in the backward: SIG 0 (two Newton steps, rel. error 7e-6): dS = P(1−P)·dP loses P's relative error
 # where P ≈ 1
@@ -101,8 +102,10 @@ if HAVE_GLUON:
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        # dQᵀ [D, BLOCK_M] = Kᵀ·dSᵀ: warpgroups split D (64 rows each) and, at D = 64, the query columns
-        WM: gl.constexpr = min(NW, D // 16)
+        # dQᵀ [D, BLOCK_M] = Kᵀ·dSᵀ in DQ_SPLIT pieces of 64 rows of D (K sliced along D), each split over the
+        # warpgroups by query columns: one [128, 64] piece plus dK, dV spills at D = 128
+        DQ_SPLIT: gl.constexpr = D // 64
+        WM: gl.constexpr = min(NW, 64 // 16)
         dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, NW // WM],
                                                        instr_shape=[16, BLOCK_M // (NW // WM), 16])
         dk = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
@@ -119,7 +122,7 @@ if HAVE_GLUON:
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
                 p_smem = gl.allocate_shared_memory(  # Pᵀ too: every GEMM reads shared memory, none pins registers
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-                dq_rows = gl.arange(0, D, layout=gl.SliceLayout(1, dq_l))
+                dq_rows = gl.arange(0, D // DQ_SPLIT, layout=gl.SliceLayout(1, dq_l))
                 dq_cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_l))
             mbarrier.init(kv_bar, count=1)
             for i in gl.static_range(2):
@@ -183,16 +186,18 @@ if HAVE_GLUON:
                     dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
                     dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
                     dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-                    dqt = warpgroup_mma(k_smem.permute((1, 0)), ds_smem, gl.zeros([D, BLOCK_M], gl.float32, dq_l),
-                                        use_acc=False, is_async=True)
-                    dqt = warpgroup_mma_wait(0, deps=(dqt,))
-                    # fire-and-forget reductions (red.global): they drain under the next tile's GEMMs
+                    # relaxed red.global adds into dQ32 [H, tokens + BLOCK_M, D]: per-thread offsets are compile-time
+                    # constants; no mask, since query columns ≥ L of dQᵀ are exact zeros (dSᵀ columns zeroed, K
+                    # finite), so rows past L (the next cell's, or the BLOCK_M spare rows) get + 0.0
                     h_i = hk * GROUP + ((i + rot) % total) // n_m
-                    # dQ32 is [H, tokens + BLOCK_M, D]: per-thread offsets are compile-time constants (immediates),
-                    # and no mask: query columns ≥ L of dQᵀ are exact zeros (dSᵀ columns zeroed, K finite), so the
-                    # rows past L (the next cell's, or the BLOCK_M spare rows) get + 0.0
                     base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
-                    gl.atomic_add(base + (dq_cols[None, :] * D + dq_rows[:, None]), dqt, sem="relaxed")
+                    for piece in gl.static_range(DQ_SPLIT):
+                        dqt = warpgroup_mma(k_smem.slice(piece * (D // DQ_SPLIT), D // DQ_SPLIT, dim=1).permute((1, 0)),
+                                            ds_smem, gl.zeros([D // DQ_SPLIT, BLOCK_M], gl.float32, dq_l),
+                                            use_acc=False, is_async=True)
+                        dqt = warpgroup_mma_wait(0, deps=(dqt,))
+                        gl.atomic_add(base + piece * (D // DQ_SPLIT) + (dq_cols[None, :] * D + dq_rows[:, None]), dqt,
+                                      sem="relaxed")
                 else:
                     pa = gl.convert_layout(pt.to(dtype), a_l)
                     dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
