@@ -11,8 +11,9 @@
 #               each (PROBE= turns it off); BASE=file (another hopper_fwd.py, carried) runs configs 'base:...' on it;
 #               LAYOUTS="padded varlen" times both calls
 #                                                                                     -> attention_hopper_variants.json
-#   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over 14 workers     -> gpu_tests.log
-#               (SIGATTN_HOPPER_BWD=1 in the environment: every op test's backward through the Hopper kernel)
+#   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over $TEST_WORKERS (8) workers     -> gpu_tests.log
+#               (SIGATTN_HOPPER_BWD=1 in the environment: every op test's backward through the Hopper kernel;
+#               ~600 tests take ~300 s on 8 workers: raise TEST_TIMEOUT, or TEST_WORKERS on a 16-core machine)
 #   trainer-tests  every gpu-marked test under tests/training and tests/launch (by marker; trainer, validation loss,
 #               embeddings, CUDA graphs), serial, kit versions first; needs the kit (bash benchmarks/gpu_wheels.sh)
 #                                                                                     -> trainer_gpu_tests.log
@@ -65,7 +66,7 @@ for phase in "$@"; do
         ${BASE:+--base base=$BASE} --layouts ${LAYOUTS:-padded} --out "$OUT/attention_hopper_variants.json" 2>&1 | tail -40 ;;
     tests)
       { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
-          -n 8 tests/sigattn; } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
+          -n "${TEST_WORKERS:-8}" tests/sigattn; } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
     trainer-tests)
       { cat "$OUT/header.txt"
         python3 -c "import importlib.metadata as m; print(' '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'mosaicml-streaming', 'zarr', 'anndata', 'submitit', 'pandas', 'numpy', 'transformers', 'torchvision')))"
