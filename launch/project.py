@@ -15,8 +15,10 @@ stage over ``--gpus`` GPUs, activations with/without checkpointing, the micro-ba
 ``launch.memory.plan``'s choice of ZeRO stage, checkpointing and micro-batch (``plan_*``); ``--settings plan``
 measures and checks with that choice instead of the preset's.
 ``--context-parallel P`` splits every cell over P GPUs (``training.parallel``): activations per GPU ÷ P,
-and each row gives the all-to-all bytes each GPU sends per cell (``cp_comm_gib_per_cell``); the FLOPs, so
-the analytic GPU-hours, do not change.
+and each row gives the all-to-all bytes each GPU sends per cell (``cp_comm_gib_per_cell``); the FLOPs do not
+change, but where P does not divide the heads the ranks with ⌈H/P⌉ heads set the attention's pace
+(``cp_head_balance`` = H/(P·⌈H/P⌉), e.g. 0.75 for 12 heads on 8 GPUs), so the analytic throughput counts the
+attention FLOPs ``12·L·d·s²`` as taking 1/balance as long.
 Writes ``projection.{md,csv,json,png}`` to ``--out``; the plot compares sigmoid and softmax GPU-hours
 per size, one panel per context (like Figure 3 of the sigmoid-attention paper).
 """
@@ -34,6 +36,7 @@ from rich.progress import Progress
 
 from launch.memory import checkpointing_value, cp_comm_bytes, feasibility, plan
 from launch.model_size import flops_per_cell, model_size
+from training.parallel.ulysses_pipelined import head_balance
 
 ATTENTIONS = ("sigmoid", "softmax")
 H100_BF16_PEAK = 989e12
@@ -44,6 +47,13 @@ def _plan(m, context: int, gpus: int, gpu_mem_gib: float, context_parallel: int)
         return plan(m, context, gpus, gpu_mem_gib, context_parallel=context_parallel)
     except ValueError:
         return None
+
+
+def effective_flops(m, context: int, context_parallel: int = 1) -> float:
+    """A cell's training FLOPs as the GPUs spend time on them: the attention term ``12·L·d·s²`` over the head
+    balance of the context-parallel split (:func:`training.parallel.ulysses_pipelined.head_balance`)."""
+    attention = 12 * m.n_layers * m.d_model * context * context
+    return flops_per_cell(m, context) + attention * (1 / head_balance(m.n_heads, context_parallel) - 1)
 
 
 def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int, gpu_mem_gib: float,
@@ -61,6 +71,7 @@ def _row(m, context: int, attention: str, cells: float, epochs: float, gpus: int
            "act_gib_per_cell_ckpt": f.act_gib_per_cell_ckpt, "max_cells": f.max_cells,
            "max_cells_ckpt": f.max_cells_ckpt, "memory": f.verdict, "context_parallel_degree": context_parallel,
            "cp_comm_gib_per_cell": -(-context // context_parallel) * cp_comm_bytes(m, context_parallel) / 2**30,
+           "cp_head_balance": head_balance(m.n_heads, context_parallel),
            "plan_zero_stage": pl.zero_stage if pl else None,
            "plan_checkpointing": pl.activation_checkpointing if pl else None,
            "plan_micro_batch": pl.micro_batch if pl else None,
@@ -93,7 +104,7 @@ def project(sizes, contexts, *, cells: float, gpus: int, epochs: float = 1.0, mf
                 for att in attentions:
                     progress.update(task, description=f"{s} ctx {ctx} {att}")
                     if measure_steps is None:
-                        rate = mfu * peak_flops / flops_per_cell(m, ctx)
+                        rate = mfu * peak_flops / effective_flops(m, ctx, context_parallel)
                         rows.append(_row(m, ctx, att, cells, epochs, gpus, gpu_mem_gib, rate, f"mfu={mfu:g}", pl,
                                          context_parallel=context_parallel, settings=settings))
                     else:
@@ -159,7 +170,7 @@ def _markdown(rows: list[dict], header: str) -> str:
             "sigmoid_saving_pct", "dp_efficiency", "zero_stage", "model_state_gib", "max_cells", "max_cells_ckpt", "memory",
             "plan_zero_stage", "plan_checkpointing", "plan_micro_batch"]
     if any(r.get("context_parallel_degree", 1) > 1 for r in rows):
-        cols += ["context_parallel_degree", "cp_comm_gib_per_cell"]
+        cols += ["context_parallel_degree", "cp_comm_gib_per_cell", "cp_head_balance"]
     if any("measured_batch" in r for r in rows):
         cols += ["measured_batch", "measured_mem_gb"]
 

@@ -57,6 +57,7 @@ from training.encoder import build_model
 from training.masking import choose_masked, mask_generator
 from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token, head_params
 from training.parallel import apply_context_parallel, backward_scale, init_parallel, shard_batch
+from training.parallel.ulysses_pipelined import head_balance
 
 
 class NonFiniteError(RuntimeError):
@@ -143,7 +144,7 @@ class Trainer:
             H, P = mcfg.n_heads, self.parallel.cp
             if P > 1 and H % P:
                 print(f"[sigattn] context parallel {P} over {H} heads: {-(-H // P)} or {H // P} heads per rank "
-                      f"(uneven; attention runs at {H / (P * -(-H // P)):.2f} of an even split's balance)", flush=True)
+                      f"(uneven; attention runs at {head_balance(H, P):.2f} of an even split's balance)", flush=True)
 
     def _record_config(self) -> None:
         """``config.yaml``: the config of this start (each checkpoint keeps the one it was trained with);

@@ -10,7 +10,7 @@ import pytest
 
 from launch import project, submit
 from launch.memory import activation_bytes, cp_comm_bytes, feasibility
-from launch.model_size import model_size
+from launch.model_size import flops_per_cell, model_size
 
 
 def _args(*extra):
@@ -59,3 +59,18 @@ def test_projection_rows_carry_the_degree(tmp_path, capsys):
     with pytest.raises(SystemExit):
         project.main(["--gpus", "6", "--context-parallel", "4", "--out", str(tmp_path / "bad")])
     assert "--context-parallel 4 must be >= 1 and divide --gpus 6" in capsys.readouterr().err
+
+
+def test_projection_charges_uneven_heads_on_the_attention_only():
+    """160m has 12 heads: CP = 4 splits them evenly (balance 1), CP = 8 gives 2 or 1 heads per rank (balance 0.75),
+    so the attention FLOPs 12·L·d·s² take 1/0.75 as long and nothing else does."""
+    m = model_size("160m")
+    s, mfu, peak = 32768, 0.4, 1e15
+    even, uneven = (project.project(["160m"], [s], cells=1e6, gpus=8, mfu=mfu, peak_flops=peak,
+                                    attentions=("sigmoid",), context_parallel=P)[0] for P in (4, 8))
+    assert even["cp_head_balance"] == 1.0 and uneven["cp_head_balance"] == 0.75
+    assert even["gpu_hours"] == pytest.approx(1e6 * flops_per_cell(m, s) / (mfu * peak) / 3600)
+    attention = 12 * m.n_layers * m.d_model * s * s
+    assert uneven["gpu_hours"] / even["gpu_hours"] == pytest.approx(
+        (flops_per_cell(m, s) + attention / 3) / flops_per_cell(m, s))
+    assert uneven["flops_per_cell"] == even["flops_per_cell"]     # the FLOPs counted (MFU) do not change

@@ -46,6 +46,12 @@ def head_split(h: int, P: int) -> list[int]:
     return [h // P + (r < h % P) for r in range(P)]
 
 
+def head_balance(h: int, P: int) -> float:
+    """Attention's speed under an uneven split relative to an even one, ``h / (P·⌈h/P⌉)``: the ranks with the most
+    heads set the pace (1.0 where P divides h; 12 heads on 8 ranks: 0.75)."""
+    return h / (P * -(-h // P))
+
+
 def _scatter_heads(x: torch.Tensor, split: list[int], group):
     """Start the exchange ``x [t, …, h, D]`` (my tokens, all heads) → ``[P·t, …, h_me, D]`` (all tokens, my heads).
     Returns (receive buffer, work, finish) — ``finish(buf)`` shapes the buffer once ``work`` is done."""
