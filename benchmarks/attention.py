@@ -3,7 +3,9 @@
 Ours: ``hopper_padded``/``hopper_varlen`` = the Gluon sm90 forward (sigattn/hopper_fwd.py; backward is the portable
 Triton one, as the ops run it), ``hopper_bwd_padded``/``hopper_bwd_varlen`` = the same with the Gluon sm90 backward
 (sigattn/hopper_bwd.py, opt-in: dQ in its own kernel), ``hopper_bwd5_padded``/``hopper_bwd5_varlen`` = its 5-GEMM
-variant (dQ by fp32 atomics from the K/V kernel), ``ours_padded``/``ours_varlen`` = the portable Triton kernels.
+variant (dQ by fp32 atomics from the K/V kernel), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded)
+with σ and dS skipped (timing probes, wrong gradients: what the GEMMs and data movement alone take),
+``ours_padded``/``ours_varlen`` = the portable Triton kernels.
 
 Setup (issue 3): bf16, 16,384 tokens per step, hidden 2048 (H = 2048/D), non-causal, −log n bias on for sigmoid
 kernels. Padding p ∈ {0, 25, 50}%: B = 16384/N sequences with lengths evenly spread over [(1−2p)·N, N] (mean
@@ -36,7 +38,7 @@ from sigattn.triton_fwd import launch_fwd  # noqa: E402
 
 TOKENS, HIDDEN = 16384, 2048
 KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
-           "hopper_bwd5_varlen", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
+           "hopper_bwd5_varlen", "hopper_bwd_probe", "hopper_bwd5_probe", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
 
 
 def lengths(N: int, pad: float) -> list[int]:
@@ -81,8 +83,8 @@ def make_runner(kernel, D, N, pad):
         cfg = os.environ.get("SIGATTN_HOPPER_CONFIG")  # "BLOCK_M,BLOCK_N,STAGES" to try another tiling
         hkw = dict(kw, config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
         if kernel.startswith("hopper_bwd"):
-            atomic = kernel.startswith("hopper_bwd5")
-            bwd_fn = lambda *a, **k: hopper_bwd.launch_bwd(*a, dq_atomic=atomic, **k)  # noqa: E731
+            atomic, probe = kernel.startswith("hopper_bwd5"), int(kernel.endswith("probe"))
+            bwd_fn = lambda *a, **k: hopper_bwd.launch_bwd(*a, dq_atomic=atomic, probe=probe, **k)  # noqa: E731
         else:
             bwd_fn = lambda *a, **k: launch_bwd(*a, deterministic=False, **k)  # noqa: E731
 

@@ -88,7 +88,7 @@ if HAVE_GLUON:
                              stride_dkt, stride_dvt, stride_dqh,
                              VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                              FAST_SIGMOID: gl.constexpr, CLEAN: gl.constexpr, BLOCK_M: gl.constexpr,
-                             BLOCK_N: gl.constexpr, D: gl.constexpr, DQ_ATOMIC: gl.constexpr):
+                             BLOCK_N: gl.constexpr, D: gl.constexpr, DQ_ATOMIC: gl.constexpr, PROBE: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_desc.dtype
         pid_n = gl.program_id(0)
@@ -173,8 +173,12 @@ if HAVE_GLUON:
                                     gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
                 st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
                 keep = (start_m + cols) < L
-                pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG_BWD), 0.0)
-                dst = gl.where(keep[None, :], pt * (1.0 - pt) * dpt, 0.0)
+                if PROBE:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
+                    pt = gl.where(keep[None, :], st, 0.0)
+                    dst = gl.where(keep[None, :], dpt, 0.0)
+                else:
+                    pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG_BWD), 0.0)
+                    dst = gl.where(keep[None, :], pt * (1.0 - pt) * dpt, 0.0)
                 if DQ_ATOMIC:  # key rows ≥ L reach dQ here (not only dK rows that are never stored)
                     dst = gl.where(keys_in[:, None], dst, 0.0)
                 dsb = dst.to(dtype)
@@ -216,7 +220,7 @@ if HAVE_GLUON:
     def hopper_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, DQ, SeqInfo, scale, bias, N, H, GROUP, stride_dqt,
                             VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                             FAST_SIGMOID: gl.constexpr, CLEAN: gl.constexpr, BLOCK_M: gl.constexpr,
-                            BLOCK_N: gl.constexpr, D: gl.constexpr):
+                            BLOCK_N: gl.constexpr, D: gl.constexpr, PROBE: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_desc.dtype
         pid_m = gl.program_id(0)
@@ -272,8 +276,11 @@ if HAVE_GLUON:
                 dp = warpgroup_mma(do_smem, v_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s, dp = warpgroup_mma_wait(0, deps=(s, dp))
                 keep = (start_n + cols) < L
-                p = _prob(s * c1 + c0, FAST_SIGMOID, SIG_BWD)
-                ds = gl.where(keep[None, :], p * (1.0 - p) * dp, 0.0)
+                if PROBE:  # timing probe only (wrong gradients)
+                    ds = gl.where(keep[None, :], dp, 0.0)
+                else:
+                    p = _prob(s * c1 + c0, FAST_SIGMOID, SIG_BWD)
+                    ds = gl.where(keep[None, :], p * (1.0 - p) * dp, 0.0)
                 dsa = gl.convert_layout(ds.to(dtype), a_l)
                 dq = warpgroup_mma(dsa, k_smem.index(buf), dq, is_async=True)
                 dq, dsa = warpgroup_mma_wait(0, deps=(dq, dsa))
@@ -286,10 +293,11 @@ if HAVE_GLUON:
 
 def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float, bias: float,
                log_n_bias: bool, causal: bool, fast_sigmoid: bool = True, kv_blocks=None, q_blocks=None,
-               dq_atomic: bool | None = None):
+               dq_atomic: bool | None = None, probe: int = 0):
     """(dq, dk, dv) for ``supported`` inputs; same contract as triton_bwd.launch_bwd (outputs contiguous).
     ``dq_atomic``: dQ by fp32 atomics from the K/V kernel (5 GEMMs, one kernel, not deterministic) instead of the
-    dQ kernel (7 GEMMs, deterministic); default ``DQ_ATOMIC``."""
+    dQ kernel (7 GEMMs, deterministic); default ``DQ_ATOMIC``. ``probe=1`` (timing experiments only, wrong
+    gradients) skips σ and dS: the time of the GEMMs, loads and stores alone."""
     assert supported(do, q, k, v, causal), "hopper_bwd.launch_bwd called on unsupported input"
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -307,7 +315,7 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
     kv_m, kv_n = kv_blocks or KV_BLOCKS
     q_m, q_n = q_blocks or Q_BLOCKS
     meta = dict(VARLEN=varlen, HAS_LENS=has_lens, LOG_N_BIAS=bool(log_n_bias), FAST_SIGMOID=bool(fast_sigmoid),
-                CLEAN=not varlen, D=D, num_warps=8)
+                CLEAN=not varlen, D=D, PROBE=int(probe), num_warps=8)
     st = (lambda t: t.stride(0)) if varlen else (lambda t: t.stride(1))  # noqa: E731
     q2, k2, v2, do2 = (_as_2d(t, varlen) for t in (q, k, v, do))
     T = q2.shape[0]  # token rows (B·N padded)
@@ -349,7 +357,7 @@ def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False):
     for name, (kern, (bm, bn), q_rows, k_rows, rest, own) in kernels.items():
         sig = {"q_desc": desc(q_rows), "k_desc": desc(k_rows), "v_desc": desc(k_rows), "do_desc": desc(q_rows), **rest}
         const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN=not varlen,
-                     BLOCK_M=bm, BLOCK_N=bn, D=D, **own)
+                     BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=0, **own)
         sig.update({k: "constexpr" for k in const})
         out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": 8})
