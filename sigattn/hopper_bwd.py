@@ -189,7 +189,6 @@ if HAVE_GLUON:
                     gl.thread_barrier()
                     dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
                     dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
-                    dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                     # relaxed red.global adds into dQ32 [H, tokens + BLOCK_M, D]: per-thread offsets are compile-time
                     # constants; no mask, since query columns ≥ L of dQᵀ are exact zeros (dSᵀ columns zeroed, K
                     # finite), so rows past L (the next cell's, or the BLOCK_M spare rows) get + 0.0
@@ -199,7 +198,7 @@ if HAVE_GLUON:
                         dqt = warpgroup_mma(k_smem.slice(piece * (D // DQ_SPLIT), D // DQ_SPLIT, dim=1).permute((1, 0)),
                                             ds_smem, gl.zeros([D // DQ_SPLIT, BLOCK_M], gl.float32, dq_l),
                                             use_acc=False, is_async=True)
-                        dqt = warpgroup_mma_wait(0, deps=(dqt,))
+                        dqt, dv, dk = warpgroup_mma_wait(0, deps=(dqt, dv, dk))  # the first also ends dV, dK
                         gl.atomic_add(base + piece * (D // DQ_SPLIT) + (dq_cols[None, :] * D + dq_rows[:, None]), dqt,
                                       sem="relaxed")
                 else:
