@@ -199,12 +199,10 @@ def _meta() -> dict:
 
 
 def resolved_exchange(exchange: str, chunks: int, n_heads: int, P: int) -> str:
-    """The all-to-all a run used (training.parallel.ulysses.apply_context_parallel's choice); "none" without CP."""
-    if P == 1:
-        return "none"
-    if exchange != "auto":
-        return exchange
-    return "deepspeed" if chunks == 1 and n_heads % P == 0 else "ours"
+    """The all-to-all a run used (:func:`training.parallel.ulysses.exchange_for`); "none" without CP."""
+    from training.parallel.ulysses import exchange_for
+
+    return "none" if P == 1 else exchange_for(n_heads, P, chunks, exchange)
 
 
 def table(rows: list[dict]) -> str:

@@ -45,7 +45,7 @@ if HAVE_GLUON:
 KV_BLOCKS = (64, 128)
 Q_BLOCKS = (128, 64)
 # dQ by atomics from the K/V kernel (5 GEMMs) instead of the dQ kernel (7): not yet run on a GPU, so off by default
-# (sm90 build, D = 128: 247–251 registers, no spills, with dQᵀ in two 64-row halves; one [128, 64] piece spilled)
+# (sm90 build, D = 128: 247–248 registers, no spills, with dQᵀ in two 64-row halves; one [128, 64] piece spilled)
 DQ_ATOMIC = False
 # _prob's form in the backward: SIG 0 (two Newton steps, rel. error 7e-6): dS = P(1−P)·dP loses P's relative error
 # where P ≈ 1
@@ -102,12 +102,12 @@ if HAVE_GLUON:
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        # dQᵀ [D, BLOCK_M] = Kᵀ·dSᵀ in DQ_SPLIT pieces of 64 rows of D (K sliced along D), each split over the
-        # warpgroups by query columns: one [128, 64] piece plus dK, dV spills at D = 128
+        # dQᵀ [D, BLOCK_M] = Kᵀ·dSᵀ in DQ_SPLIT pieces of 64 rows of D (K sliced along D): one warpgroup (4 warps)
+        # spans a piece's 64 rows, the warpgroups split its query columns (one [128, 64] piece plus dK, dV spills
+        # at D = 128)
         DQ_SPLIT: gl.constexpr = D // 64
-        WM: gl.constexpr = min(NW, 64 // 16)
-        dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, NW // WM],
-                                                       instr_shape=[16, BLOCK_M // (NW // WM), 16])
+        dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, NW // 4],
+                                                       instr_shape=[16, BLOCK_M // (NW // 4), 16])
         dk = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         dv = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         if start_n < L:
@@ -136,12 +136,11 @@ if HAVE_GLUON:
             total = GROUP * n_m
             # with dQ atomics, each key tile starts its walk at another query tile, so the CTAs of one sequence
             # do not all add into the same dQ rows at once (step i takes item (i + rot) mod total)
-            rot = (pid_n % n_m) if DQ_ATOMIC else 0
-            h0 = hk * GROUP + rot // n_m
+            rot = (pid_n % n_m) if DQ_ATOMIC else 0  # < n_m: item rot is query tile rot of the group's first head
             mbarrier.expect(ld_bar.index(0), 2 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [row0 + (rot % n_m) * BLOCK_M, h0 * D], ld_bar.index(0),
+            tma.async_copy_global_to_shared(q_desc, [row0 + rot * BLOCK_M, hk * GROUP * D], ld_bar.index(0),
                                             q_smem.index(0))
-            tma.async_copy_global_to_shared(do_desc, [row0 + (rot % n_m) * BLOCK_M, h0 * D], ld_bar.index(0),
+            tma.async_copy_global_to_shared(do_desc, [row0 + rot * BLOCK_M, hk * GROUP * D], ld_bar.index(0),
                                             do_smem.index(0))
             cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
             mbarrier.wait(kv_bar, 0)
@@ -162,7 +161,8 @@ if HAVE_GLUON:
                     tma.async_copy_global_to_shared(do_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
                                                     do_smem.index(nb))
                 mbarrier.wait(ld_bar.index(buf), (i // 2) & 1)
-                start_m = ((i + rot) % n_m) * BLOCK_M
+                item = (i + rot) % total  # (head hk·GROUP + item // n_m, query tile item % n_m)
+                start_m = (item % n_m) * BLOCK_M
                 if CLEAN:
                     if start_m + BLOCK_M > L:
                         _zero_tail(q_smem.index(buf), start_m, L, BLOCK_M, D, NW)
@@ -192,7 +192,7 @@ if HAVE_GLUON:
                     # relaxed red.global adds into dQ32 [H, tokens + BLOCK_M, D]: per-thread offsets are compile-time
                     # constants; no mask, since query columns ≥ L of dQᵀ are exact zeros (dSᵀ columns zeroed, K
                     # finite), so rows past L (the next cell's, or the BLOCK_M spare rows) get + 0.0
-                    h_i = hk * GROUP + ((i + rot) % total) // n_m
+                    h_i = hk * GROUP + item // n_m
                     base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
                     for piece in gl.static_range(DQ_SPLIT):
                         dqt = warpgroup_mma(k_smem.slice(piece * (D // DQ_SPLIT), D // DQ_SPLIT, dim=1).permute((1, 0)),

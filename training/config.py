@@ -117,6 +117,9 @@ def check_heads(n_heads: int, P: int, chunks: int = 1, exchange: str = "auto") -
         where = f"model.n_heads={n_heads}" + (f" / parallel.context_parallel_chunks={chunks}" if chunks > 1 else "")
         raise ValueError(f"parallel.context_parallel_degree={P} exceeds {where} = {n_heads // chunks} heads: the "
                          "Ulysses all-to-all gives every context-parallel rank at least one whole head")
+    if exchange == "deepspeed" and chunks > 1:
+        raise ValueError(f"parallel.context_parallel_exchange=deepspeed cannot pipeline head chunks "
+                         f"(parallel.context_parallel_chunks={chunks}): use 'ours' or 'auto'")
     if exchange == "deepspeed" and n_heads % P:
         raise ValueError(f"parallel.context_parallel_exchange=deepspeed needs parallel.context_parallel_degree={P} "
                          f"to divide model.n_heads={n_heads} (DeepSpeed splits heads evenly): use 'ours' or 'auto'")
@@ -145,9 +148,6 @@ class ParallelConfig:
         if self.context_parallel_exchange not in EXCHANGES:
             raise ValueError(f"parallel.context_parallel_exchange must be one of {', '.join(EXCHANGES)}, "
                              f"got {self.context_parallel_exchange!r}")
-        if self.context_parallel_exchange == "deepspeed" and self.context_parallel_chunks > 1:
-            raise ValueError(f"parallel.context_parallel_exchange=deepspeed cannot pipeline head chunks "
-                             f"(parallel.context_parallel_chunks={self.context_parallel_chunks}): use 'ours' or 'auto'")
 
 
 @dataclass

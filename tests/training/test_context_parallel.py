@@ -194,7 +194,7 @@ def test_degrees_beyond_the_heads_are_refused_and_the_exchange_is_chosen():
         dist.get_world_size = lambda group=None: 2
         assert type(apply_context_parallel(Attention(8, 4), FakeGroup(), 1, "ours").context_parallel) is UlyssesPipelined
         assert type(apply_context_parallel(Attention(8, 4), FakeGroup(), 1, "deepspeed").context_parallel) is UlyssesVarlen
-        with pytest.raises(ValueError, match="cannot pipeline 2 head chunks"):
+        with pytest.raises(ValueError, match="deepspeed cannot pipeline head chunks \\(parallel.context_parallel_chunks=2\\)"):
             apply_context_parallel(Attention(8, 4), FakeGroup(), 2, "deepspeed")
         dist.get_world_size = lambda group=None: 3
         with pytest.raises(ValueError, match="deepspeed needs parallel.context_parallel_degree=3 to divide model.n_heads=4"):

@@ -49,6 +49,14 @@ class UlyssesVarlen(nn.Module):
         return self._exchange(self.group, o.unsqueeze(1), 0, 2, 1).squeeze(1)   # [t, H, D]
 
 
+def exchange_for(n_heads: int, P: int, chunks: int = 1, exchange: str = "auto") -> str:
+    """The all-to-all ``parallel.context_parallel_exchange`` resolves to: "deepspeed" (DeepSpeed's, which needs
+    P | n_heads and one chunk; what ``auto`` takes where it applies) or "ours" (:mod:`.ulysses_pipelined`)."""
+    if exchange != "auto":
+        return exchange
+    return "deepspeed" if chunks == 1 and n_heads % P == 0 else "ours"
+
+
 def apply_context_parallel(model: nn.Module, group, chunks: int = 1, exchange: str = "auto") -> nn.Module:
     """Make every :class:`training.attention.Attention` of ``model`` attend across ``group`` (in place): with
     ``exchange="auto"`` DeepSpeed's exchange when P divides n_heads and ``chunks`` is 1, else ours
@@ -65,9 +73,7 @@ def apply_context_parallel(model: nn.Module, group, chunks: int = 1, exchange: s
     for m in model.modules():
         if isinstance(m, Attention):
             check_heads(m.n_heads, P, chunks, exchange)
-            if exchange == "deepspeed" and chunks > 1:
-                raise ValueError(f"exchange='deepspeed' cannot pipeline {chunks} head chunks: use 'ours' or 'auto'")
-            ds = exchange == "deepspeed" or (exchange == "auto" and chunks == 1 and m.n_heads % P == 0)
+            ds = exchange_for(m.n_heads, P, chunks, exchange) == "deepspeed"
             m.context_parallel = UlyssesVarlen(m.core, group) if ds else UlyssesPipelined(m.core, group, chunks)
             n += 1
     if n == 0:
