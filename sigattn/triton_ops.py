@@ -10,7 +10,8 @@ for the inputs it supports (bf16/fp16, D 64/128, non-causal, heads contiguous); 
 the Triton interpreter use the portable Triton kernels. ``SIGATTN_HOPPER=0`` turns the Hopper kernel off.
 The Gluon Hopper backward (``hopper_bwd``: its GPU tests pass; on an H200 it runs at 0.78–0.90× the portable
 backward) is opt-in: ``SIGATTN_HOPPER_BWD=1`` routes the backward of the inputs it supports there (deterministic
-mode keeps its dQ kernel, never the atomic variant).
+mode keeps its dQ kernel, never the atomic variant; ``SIGATTN_HOPPER_DQ_ATOMIC=1|0`` picks the variant otherwise,
+default ``hopper_bwd.DQ_ATOMIC``).
 """
 
 import functools
@@ -48,7 +49,8 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen, max_seqlen, scale, bias, log_n_
         return hopper_bwd.launch_bwd(do, q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale,
                                      bias=bias, log_n_bias=log_n_bias, causal=causal,
                                      fast_sigmoid=tuning.fast_sigmoid(q.dtype),
-                                     dq_atomic=False if tuning.deterministic() else None)
+                                     dq_atomic=not tuning.deterministic() and tuning._flag(
+                                         "SIGATTN_HOPPER_DQ_ATOMIC", "1" if hopper_bwd.DQ_ATOMIC else "0"))
     return _portable_bwd(do, q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale, bias=bias,
                          log_n_bias=log_n_bias, causal=causal)
 
