@@ -36,7 +36,7 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+                                                                  warpgroup_mma_init, warpgroup_mma_wait)
 
     from .hopper_fwd import _coeffs, _prob, _seq
 
@@ -47,6 +47,10 @@ Q_BLOCKS = (128, 64)
 # dQ by atomics from the K/V kernel (5 GEMMs) instead of the dQ kernel (7): not yet run on a GPU, so off by default
 # (sm90 build, D = 128: 247–248 registers, no spills, with dQᵀ in two 64-row halves; one [128, 64] piece spilled)
 DQ_ATOMIC = False
+# How the 7-GEMM kernels overlap σ/dS (CUDA cores) with the tensor cores within a warpgroup: 0 none (wait for every
+# GEMM); 1 σ under dPᵀ's GEMM, dSᵀ under dV's (kv kernel), σ under dP's (q kernel); 2 also dK's / dQ's GEMM runs on
+# into the next step (its buffer refilled once the next step's first GEMM is done)
+OVERLAP = 2
 # _prob's form in the backward: SIG 0 (two Newton steps, rel. error 7e-6): dS = P(1−P)·dP loses P's relative error
 # where P ≈ 1
 SIG_BWD = gl.constexpr(0) if HAVE_GLUON else 0
@@ -88,7 +92,8 @@ if HAVE_GLUON:
                              stride_dkt, stride_dvt, stride_dqh,
                              VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                              FAST_SIGMOID: gl.constexpr, CLEAN: gl.constexpr, BLOCK_M: gl.constexpr,
-                             BLOCK_N: gl.constexpr, D: gl.constexpr, DQ_ATOMIC: gl.constexpr, PROBE: gl.constexpr):
+                             BLOCK_N: gl.constexpr, D: gl.constexpr, DQ_ATOMIC: gl.constexpr, PROBE: gl.constexpr,
+                             OVERLAP: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_desc.dtype
         pid_n = gl.program_id(0)
@@ -149,9 +154,15 @@ if HAVE_GLUON:
                     if start_n + BLOCK_N > L:
                         _zero_tail(k_smem, start_n, L, BLOCK_N, D, NW)
                 keys_in = (start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_l))) < L
+            LATE: gl.constexpr = OVERLAP == 2 and not DQ_ATOMIC  # dK's GEMM runs on into the next step
+            if LATE:  # the register A operands of the GEMMs still in flight at the top of a step
+                pa = gl.zeros([BLOCK_N, BLOCK_M], dtype, a_l)
+                dsa = gl.zeros([BLOCK_N, BLOCK_M], dtype, a_l)
+                dk = warpgroup_mma_init(dk)  # loop-carried as in-flight accumulators
+                dv = warpgroup_mma_init(dv)
             for i in range(total):
                 buf = i % 2
-                if i + 1 < total:  # prefetch the next (head, query tile); its buffer's GEMMs finished last step
+                if i + 1 < total and not LATE:  # prefetch the next (head, query tile); its buffer's GEMMs finished
                     nb = (i + 1) % 2
                     h1 = hk * GROUP + ((i + 1 + rot) % total) // n_m
                     m1 = (i + 1 + rot) % n_m
@@ -171,13 +182,34 @@ if HAVE_GLUON:
                                    gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
                 dpt = warpgroup_mma(v_smem, do_smem.index(buf).permute((1, 0)),
                                     gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
-                st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
+                if DQ_ATOMIC or OVERLAP == 0:
+                    st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
+                elif OVERLAP == 1:  # Sᵀ done, dPᵀ still running under σ
+                    st = warpgroup_mma_wait(1, deps=(st,))
+                else:  # last step's dV, dK and this Sᵀ done (in order), dPᵀ still running
+                    dv, dk, pa, dsa, st = warpgroup_mma_wait(1, deps=(dv, dk, pa, dsa, st))
+                    gl.thread_barrier()  # both warpgroups are done with the other buffer: refill it
+                    if i + 1 < total:
+                        nb = (i + 1) % 2
+                        h1 = hk * GROUP + ((i + 1 + rot) % total) // n_m
+                        m1 = (i + 1 + rot) % n_m
+                        mbarrier.expect(ld_bar.index(nb), 2 * q_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(q_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
+                                                        q_smem.index(nb))
+                        tma.async_copy_global_to_shared(do_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
+                                                        do_smem.index(nb))
                 keep = (start_m + cols) < L
                 if PROBE:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
                     pt = gl.where(keep[None, :], st, 0.0)
-                    dst = gl.where(keep[None, :], dpt, 0.0)
                 else:
                     pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG_BWD), 0.0)
+                if not DQ_ATOMIC and OVERLAP >= 1:  # dV = Pᵀ·dO runs while dSᵀ is computed
+                    pa = gl.convert_layout(pt.to(dtype), a_l)
+                    dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
+                    dpt = warpgroup_mma_wait(1, deps=(dpt,))
+                if PROBE:
+                    dst = gl.where(keep[None, :], dpt, 0.0)
+                else:
                     dst = gl.where(keep[None, :], pt * (1.0 - pt) * dpt, 0.0)
                 if DQ_ATOMIC:  # key rows ≥ L reach dQ here (not only dK rows that are never stored)
                     dst = gl.where(keys_in[:, None], dst, 0.0)
@@ -202,12 +234,17 @@ if HAVE_GLUON:
                         gl.atomic_add(base + piece * (D // DQ_SPLIT) + (dq_cols[None, :] * D + dq_rows[:, None]), dqt,
                                       sem="relaxed")
                 else:
-                    pa = gl.convert_layout(pt.to(dtype), a_l)
-                    dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
+                    if OVERLAP == 0:
+                        pa = gl.convert_layout(pt.to(dtype), a_l)
+                        dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
                     dsa = gl.convert_layout(dsb, a_l)
                     dk = warpgroup_mma(dsa, q_smem.index(buf), dk, is_async=True)
-                    dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
-                gl.thread_barrier()  # every warpgroup is done with buffer `buf` (and dSᵀ) before it is refilled
+                    if not LATE:
+                        dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
+                if not LATE:
+                    gl.thread_barrier()  # every warpgroup is done with buffer `buf` (and dSᵀ) before it is refilled
+            if LATE:
+                dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
             dk = dk * scale
         if start_n < n_rows:
             _store_rows(DK + row0.to(gl.int64) * stride_dkt + hk * D, dk, stride_dkt, start_n, L, n_rows,
@@ -219,7 +256,7 @@ if HAVE_GLUON:
     def hopper_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, DQ, SeqInfo, scale, bias, N, H, GROUP, stride_dqt,
                             VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                             FAST_SIGMOID: gl.constexpr, CLEAN: gl.constexpr, BLOCK_M: gl.constexpr,
-                            BLOCK_N: gl.constexpr, D: gl.constexpr, PROBE: gl.constexpr):
+                            BLOCK_N: gl.constexpr, D: gl.constexpr, PROBE: gl.constexpr, OVERLAP: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_desc.dtype
         pid_m = gl.program_id(0)
@@ -257,9 +294,12 @@ if HAVE_GLUON:
             s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_l)
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
             mbarrier.wait(q_bar, 0)
+            if OVERLAP == 2:  # dQ's GEMM runs on into the next step: its register A operand stays live
+                dsa = gl.zeros([BLOCK_M, BLOCK_N], dtype, a_l)
+                dq = warpgroup_mma_init(dq)
             for j in range(n_kv):
                 buf = j % 2
-                if j + 1 < n_kv:
+                if j + 1 < n_kv and OVERLAP < 2:
                     nb = (j + 1) % 2
                     mbarrier.expect(ld_bar.index(nb), 2 * k_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(k_desc, [row0 + (j + 1) * BLOCK_N, hk * D], ld_bar.index(nb),
@@ -273,17 +313,36 @@ if HAVE_GLUON:
                         _zero_tail(k_smem.index(buf), start_n, L, BLOCK_N, D, NW)
                 s = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 dp = warpgroup_mma(do_smem, v_smem.index(buf).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                s, dp = warpgroup_mma_wait(0, deps=(s, dp))
+                if OVERLAP == 0:
+                    s, dp = warpgroup_mma_wait(0, deps=(s, dp))
+                elif OVERLAP == 1:  # S done, dP still running under σ
+                    s = warpgroup_mma_wait(1, deps=(s,))
+                else:  # last step's dQ and this S done (in order), dP still running
+                    dq, dsa, s = warpgroup_mma_wait(1, deps=(dq, dsa, s))
+                    gl.thread_barrier()  # both warpgroups are done with the other buffer: refill it
+                    if j + 1 < n_kv:
+                        nb = (j + 1) % 2
+                        mbarrier.expect(ld_bar.index(nb), 2 * k_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(k_desc, [row0 + (j + 1) * BLOCK_N, hk * D], ld_bar.index(nb),
+                                                        k_smem.index(nb))
+                        tma.async_copy_global_to_shared(v_desc, [row0 + (j + 1) * BLOCK_N, hk * D], ld_bar.index(nb),
+                                                        v_smem.index(nb))
                 keep = (start_n + cols) < L
+                if not PROBE:
+                    p = _prob(s * c1 + c0, FAST_SIGMOID, SIG_BWD)
+                if OVERLAP >= 1:
+                    dp = warpgroup_mma_wait(0, deps=(dp,))
                 if PROBE:  # timing probe only (wrong gradients)
                     ds = gl.where(keep[None, :], dp, 0.0)
                 else:
-                    p = _prob(s * c1 + c0, FAST_SIGMOID, SIG_BWD)
                     ds = gl.where(keep[None, :], p * (1.0 - p) * dp, 0.0)
                 dsa = gl.convert_layout(ds.to(dtype), a_l)
                 dq = warpgroup_mma(dsa, k_smem.index(buf), dq, is_async=True)
+                if OVERLAP < 2:
+                    dq, dsa = warpgroup_mma_wait(0, deps=(dq, dsa))
+                    gl.thread_barrier()
+            if OVERLAP == 2:
                 dq, dsa = warpgroup_mma_wait(0, deps=(dq, dsa))
-                gl.thread_barrier()
             dq = dq * scale
         if start_m < n_rows:
             _store_rows(DQ + row0.to(gl.int64) * stride_dqt + h * D, dq, stride_dqt, start_m, L, n_rows,
@@ -292,11 +351,11 @@ if HAVE_GLUON:
 
 def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float, bias: float,
                log_n_bias: bool, causal: bool, fast_sigmoid: bool = True, kv_blocks=None, q_blocks=None,
-               dq_atomic: bool | None = None, probe: int = 0):
+               dq_atomic: bool | None = None, probe: int = 0, overlap: int | None = None):
     """(dq, dk, dv) for ``supported`` inputs; same contract as triton_bwd.launch_bwd (outputs contiguous).
     ``dq_atomic``: dQ by fp32 atomics from the K/V kernel (5 GEMMs, one kernel, not deterministic) instead of the
     dQ kernel (7 GEMMs, deterministic); default ``DQ_ATOMIC``. ``probe=1`` (timing experiments only, wrong
-    gradients) skips σ and dS: the time of the GEMMs, loads and stores alone."""
+    gradients) skips σ and dS: the time of the GEMMs, loads and stores alone. ``overlap``: see ``OVERLAP``."""
     assert supported(do, q, k, v, causal), "hopper_bwd.launch_bwd called on unsupported input"
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -314,7 +373,8 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
     kv_m, kv_n = kv_blocks or KV_BLOCKS
     q_m, q_n = q_blocks or Q_BLOCKS
     meta = dict(VARLEN=varlen, HAS_LENS=has_lens, LOG_N_BIAS=bool(log_n_bias), FAST_SIGMOID=bool(fast_sigmoid),
-                CLEAN=not varlen, D=D, PROBE=int(probe), num_warps=8)
+                CLEAN=not varlen, D=D, PROBE=int(probe), OVERLAP=OVERLAP if overlap is None else int(overlap),
+                num_warps=8)
     st = (lambda t: t.stride(0)) if varlen else (lambda t: t.stride(1))  # noqa: E731
     q2, k2, v2, do2 = (_as_2d(t, varlen) for t in (q, k, v, do))
     T = q2.shape[0]  # token rows (B·N padded)
@@ -333,7 +393,7 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False):
+def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False, overlap: int = OVERLAP):
     """AOT-compile the kernels for sm90 without a GPU (``benchmarks/attention_hopper_compile.py --bwd``):
     {name: compiled kernel}, bf16, −log n bias; ``kv`` and ``q``, or ``kv`` alone with ``dq_atomic``."""
     from triton.backends.compiler import GPUTarget
@@ -356,7 +416,7 @@ def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False):
     for name, (kern, (bm, bn), q_rows, k_rows, rest, own) in kernels.items():
         sig = {"q_desc": desc(q_rows), "k_desc": desc(k_rows), "v_desc": desc(k_rows), "do_desc": desc(q_rows), **rest}
         const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN=not varlen,
-                     BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=0, **own)
+                     BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=0, OVERLAP=overlap, **own)
         sig.update({k: "constexpr" for k in const})
         out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": 8})

@@ -24,7 +24,7 @@ def _hopper_bwd():
     return hopper_bwd
 
 
-def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False):
+def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False, overlap=None):
     hb = _hopper_bwd()
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed
     q, k, v, do = _make(lens, N, H, Hkv, D, dtype, seed)
@@ -32,7 +32,7 @@ def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False)
     ref = math_attention(*(t.double() for t in (q, k, v, do)), lens, scale, bias, False)[1:]
     low = math_attention(q, k, v, do, lens, scale, bias, False)[1:]
     kw = dict(scale=scale, bias=0.0 if bias in (None, "log_n") else float(bias), log_n_bias=bias == "log_n",
-              causal=False, dq_atomic=dq_atomic)
+              causal=False, dq_atomic=dq_atomic, overlap=overlap)
     if layout == "padded":
         seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
         pq, pk, pv, pdo = (_poison(t, lens) for t in (q, k, v, do))
@@ -71,6 +71,14 @@ def test_hopper_bwd_matrix(dtype, D, layout, heads, bias, dq_atomic):
     # NaN (padded) or holds the next cell (varlen), and both must stay out of dQ
     N = 300
     run_bwd(layout, dtype, D, heads[0], heads[1], bias, [N, 225, 17, 1, 0, 129], N, dq_atomic=dq_atomic)
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_hopper_bwd_overlap_levels(D, layout, overlap):
+    # the default (hopper_bwd.OVERLAP = 2) runs in every other test; the lower levels of the 7-GEMM kernels here
+    run_bwd(layout, torch.bfloat16, D, 4, 2, "log_n", [300, 225, 17, 1, 0, 129], 300, overlap=overlap)
 
 
 @DQ
