@@ -75,6 +75,13 @@ if HAVE_GLUON:
         gl.thread_barrier()
 
     @gluon.jit
+    def _load_pair(a_desc, b_desc, a_smem, b_smem, bar, row, col):
+        """TMA-load the [row, col] boxes of two same-shape tensors (Q and dO, or K and V) into ``bar``'s buffers."""
+        mbarrier.expect(bar, 2 * a_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [row, col], bar, a_smem)
+        tma.async_copy_global_to_shared(b_desc, [row, col], bar, b_smem)
+
+    @gluon.jit
     def _store_rows(ptr0, acc, stride_t, row_start, L, n_rows, ROWS: gl.constexpr, D: gl.constexpr,
                     num_warps: gl.constexpr):
         """Write an fp32 accumulator tile as rows [row_start, row_start + ROWS) of a [tokens, ·] output (rows ≥ L
@@ -115,13 +122,15 @@ if HAVE_GLUON:
                                                        instr_shape=[16, BLOCK_M // (NW // 4), 16])
         dk = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         dv = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
+        LATE: gl.constexpr = OVERLAP == 2 and not DQ_ATOMIC  # dK's GEMM runs on into the next step
+        NS: gl.constexpr = 3 if LATE else 2  # Q/dO buffers: with LATE a buffer is refilled one step later
         if start_n < L:
             k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], k_desc.layout)
             v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], v_desc.layout)
-            q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], q_desc.layout)
-            do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], do_desc.layout)
+            q_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_M, D], q_desc.layout)
+            do_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_M, D], do_desc.layout)
             kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            ld_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            ld_bar = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
             if DQ_ATOMIC:  # dSᵀ of the current query tile: the B operand of dQᵀ = Kᵀ·dSᵀ
                 ds_smem = gl.allocate_shared_memory(
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
@@ -130,23 +139,21 @@ if HAVE_GLUON:
                 dq_rows = gl.arange(0, D // DQ_SPLIT, layout=gl.SliceLayout(1, dq_l))
                 dq_cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_l))
             mbarrier.init(kv_bar, count=1)
-            for i in gl.static_range(2):
+            for i in gl.static_range(NS):
                 mbarrier.init(ld_bar.index(i), count=1)
             fence_async_shared()
             c1, c0 = _coeffs(scale, bias, L, LOG_N_BIAS)
-            mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [row0 + start_n, hk * D], kv_bar, k_smem)
-            tma.async_copy_global_to_shared(v_desc, [row0 + start_n, hk * D], kv_bar, v_smem)
+            _load_pair(k_desc, v_desc, k_smem, v_smem, kv_bar, row0 + start_n, hk * D)
             n_m = gl.cdiv(L, BLOCK_M)
             total = GROUP * n_m
             # with dQ atomics, each key tile starts its walk at another query tile, so the CTAs of one sequence
             # do not all add into the same dQ rows at once (step i takes item (i + rot) mod total)
             rot = (pid_n % n_m) if DQ_ATOMIC else 0  # < n_m: item rot is query tile rot of the group's first head
-            mbarrier.expect(ld_bar.index(0), 2 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [row0 + rot * BLOCK_M, hk * GROUP * D], ld_bar.index(0),
-                                            q_smem.index(0))
-            tma.async_copy_global_to_shared(do_desc, [row0 + rot * BLOCK_M, hk * GROUP * D], ld_bar.index(0),
-                                            do_smem.index(0))
+            for t in gl.static_range(NS - 1):  # the first NS − 1 items; item t: head hk·GROUP + it // n_m, tile it % n_m
+                if t < total:
+                    it = (t + rot) % total
+                    _load_pair(q_desc, do_desc, q_smem.index(t), do_smem.index(t), ld_bar.index(t),
+                               row0 + (it % n_m) * BLOCK_M, (hk * GROUP + it // n_m) * D)
             cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
             mbarrier.wait(kv_bar, 0)
             if DQ_ATOMIC:
@@ -154,24 +161,18 @@ if HAVE_GLUON:
                     if start_n + BLOCK_N > L:
                         _zero_tail(k_smem, start_n, L, BLOCK_N, D, NW)
                 keys_in = (start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_l))) < L
-            LATE: gl.constexpr = OVERLAP == 2 and not DQ_ATOMIC  # dK's GEMM runs on into the next step
             if LATE:  # the register A operands of the GEMMs still in flight at the top of a step
                 pa = gl.zeros([BLOCK_N, BLOCK_M], dtype, a_l)
                 dsa = gl.zeros([BLOCK_N, BLOCK_M], dtype, a_l)
                 dk = warpgroup_mma_init(dk)  # loop-carried as in-flight accumulators
                 dv = warpgroup_mma_init(dv)
             for i in range(total):
-                buf = i % 2
+                buf = i % NS
                 if i + 1 < total and not LATE:  # prefetch the next (head, query tile); its buffer's GEMMs finished
-                    nb = (i + 1) % 2
-                    h1 = hk * GROUP + ((i + 1 + rot) % total) // n_m
-                    m1 = (i + 1 + rot) % n_m
-                    mbarrier.expect(ld_bar.index(nb), 2 * q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
-                                                    q_smem.index(nb))
-                    tma.async_copy_global_to_shared(do_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
-                                                    do_smem.index(nb))
-                mbarrier.wait(ld_bar.index(buf), (i // 2) & 1)
+                    it = (i + 1 + rot) % total
+                    _load_pair(q_desc, do_desc, q_smem.index((i + 1) % NS), do_smem.index((i + 1) % NS),
+                               ld_bar.index((i + 1) % NS), row0 + (it % n_m) * BLOCK_M, (hk * GROUP + it // n_m) * D)
+                mbarrier.wait(ld_bar.index(buf), (i // NS) & 1)
                 item = (i + rot) % total  # (head hk·GROUP + item // n_m, query tile item % n_m)
                 start_m = (item % n_m) * BLOCK_M
                 if CLEAN:
@@ -188,16 +189,12 @@ if HAVE_GLUON:
                     st = warpgroup_mma_wait(1, deps=(st,))
                 else:  # last step's dV, dK and this Sᵀ done (in order), dPᵀ still running
                     dv, dk, pa, dsa, st = warpgroup_mma_wait(1, deps=(dv, dk, pa, dsa, st))
-                    gl.thread_barrier()  # both warpgroups are done with the other buffer: refill it
-                    if i + 1 < total:
-                        nb = (i + 1) % 2
-                        h1 = hk * GROUP + ((i + 1 + rot) % total) // n_m
-                        m1 = (i + 1 + rot) % n_m
-                        mbarrier.expect(ld_bar.index(nb), 2 * q_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(q_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
-                                                        q_smem.index(nb))
-                        tma.async_copy_global_to_shared(do_desc, [row0 + m1 * BLOCK_M, h1 * D], ld_bar.index(nb),
-                                                        do_smem.index(nb))
+                    gl.thread_barrier()  # both warpgroups are done with the last step's buffer: refill it
+                    if i + NS - 1 < total:
+                        nb = (i + NS - 1) % NS
+                        it = (i + NS - 1 + rot) % total
+                        _load_pair(q_desc, do_desc, q_smem.index(nb), do_smem.index(nb), ld_bar.index(nb),
+                                   row0 + (it % n_m) * BLOCK_M, (hk * GROUP + it // n_m) * D)
                 keep = (start_m + cols) < L
                 if PROBE:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
                     pt = gl.where(keep[None, :], st, 0.0)
@@ -272,25 +269,25 @@ if HAVE_GLUON:
                                                       instr_shape=[16, BLOCK_N, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
         dq = gl.zeros([BLOCK_M, D], gl.float32, acc_l)
+        NS: gl.constexpr = 3 if OVERLAP == 2 else 2  # K/V buffers: with OVERLAP 2 a buffer is refilled one step later
         if start_m < L:
             q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_desc.layout)
             do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], do_desc.layout)
-            k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], k_desc.layout)
-            v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], v_desc.layout)
+            k_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, D], k_desc.layout)
+            v_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, D], v_desc.layout)
             q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            ld_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            ld_bar = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
             mbarrier.init(q_bar, count=1)
-            for i in gl.static_range(2):
+            for i in gl.static_range(NS):
                 mbarrier.init(ld_bar.index(i), count=1)
             fence_async_shared()
             c1, c0 = _coeffs(scale, bias, L, LOG_N_BIAS)
-            mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [row0 + start_m, h * D], q_bar, q_smem)
-            tma.async_copy_global_to_shared(do_desc, [row0 + start_m, h * D], q_bar, do_smem)
+            _load_pair(q_desc, do_desc, q_smem, do_smem, q_bar, row0 + start_m, h * D)
             n_kv = gl.cdiv(L, BLOCK_N)
-            mbarrier.expect(ld_bar.index(0), 2 * k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [row0, hk * D], ld_bar.index(0), k_smem.index(0))
-            tma.async_copy_global_to_shared(v_desc, [row0, hk * D], ld_bar.index(0), v_smem.index(0))
+            for t in gl.static_range(NS - 1):
+                if t < n_kv:
+                    _load_pair(k_desc, v_desc, k_smem.index(t), v_smem.index(t), ld_bar.index(t),
+                               row0 + t * BLOCK_N, hk * D)
             s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_l)
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
             mbarrier.wait(q_bar, 0)
@@ -298,15 +295,12 @@ if HAVE_GLUON:
                 dsa = gl.zeros([BLOCK_M, BLOCK_N], dtype, a_l)
                 dq = warpgroup_mma_init(dq)
             for j in range(n_kv):
-                buf = j % 2
+                buf = j % NS
                 if j + 1 < n_kv and OVERLAP < 2:
-                    nb = (j + 1) % 2
-                    mbarrier.expect(ld_bar.index(nb), 2 * k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [row0 + (j + 1) * BLOCK_N, hk * D], ld_bar.index(nb),
-                                                    k_smem.index(nb))
-                    tma.async_copy_global_to_shared(v_desc, [row0 + (j + 1) * BLOCK_N, hk * D], ld_bar.index(nb),
-                                                    v_smem.index(nb))
-                mbarrier.wait(ld_bar.index(buf), (j // 2) & 1)
+                    nb = (j + 1) % NS
+                    _load_pair(k_desc, v_desc, k_smem.index(nb), v_smem.index(nb), ld_bar.index(nb),
+                               row0 + (j + 1) * BLOCK_N, hk * D)
+                mbarrier.wait(ld_bar.index(buf), (j // NS) & 1)
                 start_n = j * BLOCK_N
                 if CLEAN:
                     if start_n + BLOCK_N > L:  # dS·K: K rows ≥ L must be 0, not NaN
@@ -319,14 +313,11 @@ if HAVE_GLUON:
                     s = warpgroup_mma_wait(1, deps=(s,))
                 else:  # last step's dQ and this S done (in order), dP still running
                     dq, dsa, s = warpgroup_mma_wait(1, deps=(dq, dsa, s))
-                    gl.thread_barrier()  # both warpgroups are done with the other buffer: refill it
-                    if j + 1 < n_kv:
-                        nb = (j + 1) % 2
-                        mbarrier.expect(ld_bar.index(nb), 2 * k_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(k_desc, [row0 + (j + 1) * BLOCK_N, hk * D], ld_bar.index(nb),
-                                                        k_smem.index(nb))
-                        tma.async_copy_global_to_shared(v_desc, [row0 + (j + 1) * BLOCK_N, hk * D], ld_bar.index(nb),
-                                                        v_smem.index(nb))
+                    gl.thread_barrier()  # both warpgroups are done with the last step's buffer: refill it
+                    if j + NS - 1 < n_kv:
+                        nb = (j + NS - 1) % NS
+                        _load_pair(k_desc, v_desc, k_smem.index(nb), v_smem.index(nb), ld_bar.index(nb),
+                                   row0 + (j + NS - 1) * BLOCK_N, hk * D)
                 keep = (start_n + cols) < L
                 if not PROBE:
                     p = _prob(s * c1 + c0, FAST_SIGMOID, SIG_BWD)
