@@ -29,6 +29,9 @@
 #               (preset | plan: launch.memory.plan's ZeRO/checkpointing/micro-batch for the card); multi-GPU
 #               kinds only, with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 #                                                                                     -> context_parallel.json/.md
+#   stability   python -m training.reproduce stability --scale gpu $STAB_ARGS (e.g. "--lrs 1e-2 --attention sigmoid"),
+#               continuing the committed docs/reproduce/stability-gpu (finished arms are reused); the arms come back as
+#               a tarball (the device's copy-back drops the arm folders)          -> stability-gpu/, stability-arms.tgz
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS -> profile/
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
 # Knobs: TRAIN_RUNS, TRAIN_STEPS, TRAIN_WORLD (e.g. "1 2 4": data-parallel rows), PROJECT_SIZES, and *_TIMEOUT per
@@ -90,6 +93,11 @@ for phase in "$@"; do
       timeout "${CP_TIMEOUT:-560}" python3 benchmarks/context_parallel.py --nproc "$(nvidia-smi -L | wc -l)" \
         --steps "${CP_STEPS:-10}" --warmup-steps 3 --profile-steps 2 --settings "${CP_SETTINGS:-preset}" ${CP_RUNS:+--runs $CP_RUNS} \
         --out "$OUT/context_parallel.json" 2>&1 | grep -E "^\|" | tail -24 ;;
+    stability)
+      rm -rf "$OUT/stability-gpu"; cp -r docs/reproduce/stability-gpu "$OUT/stability-gpu"
+      timeout "${STAB_TIMEOUT:-540}" python3 -m training.reproduce stability --scale gpu ${STAB_ARGS} --quiet \
+        --out "$OUT/stability-gpu" 2>&1 | tail -12
+      tar czf "$OUT/stability-arms.tgz" -C "$OUT/stability-gpu" arms && rm -rf "$OUT/stability-gpu/arms" ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-400}" python3 benchmarks/training_profile.py --runs ${PROFILE_RUNS:-160m:2048 160m:8192 1.4b:8192} \
         --out "$OUT/profile" 2>&1 | grep -E "^\|" | tail -12 ;;

@@ -1,4 +1,4 @@
-"""Hopper (sm90) backward in Gluon — opt-in (``SIGATTN_HOPPER_BWD=1``): timed at 0.78–0.90× the portable backward.
+"""Hopper (sm90) backward in Gluon — opt-in (``SIGATTN_HOPPER_BWD=1``): timed at 0.84–1.01× the portable backward (H200).
 
 With P = σ(scale·QKᵀ + b), dP = dO·Vᵀ, dS = P∘(1−P)∘dP (sigmoid needs no rowsum(dO∘O) pass):
     dV = Pᵀ·dO,   dK = scale·dSᵀ·Q,   dQ = scale·dS·K.
@@ -18,7 +18,7 @@ Two dQ variants (``launch_bwd(dq_atomic=…)``, default ``DQ_ATOMIC``):
     exact zeros, so the spare rows and the next cell's rows get + 0.0); key rows past L are masked out of dSᵀ and,
     in the padded layout, zeroed in K. Each key tile starts its query walk at another tile (rotation) so the CTAs of
     one cell do not add into the same rows at once. dQ = scale·buffer, cast, in one elementwise pass.
-No warp specialisation and no overlap of the sigmoid with the next GEMMs yet. Masking: query columns ≥ L and key
+σ/dS overlap the tensor cores within each warpgroup (``OVERLAP``); no warp specialisation or ping-pong yet. Masking: query columns ≥ L and key
 columns ≥ L are set to 0 with ``where`` (a product would keep NaN from padding); in the padded layout the tail rows
 of a partial Q/dO tile (kv kernel) or K tile (q kernel) are zeroed in shared memory before they enter a GEMM as
 the B operand, since 0·NaN is NaN. Rows of dQ/dK/dV past L are written as 0 (padded) or not at all (varlen).
@@ -44,8 +44,9 @@ if HAVE_GLUON:
 # queries held, BLOCK_N keys streamed); 8 warps = 2 warpgroups × 64 rows of the held tile.
 KV_BLOCKS = (64, 128)
 Q_BLOCKS = (128, 64)
-# dQ by atomics from the K/V kernel (5 GEMMs) instead of the dQ kernel (7): not yet run on a GPU, so off by default
-# (sm90 build, D = 128: 247–248 registers, no spills, with dQᵀ in two 64-row halves; one [128, 64] piece spilled)
+# dQ by atomics from the K/V kernel (5 GEMMs) instead of the dQ kernel (7): off, measured slower (H200: 0.81–0.86×
+# the portable backward; its probe without σ/dS tops out at 387 TFLOP/s: scalar fp32 atomics, 32 per thread per
+# tile pair) (sm90 build, D = 128: 246–248 registers, no spills, dQᵀ in two 64-row halves)
 DQ_ATOMIC = False
 # How the 7-GEMM kernels overlap σ/dS (CUDA cores) with the tensor cores within a warpgroup: 0 none (wait for every
 # GEMM); 1 σ under dPᵀ's GEMM, dSᵀ under dV's (kv kernel), σ under dP's (q kernel); 2 also dK's / dQ's GEMM runs on

@@ -8,7 +8,7 @@ besides the outputs, no host sync, so the ops are CUDA-graph and torch.compile f
 Kernel choice, once per device (capability): on sm90 the forward runs the Gluon Hopper kernel (``hopper_fwd``)
 for the inputs it supports (bf16/fp16, D 64/128, non-causal, heads contiguous); everything else, other GPUs and
 the Triton interpreter use the portable Triton kernels. ``SIGATTN_HOPPER=0`` turns the Hopper kernel off.
-The Gluon Hopper backward (``hopper_bwd``: its GPU tests pass; on an H200 it runs at 0.78–0.90× the portable
+The Gluon Hopper backward (``hopper_bwd``: its GPU tests pass; on an H200 it runs at 0.84–1.01× the portable
 backward) is opt-in: ``SIGATTN_HOPPER_BWD=1`` routes the backward of the inputs it supports there (deterministic
 mode keeps its dQ kernel, never the atomic variant; ``SIGATTN_HOPPER_DQ_ATOMIC=1|0`` picks the variant otherwise,
 default ``hopper_bwd.DQ_ATOMIC``).
