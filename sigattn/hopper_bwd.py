@@ -12,14 +12,17 @@ Two dQ variants (``launch_bwd(dq_atomic=…)``, default ``DQ_ATOMIC``):
     ``hopper_bwd_q_kernel``, grid (query tiles, B·H): a CTA holds a 128-row Q and dO tile and walks the key tiles
       (K, V double-buffered): S = Q·Kᵀ, dP = dO·Vᵀ, dQ += dS·K; 3 GEMMs.
   dQ by atomics (5 GEMMs, one kernel, not bitwise reproducible): the K/V kernel puts Pᵀ and dSᵀ in shared memory
-    (dV, dK as shared-memory GEMMs) and adds dQᵀ = Kᵀ·dSᵀ ([D, 64], fp32, in 64-row halves of D to stay within
-    the registers) into a head-major [H, tokens + 64, D]
-    buffer with relaxed ``red.global.add`` (per-thread offsets are constants; no mask: query columns past L are
-    exact zeros, so the spare rows and the next cell's rows get + 0.0); key rows past L are masked out of dSᵀ and,
+    (dV, dK as shared-memory GEMMs) and adds dQ = dS·K ([64, D], fp32, dS read transposed from dSᵀ's shared memory,
+    in 64-column pieces of D to stay within the registers) into a head-major [H, tokens + 64, D] buffer with relaxed
+    vector reductions ``red.global.add.v2.f32`` (two adjacent columns per instruction; per-thread offsets are
+    constants; no mask: query rows past L are exact zeros, so the spare rows and the next cell's rows get + 0.0);
+    key rows past L are masked out of dSᵀ and,
     in the padded layout, zeroed in K. Each key tile starts its query walk at another tile (rotation) so the CTAs of
     one cell do not add into the same rows at once. dQ = scale·buffer, cast, in one elementwise pass.
-σ/dS overlap the tensor cores within each warpgroup (``OVERLAP``); no warp specialisation or ping-pong yet. Masking: query columns ≥ L and key
-columns ≥ L are set to 0 with ``where`` (a product would keep NaN from padding); in the padded layout the tail rows
+σ/dS overlap the tensor cores within each warpgroup (``OVERLAP``); no warp specialisation or ping-pong yet.
+Masking: P's query columns ≥ L (kv kernel) and, in the boundary key tile only, dS's key columns ≥ L (q kernel) are
+set to 0 with ``where`` (a product would keep NaN from padding; in the kv kernel dSᵀ = (Pᵀ − Pᵀ²)·dPᵀ is then 0
+where Pᵀ is, dPᵀ being finite there; a boundary-only branch there cost 20 registers); in the padded layout the tail rows
 of a partial Q/dO tile (kv kernel) or K tile (q kernel) are zeroed in shared memory before they enter a GEMM as
 the B operand, since 0·NaN is NaN. Rows of dQ/dK/dV past L are written as 0 (padded) or not at all (varlen).
 """
@@ -83,6 +86,15 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(b_desc, [row, col], bar, b_smem)
 
     @gluon.jit
+    def _red_add_v2(ptrs, vals):
+        """``*ptrs += vals`` by relaxed vector reductions of two fp32 each (sm90 ``red.global.add.v2.f32``; Triton's
+        ``atomic_add`` issues one scalar atomic per element). Pairs are consecutive elements of a thread (the wgmma
+        accumulator layout: adjacent columns), so ``ptrs`` must be contiguous and 8-byte aligned within a pair."""
+        gl.inline_asm_elementwise("red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5}; mov.b32 $0, 0; mov.b32 $1, 0;",
+                                  "=r,=r,l,l,f,f", [ptrs.to(gl.int64, bitcast=True), vals], dtype=gl.int32,
+                                  is_pure=False, pack=2)
+
+    @gluon.jit
     def _store_rows(ptr0, acc, stride_t, row_start, L, n_rows, ROWS: gl.constexpr, D: gl.constexpr,
                     num_warps: gl.constexpr):
         """Write an fp32 accumulator tile as rows [row_start, row_start + ROWS) of a [tokens, ·] output (rows ≥ L
@@ -115,12 +127,13 @@ if HAVE_GLUON:
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        # dQᵀ [D, BLOCK_M] = Kᵀ·dSᵀ in DQ_SPLIT pieces of 64 rows of D (K sliced along D): one warpgroup (4 warps)
-        # spans a piece's 64 rows, the warpgroups split its query columns (one [128, 64] piece plus dK, dV spills
-        # at D = 128)
+        # dQ [BLOCK_M, D] = dS·K in DQ_SPLIT pieces of 64 columns of D (K sliced along D; dS is dSᵀ's shared memory
+        # read transposed): a warpgroup (4 warps) spans the 64 query rows, the warpgroups split the piece's columns;
+        # each thread holds pairs of adjacent columns, added by one vector reduction each (_red_add_v2)
         DQ_SPLIT: gl.constexpr = D // 64
+        PIECE: gl.constexpr = D // DQ_SPLIT
         dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, NW // 4],
-                                                       instr_shape=[16, BLOCK_M // (NW // 4), 16])
+                                                       instr_shape=[16, PIECE // (NW // 4), 16])
         dk = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         dv = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         LATE: gl.constexpr = OVERLAP == 2 and not DQ_ATOMIC  # dK's GEMM runs on into the next step
@@ -137,8 +150,8 @@ if HAVE_GLUON:
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
                 p_smem = gl.allocate_shared_memory(  # Pᵀ too: every GEMM reads shared memory, none pins registers
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-                dq_rows = gl.arange(0, D // DQ_SPLIT, layout=gl.SliceLayout(1, dq_l))
-                dq_cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_l))
+                dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_l))
+                dq_cols = gl.arange(0, PIECE, layout=gl.SliceLayout(0, dq_l))
             mbarrier.init(kv_bar, count=1)
             for i in gl.static_range(NS):
                 mbarrier.init(ld_bar.index(i), count=1)
@@ -208,7 +221,9 @@ if HAVE_GLUON:
                 if PROBE:
                     dst = gl.where(keep[None, :], dpt, 0.0)
                 else:
-                    dst = gl.where(keep[None, :], pt * (1.0 - pt) * dpt, 0.0)
+                    # no mask: Pᵀ is 0 at query columns ≥ L and dPᵀ is finite there (dO's tail zeroed, or the
+                    # next cell's); NaN can reach only key rows ≥ L, which dK never stores (and dQ masks below)
+                    dst = gl.fma(-pt, pt, pt) * dpt
                 if DQ_ATOMIC:  # key rows ≥ L reach dQ here (not only dK rows that are never stored)
                     dst = gl.where(keys_in[:, None], dst, 0.0)
                 dsb = dst.to(dtype)
@@ -219,18 +234,17 @@ if HAVE_GLUON:
                     gl.thread_barrier()
                     dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
                     dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
-                    # relaxed red.global adds into dQ32 [H, tokens + BLOCK_M, D]: per-thread offsets are compile-time
-                    # constants; no mask, since query columns ≥ L of dQᵀ are exact zeros (dSᵀ columns zeroed, K
-                    # finite), so rows past L (the next cell's, or the BLOCK_M spare rows) get + 0.0
+                    # relaxed vector reductions into dQ32 [H, tokens + BLOCK_M, D]: per-thread offsets are
+                    # compile-time constants; no mask, since query rows ≥ L of dQ are exact zeros (dSᵀ columns
+                    # zeroed, K finite), so rows past L (the next cell's, or the BLOCK_M spare rows) get + 0.0
                     h_i = hk * GROUP + item // n_m
                     base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
                     for piece in gl.static_range(DQ_SPLIT):
-                        dqt = warpgroup_mma(k_smem.slice(piece * (D // DQ_SPLIT), D // DQ_SPLIT, dim=1).permute((1, 0)),
-                                            ds_smem, gl.zeros([D // DQ_SPLIT, BLOCK_M], gl.float32, dq_l),
-                                            use_acc=False, is_async=True)
-                        dqt, dv, dk = warpgroup_mma_wait(0, deps=(dqt, dv, dk))  # the first also ends dV, dK
-                        gl.atomic_add(base + piece * (D // DQ_SPLIT) + (dq_cols[None, :] * D + dq_rows[:, None]), dqt,
-                                      sem="relaxed")
+                        dqp = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(piece * PIECE, PIECE, dim=1),
+                                            gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
+                                            is_async=True)
+                        dqp, dv, dk = warpgroup_mma_wait(0, deps=(dqp, dv, dk))  # the first also ends dV, dK
+                        _red_add_v2(base + piece * PIECE + (dq_rows[:, None] * D + dq_cols[None, :]), dqp)
                 else:
                     if OVERLAP == 0:
                         pa = gl.convert_layout(pt.to(dtype), a_l)
@@ -327,7 +341,9 @@ if HAVE_GLUON:
                 if PROBE:  # timing probe only (wrong gradients)
                     ds = gl.where(keep[None, :], dp, 0.0)
                 else:
-                    ds = gl.where(keep[None, :], p * (1.0 - p) * dp, 0.0)
+                    ds = gl.fma(-p, p, p) * dp
+                    if start_n + BLOCK_N > L:  # only the boundary tile has key columns ≥ L (V may hold NaN there)
+                        ds = gl.where(keep[None, :], ds, 0.0)
                 dsa = gl.convert_layout(ds.to(dtype), a_l)
                 dq = warpgroup_mma(dsa, k_smem.index(buf), dq, is_async=True)
                 if OVERLAP < 2:
