@@ -39,7 +39,7 @@ from sigattn.triton_fwd import launch_fwd  # noqa: E402
 TOKENS, HIDDEN = 16384, 2048
 KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
            "hopper_bwd5_varlen", "hopper_bwd_probe", "hopper_bwd5_probe", "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
-           "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
+           "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
 
 
 def lengths(N: int, pad: float) -> list[int]:
@@ -85,7 +85,8 @@ def make_runner(kernel, D, N, pad):
         hkw = dict(kw, config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
         if kernel.startswith("hopper_bwd"):
             # hopper_bwd_oX_*: the 7-GEMM variant at overlap level X (hopper_bwd.OVERLAP)
-            atomic, probe = kernel.startswith("hopper_bwd5"), int(kernel.endswith("probe"))
+            atomic = kernel.startswith("hopper_bwd5")
+            probe = 2 if kernel.endswith("probe2") else int(kernel.endswith("probe"))
             overlap = int(kernel[len("hopper_bwd_o")]) if kernel.startswith("hopper_bwd_o") else None
             bwd_fn = lambda *a, **k: hopper_bwd.launch_bwd(*a, dq_atomic=atomic, probe=probe,  # noqa: E731
                                                           overlap=overlap, **k)

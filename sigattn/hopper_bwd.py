@@ -210,7 +210,7 @@ if HAVE_GLUON:
                         _load_pair(q_desc, do_desc, q_smem.index(nb), do_smem.index(nb), ld_bar.index(nb),
                                    row0 + (it % n_m) * BLOCK_M, (hk * GROUP + it // n_m) * D)
                 keep = (start_m + cols) < L
-                if PROBE:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
+                if PROBE == 1:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
                     pt = gl.where(keep[None, :], st, 0.0)
                 else:
                     pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG_BWD), 0.0)
@@ -218,7 +218,7 @@ if HAVE_GLUON:
                     pa = gl.convert_layout(pt.to(dtype), a_l)
                     dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
                     dpt = warpgroup_mma_wait(1, deps=(dpt,))
-                if PROBE:
+                if PROBE == 1:
                     dst = gl.where(keep[None, :], dpt, 0.0)
                 else:
                     # no mask: Pᵀ is 0 at query columns ≥ L and dPᵀ is finite there (dO's tail zeroed, or the
@@ -244,7 +244,8 @@ if HAVE_GLUON:
                                             gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
                                             is_async=True)
                         dqp, dv, dk = warpgroup_mma_wait(0, deps=(dqp, dv, dk))  # the first also ends dV, dK
-                        _red_add_v2(base + piece * PIECE + (dq_rows[:, None] * D + dq_cols[None, :]), dqp)
+                        if PROBE != 2 or scale < 0.0:  # probe 2 (timing only): the dQ GEMMs without their adds
+                            _red_add_v2(base + piece * PIECE + (dq_rows[:, None] * D + dq_cols[None, :]), dqp)
                 else:
                     if OVERLAP == 0:
                         pa = gl.convert_layout(pt.to(dtype), a_l)
@@ -334,11 +335,11 @@ if HAVE_GLUON:
                         _load_pair(k_desc, v_desc, k_smem.index(nb), v_smem.index(nb), ld_bar.index(nb),
                                    row0 + (j + NS - 1) * BLOCK_N, hk * D)
                 keep = (start_n + cols) < L
-                if not PROBE:
+                if PROBE != 1:
                     p = _prob(s * c1 + c0, FAST_SIGMOID, SIG_BWD)
                 if OVERLAP >= 1:
                     dp = warpgroup_mma_wait(0, deps=(dp,))
-                if PROBE:  # timing probe only (wrong gradients)
+                if PROBE == 1:  # timing probe only (wrong gradients)
                     ds = gl.where(keep[None, :], dp, 0.0)
                 else:
                     ds = gl.fma(-p, p, p) * dp
@@ -362,8 +363,9 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
                dq_atomic: bool | None = None, probe: int = 0, overlap: int | None = None):
     """(dq, dk, dv) for ``supported`` inputs; same contract as triton_bwd.launch_bwd (outputs contiguous).
     ``dq_atomic``: dQ by fp32 atomics from the K/V kernel (5 GEMMs, one kernel, not deterministic) instead of the
-    dQ kernel (7 GEMMs, deterministic); default ``DQ_ATOMIC``. ``probe=1`` (timing experiments only, wrong
-    gradients) skips σ and dS: the time of the GEMMs, loads and stores alone. ``overlap``: see ``OVERLAP``."""
+    dQ kernel (7 GEMMs, deterministic); default ``DQ_ATOMIC``. Timing probes (experiments only, wrong gradients):
+    ``probe=1`` skips σ and dS (the time of the GEMMs, loads and stores alone), ``probe=2`` the dQ reductions of
+    the atomic variant (their cost is the difference to the real kernel). ``overlap``: see ``OVERLAP``."""
     assert supported(do, q, k, v, causal), "hopper_bwd.launch_bwd called on unsupported input"
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -401,7 +403,7 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False, overlap: int = OVERLAP):
+def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False, overlap: int = OVERLAP, probe: int = 0):
     """AOT-compile the kernels for sm90 without a GPU (``benchmarks/attention_hopper_compile.py --bwd``):
     {name: compiled kernel}, bf16, −log n bias; ``kv`` and ``q``, or ``kv`` alone with ``dq_atomic``."""
     from triton.backends.compiler import GPUTarget
@@ -424,7 +426,7 @@ def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False, overlap: in
     for name, (kern, (bm, bn), q_rows, k_rows, rest, own) in kernels.items():
         sig = {"q_desc": desc(q_rows), "k_desc": desc(k_rows), "v_desc": desc(k_rows), "do_desc": desc(q_rows), **rest}
         const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN=not varlen,
-                     BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=0, OVERLAP=overlap, **own)
+                     BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=probe, OVERLAP=overlap, **own)
         sig.update({k: "constexpr" for k in const})
         out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": 8})
