@@ -3,8 +3,10 @@
 Ours: ``hopper_padded``/``hopper_varlen`` = the Gluon sm90 forward (sigattn/hopper_fwd.py; backward is the portable
 Triton one, as the ops run it), ``hopper_bwd_padded``/``hopper_bwd_varlen`` = the same with the Gluon sm90 backward
 (sigattn/hopper_bwd.py, opt-in: dQ in its own kernel), ``hopper_bwd5_padded``/``hopper_bwd5_varlen`` = its 5-GEMM
-variant (dQ by fp32 atomics from the K/V kernel), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded)
+variant (dQ by fp32 reductions from the K/V kernel), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded)
 with σ and dS skipped (timing probes, wrong gradients: what the GEMMs and data movement alone take),
+``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions, ``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` =
+the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
 ``ours_padded``/``ours_varlen`` = the portable Triton kernels.
 
 Setup (issue 3): bf16, 16,384 tokens per step, hidden 2048 (H = 2048/D), non-causal, −log n bias on for sigmoid
