@@ -7,6 +7,7 @@ variant (dQ by fp32 reductions from the K/V kernel), ``hopper_bwd_probe``/``hopp
 with σ and dS skipped (timing probes, wrong gradients: what the GEMMs and data movement alone take),
 ``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions, ``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` =
 the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
+``hopper_bwd_sig2_padded``/``hopper_bwd5_sig2_padded`` = σ by ex2 + rcp.approx (``hopper_bwd.SIG_BWD``),
 ``ours_padded``/``ours_varlen`` = the portable Triton kernels.
 
 Setup (issue 3): bf16, 16,384 tokens per step, hidden 2048 (H = 2048/D), non-causal, −log n bias on for sigmoid
@@ -41,7 +42,7 @@ from sigattn.triton_fwd import launch_fwd  # noqa: E402
 TOKENS, HIDDEN = 16384, 2048
 KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
            "hopper_bwd5_varlen", "hopper_bwd_probe", "hopper_bwd5_probe", "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
-           "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
+           "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "hopper_bwd_sig2_padded", "hopper_bwd5_sig2_padded", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig", "flex"]
 
 
 def lengths(N: int, pad: float) -> list[int]:
@@ -90,8 +91,9 @@ def make_runner(kernel, D, N, pad):
             atomic = kernel.startswith("hopper_bwd5")
             probe = 2 if kernel.endswith("probe2") else int(kernel.endswith("probe"))
             overlap = int(kernel[len("hopper_bwd_o")]) if kernel.startswith("hopper_bwd_o") else None
+            sig = 2 if "_sig2" in kernel else None
             bwd_fn = lambda *a, **k: hopper_bwd.launch_bwd(*a, dq_atomic=atomic, probe=probe,  # noqa: E731
-                                                          overlap=overlap, **k)
+                                                          overlap=overlap, sig=sig, **k)
         else:
             bwd_fn = lambda *a, **k: launch_bwd(*a, deterministic=False, **k)  # noqa: E731
 

@@ -55,9 +55,10 @@ DQ_ATOMIC = False
 # GEMM); 1 σ under dPᵀ's GEMM, dSᵀ under dV's (kv kernel), σ under dP's (q kernel); 2 also dK's / dQ's GEMM runs on
 # into the next step (its buffer refilled once the next step's first GEMM is done)
 OVERLAP = 2
-# _prob's form in the backward: SIG 0 (two Newton steps, rel. error 7e-6): dS = P(1−P)·dP loses P's relative error
-# where P ≈ 1
-SIG_BWD = gl.constexpr(0) if HAVE_GLUON else 0
+# _prob's form in the backward (``launch_bwd(sig=…)``): SIG 0 (ex2 + two Newton steps, rel. error 7e-6); SIG 2
+# (ex2 + rcp.approx, ~1 ulp: more accurate, one more MUFU op, fewer FMA-pipe ops) is the candidate to time; SIG 1/3
+# (rel. error 1.3e-4) are out: dS = P(1−P)·dP would lose P's error where P ≈ 1
+SIG_BWD = 0
 
 
 def supported(do, q, k, v, causal: bool) -> bool:
@@ -113,7 +114,7 @@ if HAVE_GLUON:
                              VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                              FAST_SIGMOID: gl.constexpr, CLEAN: gl.constexpr, BLOCK_M: gl.constexpr,
                              BLOCK_N: gl.constexpr, D: gl.constexpr, DQ_ATOMIC: gl.constexpr, PROBE: gl.constexpr,
-                             OVERLAP: gl.constexpr):
+                             OVERLAP: gl.constexpr, SIG: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_desc.dtype
         pid_n = gl.program_id(0)
@@ -213,7 +214,7 @@ if HAVE_GLUON:
                 if PROBE == 1:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
                     pt = gl.where(keep[None, :], st, 0.0)
                 else:
-                    pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG_BWD), 0.0)
+                    pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG), 0.0)
                 if not DQ_ATOMIC and OVERLAP >= 1:  # dV = Pᵀ·dO runs while dSᵀ is computed
                     pa = gl.convert_layout(pt.to(dtype), a_l)
                     dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
@@ -269,7 +270,8 @@ if HAVE_GLUON:
     def hopper_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, DQ, SeqInfo, scale, bias, N, H, GROUP, stride_dqt,
                             VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                             FAST_SIGMOID: gl.constexpr, CLEAN: gl.constexpr, BLOCK_M: gl.constexpr,
-                            BLOCK_N: gl.constexpr, D: gl.constexpr, PROBE: gl.constexpr, OVERLAP: gl.constexpr):
+                            BLOCK_N: gl.constexpr, D: gl.constexpr, PROBE: gl.constexpr, OVERLAP: gl.constexpr,
+                            SIG: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_desc.dtype
         pid_m = gl.program_id(0)
@@ -336,7 +338,7 @@ if HAVE_GLUON:
                                    row0 + (j + NS - 1) * BLOCK_N, hk * D)
                 keep = (start_n + cols) < L
                 if PROBE != 1:
-                    p = _prob(s * c1 + c0, FAST_SIGMOID, SIG_BWD)
+                    p = _prob(s * c1 + c0, FAST_SIGMOID, SIG)
                 if OVERLAP >= 1:
                     dp = warpgroup_mma_wait(0, deps=(dp,))
                 if PROBE == 1:  # timing probe only (wrong gradients)
@@ -360,12 +362,13 @@ if HAVE_GLUON:
 
 def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float, bias: float,
                log_n_bias: bool, causal: bool, fast_sigmoid: bool = True, kv_blocks=None, q_blocks=None,
-               dq_atomic: bool | None = None, probe: int = 0, overlap: int | None = None):
+               dq_atomic: bool | None = None, probe: int = 0, overlap: int | None = None, sig: int | None = None):
     """(dq, dk, dv) for ``supported`` inputs; same contract as triton_bwd.launch_bwd (outputs contiguous).
     ``dq_atomic``: dQ by fp32 atomics from the K/V kernel (5 GEMMs, one kernel, not deterministic) instead of the
     dQ kernel (7 GEMMs, deterministic); default ``DQ_ATOMIC``. Timing probes (experiments only, wrong gradients):
     ``probe=1`` skips σ and dS (the time of the GEMMs, loads and stores alone), ``probe=2`` the dQ reductions of
-    the atomic variant (their cost is the difference to the real kernel). ``overlap``: see ``OVERLAP``."""
+    the atomic variant (their cost is the difference to the real kernel). ``overlap``: see ``OVERLAP``; ``sig``:
+    see ``SIG_BWD``."""
     assert supported(do, q, k, v, causal), "hopper_bwd.launch_bwd called on unsupported input"
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -384,6 +387,7 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
     q_m, q_n = q_blocks or Q_BLOCKS
     meta = dict(VARLEN=varlen, HAS_LENS=has_lens, LOG_N_BIAS=bool(log_n_bias), FAST_SIGMOID=bool(fast_sigmoid),
                 CLEAN=not varlen, D=D, PROBE=int(probe), OVERLAP=OVERLAP if overlap is None else int(overlap),
+                SIG=SIG_BWD if sig is None else int(sig),
                 num_warps=8)
     st = (lambda t: t.stride(0)) if varlen else (lambda t: t.stride(1))  # noqa: E731
     q2, k2, v2, do2 = (_as_2d(t, varlen) for t in (q, k, v, do))
@@ -426,7 +430,7 @@ def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False, overlap: in
     for name, (kern, (bm, bn), q_rows, k_rows, rest, own) in kernels.items():
         sig = {"q_desc": desc(q_rows), "k_desc": desc(k_rows), "v_desc": desc(k_rows), "do_desc": desc(q_rows), **rest}
         const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN=not varlen,
-                     BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=probe, OVERLAP=overlap, **own)
+                     BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=probe, OVERLAP=overlap, SIG=SIG_BWD, **own)
         sig.update({k: "constexpr" for k in const})
         out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": 8})

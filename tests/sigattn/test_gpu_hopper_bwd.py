@@ -24,7 +24,7 @@ def _hopper_bwd():
     return hopper_bwd
 
 
-def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False, overlap=None):
+def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False, overlap=None, sig=None):
     hb = _hopper_bwd()
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed
     q, k, v, do = _make(lens, N, H, Hkv, D, dtype, seed)
@@ -32,7 +32,7 @@ def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False,
     ref = math_attention(*(t.double() for t in (q, k, v, do)), lens, scale, bias, False)[1:]
     low = math_attention(q, k, v, do, lens, scale, bias, False)[1:]
     kw = dict(scale=scale, bias=0.0 if bias in (None, "log_n") else float(bias), log_n_bias=bias == "log_n",
-              causal=False, dq_atomic=dq_atomic, overlap=overlap)
+              causal=False, dq_atomic=dq_atomic, overlap=overlap, sig=sig)
     if layout == "padded":
         seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
         pq, pk, pv, pdo = (_poison(t, lens) for t in (q, k, v, do))
@@ -79,6 +79,14 @@ def test_hopper_bwd_matrix(dtype, D, layout, heads, bias, dq_atomic):
 def test_hopper_bwd_overlap_levels(D, layout, overlap):
     # the default (hopper_bwd.OVERLAP = 2) runs in every other test; the lower levels of the 7-GEMM kernels here
     run_bwd(layout, torch.bfloat16, D, 4, 2, "log_n", [300, 225, 17, 1, 0, 129], 300, overlap=overlap)
+
+
+@DQ
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_hopper_bwd_sigmoid_form_2(layout, dtype, dq_atomic):
+    # σ by ex2 + rcp.approx (hopper_bwd.SIG_BWD's candidate); bias 0.5 pushes many P toward 1, where dS is fragile
+    run_bwd(layout, dtype, 128, 4, 2, 0.5, [300, 225, 17, 1, 0, 129], 300, dq_atomic=dq_atomic, sig=2)
 
 
 @DQ
