@@ -1,4 +1,4 @@
-"""Hopper (sm90) backward in Gluon — opt-in (``SIGATTN_HOPPER_BWD=1``): timed at 0.84–1.01× the portable backward (H200).
+"""Hopper (sm90) backward in Gluon — opt-in (``SIGATTN_HOPPER_BWD=1``): 0.84–1.01× the portable backward (H200).
 
 With P = σ(scale·QKᵀ + b), dP = dO·Vᵀ, dS = P∘(1−P)∘dP (sigmoid needs no rowsum(dO∘O) pass):
     dV = Pᵀ·dO,   dK = scale·dSᵀ·Q,   dQ = scale·dS·K.
@@ -87,6 +87,20 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(b_desc, [row, col], bar, b_smem)
 
     @gluon.jit
+    def _load_step(a_desc, b_desc, a_smem, b_smem, ld_bar, t, row, col, NS: gl.constexpr):
+        """Step ``t``'s two tiles into slot t mod NS of a ring of NS buffer pairs, each slot with its own barrier."""
+        _load_pair(a_desc, b_desc, a_smem.index(t % NS), b_smem.index(t % NS), ld_bar.index(t % NS), row, col)
+
+    @gluon.jit
+    def _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, t, rot, total, n_m, row0, hk, GROUP,
+                        NS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr):
+        """The kv kernel's walk: step t takes item (t + rot) mod total, i.e. query head hk·GROUP + item // n_m and
+        query tile item % n_m; its Q and dO tiles go to ring slot t mod NS."""
+        item = (t + rot) % total
+        _load_step(q_desc, do_desc, q_smem, do_smem, ld_bar, t, row0 + (item % n_m) * BLOCK_M,
+                   (hk * GROUP + item // n_m) * D, NS)
+
+    @gluon.jit
     def _red_add_v2(ptrs, vals):
         """``*ptrs += vals`` by relaxed vector reductions of two fp32 each (sm90 ``red.global.add.v2.f32``; Triton's
         ``atomic_add`` issues one scalar atomic per element). Pairs are consecutive elements of a thread (the wgmma
@@ -164,11 +178,10 @@ if HAVE_GLUON:
             # with dQ atomics, each key tile starts its walk at another query tile, so the CTAs of one sequence
             # do not all add into the same dQ rows at once (step i takes item (i + rot) mod total)
             rot = (pid_n % n_m) if DQ_ATOMIC else 0  # < n_m: item rot is query tile rot of the group's first head
-            for t in gl.static_range(NS - 1):  # the first NS − 1 items; item t: head hk·GROUP + it // n_m, tile it % n_m
+            for t in gl.static_range(NS - 1):  # the first NS − 1 steps
                 if t < total:
-                    it = (t + rot) % total
-                    _load_pair(q_desc, do_desc, q_smem.index(t), do_smem.index(t), ld_bar.index(t),
-                               row0 + (it % n_m) * BLOCK_M, (hk * GROUP + it // n_m) * D)
+                    _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, t, rot, total, n_m, row0, hk, GROUP,
+                                    NS, BLOCK_M, D)
             cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_l))
             mbarrier.wait(kv_bar, 0)
             if DQ_ATOMIC:
@@ -183,12 +196,11 @@ if HAVE_GLUON:
                 dv = warpgroup_mma_init(dv)
             for i in range(total):
                 buf = i % NS
-                if i + 1 < total and not LATE:  # prefetch the next (head, query tile); its buffer's GEMMs finished
-                    it = (i + 1 + rot) % total
-                    _load_pair(q_desc, do_desc, q_smem.index((i + 1) % NS), do_smem.index((i + 1) % NS),
-                               ld_bar.index((i + 1) % NS), row0 + (it % n_m) * BLOCK_M, (hk * GROUP + it // n_m) * D)
+                if i + NS - 1 < total and not LATE:  # prefetch the next step (NS = 2); its buffer's GEMMs finished
+                    _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, i + NS - 1, rot, total, n_m, row0, hk,
+                                    GROUP, NS, BLOCK_M, D)
                 mbarrier.wait(ld_bar.index(buf), (i // NS) & 1)
-                item = (i + rot) % total  # (head hk·GROUP + item // n_m, query tile item % n_m)
+                item = (i + rot) % total  # the walk's item (see _load_walk_step)
                 start_m = (item % n_m) * BLOCK_M
                 if CLEAN:
                     if start_m + BLOCK_M > L:
@@ -206,10 +218,8 @@ if HAVE_GLUON:
                     dv, dk, pa, dsa, st = warpgroup_mma_wait(1, deps=(dv, dk, pa, dsa, st))
                     gl.thread_barrier()  # both warpgroups are done with the last step's buffer: refill it
                     if i + NS - 1 < total:
-                        nb = (i + NS - 1) % NS
-                        it = (i + NS - 1 + rot) % total
-                        _load_pair(q_desc, do_desc, q_smem.index(nb), do_smem.index(nb), ld_bar.index(nb),
-                                   row0 + (it % n_m) * BLOCK_M, (hk * GROUP + it // n_m) * D)
+                        _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, i + NS - 1, rot, total, n_m, row0,
+                                        hk, GROUP, NS, BLOCK_M, D)
                 keep = (start_m + cols) < L
                 if PROBE == 1:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
                     pt = gl.where(keep[None, :], st, 0.0)
@@ -304,8 +314,7 @@ if HAVE_GLUON:
             n_kv = gl.cdiv(L, BLOCK_N)
             for t in gl.static_range(NS - 1):
                 if t < n_kv:
-                    _load_pair(k_desc, v_desc, k_smem.index(t), v_smem.index(t), ld_bar.index(t),
-                               row0 + t * BLOCK_N, hk * D)
+                    _load_step(k_desc, v_desc, k_smem, v_smem, ld_bar, t, row0 + t * BLOCK_N, hk * D, NS)
             s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_l)
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
             mbarrier.wait(q_bar, 0)
@@ -314,10 +323,9 @@ if HAVE_GLUON:
                 dq = warpgroup_mma_init(dq)
             for j in range(n_kv):
                 buf = j % NS
-                if j + 1 < n_kv and OVERLAP < 2:
-                    nb = (j + 1) % NS
-                    _load_pair(k_desc, v_desc, k_smem.index(nb), v_smem.index(nb), ld_bar.index(nb),
-                               row0 + (j + 1) * BLOCK_N, hk * D)
+                if j + NS - 1 < n_kv and OVERLAP < 2:  # prefetch the next step (NS = 2); its buffer's GEMMs finished
+                    _load_step(k_desc, v_desc, k_smem, v_smem, ld_bar, j + NS - 1, row0 + (j + NS - 1) * BLOCK_N,
+                               hk * D, NS)
                 mbarrier.wait(ld_bar.index(buf), (j // NS) & 1)
                 start_n = j * BLOCK_N
                 if CLEAN:
@@ -333,9 +341,8 @@ if HAVE_GLUON:
                     dq, dsa, s = warpgroup_mma_wait(1, deps=(dq, dsa, s))
                     gl.thread_barrier()  # both warpgroups are done with the last step's buffer: refill it
                     if j + NS - 1 < n_kv:
-                        nb = (j + NS - 1) % NS
-                        _load_pair(k_desc, v_desc, k_smem.index(nb), v_smem.index(nb), ld_bar.index(nb),
-                                   row0 + (j + NS - 1) * BLOCK_N, hk * D)
+                        _load_step(k_desc, v_desc, k_smem, v_smem, ld_bar, j + NS - 1, row0 + (j + NS - 1) * BLOCK_N,
+                                   hk * D, NS)
                 keep = (start_n + cols) < L
                 if PROBE != 1:
                     p = _prob(s * c1 + c0, FAST_SIGMOID, SIG)
