@@ -34,8 +34,9 @@
 #               a tarball (the device's copy-back drops the arm folders)          -> stability-gpu/, stability-arms.tgz
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS -> profile/
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
-# Knobs: TRAIN_RUNS, TRAIN_STEPS, TRAIN_WORLD (e.g. "1 2 4": data-parallel rows), PROJECT_SIZES, and *_TIMEOUT per
-# phase (seconds).
+# Knobs: TRAIN_RUNS, TRAIN_STEPS, TRAIN_WORLD (e.g. "1 2 4": data-parallel rows), TRAIN_ATTENTION (default "sigmoid
+# softmax"), TRAIN_OVERRIDES (trainer overrides, e.g. "run.compile=true"), TRAIN_OUT (file name under $OUT, e.g.
+# training_compiled.json, to run the phase twice in one call), PROJECT_SIZES, and *_TIMEOUT per phase (seconds).
 # Wheels for the packages the GPU image lacks (deepspeed, mosaicml-streaming, zarr, anndata, submitit, pydantic, ...,
 # triton-sigmoid) travel in .whl/: build the kit here with `bash benchmarks/gpu_wheels.sh`, carry ".whl".
 set -o pipefail
@@ -82,8 +83,10 @@ for phase in "$@"; do
       timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention.py --d 64 --memory --cold-start \
         --out "$OUT/attention_d64.json" 2>&1 | grep -v "^benchmark:" | tail -40 ;;
     train)
+      ovr=(); for o in ${TRAIN_OVERRIDES:-}; do ovr+=(--override "$o"); done
       timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs ${TRAIN_RUNS:-160m:2048 160m:8192 1.4b:8192} \
-        --steps "${TRAIN_STEPS:-200}" --world-sizes ${TRAIN_WORLD:-1} --out "$OUT/training_gpu.json" 2>&1 \
+        --steps "${TRAIN_STEPS:-200}" --world-sizes ${TRAIN_WORLD:-1} --attention ${TRAIN_ATTENTION:-sigmoid softmax} \
+        "${ovr[@]}" --out "$OUT/${TRAIN_OUT:-training_gpu.json}" 2>&1 \
         | grep -v "it/s\]$" | tail -30 ;;
     train-real)
       timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs ${REAL_RUNS:-160m:2048 1.4b:8192} \
