@@ -9,8 +9,8 @@ fresh spawned process, so a failed attempt's DeepSpeed engine, CUDA memory and p
 (an in-process retry inherits them). ``world_size`` W > 1 runs data parallel over W local GPUs (W spawned ranks
 on one host, NCCL; gloo on CPU): the same per-GPU micro-batch, ``tokens_per_s``/``cells_per_s`` the global
 figures and ``*_per_gpu`` them ÷ W (the trainer reduces its counts over ranks), so rows of several W compare the
-per-GPU rate (data-parallel scaling); each rank gets ⌊cores/W⌋ intra-op threads (``rank_threads``: W ranks of
-all-core thread pools oversubscribe the host, where ``torchrun`` would set ``OMP_NUM_THREADS=1``). No OOM retry there: a rank out of memory fails the measurement. Step times come from the trainer's per-step records (``cells_per_s``,
+per-GPU rate (data-parallel scaling); the ranks carry ``LOCAL_WORLD_SIZE`` = W, so each gets ⌊cores/W⌋ intra-op
+threads (``training.distributed.share_host_threads``) and mosaicml-streaming knows its node's ranks. No OOM retry there: a rank out of memory fails the measurement. Step times come from the trainer's per-step records (``cells_per_s``,
 ``tokens_per_s``, ``mfu``, ``mem_gb`` = this process's peak) through its callback hook; the measurement stops
 by an exception from the callback before the final checkpoint is written.
 """
@@ -60,7 +60,7 @@ def own_rendezvous() -> None:
     import os
 
     if os.environ.get("WORLD_SIZE", "1") == "1":
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(var, None)
 
 
@@ -106,24 +106,12 @@ def _attempt(size: str, context: int, attention: str, bs: int, steps: int, extra
     raise RuntimeError(f"{size}/{context}/{attention}: trainer finished before {len(records)} steps")
 
 
-def rank_threads(world: int, cores: int | None = None) -> int:
-    """Intra-op threads for one of ``world`` ranks sharing this host's ``cores`` (default: the usable cores)."""
-    import os
-
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // world)
-
-
 def _rank(rank: int, world: int, port: int, args: tuple, out) -> None:
     """One rank of a data-parallel measurement (spawned): rank 0 puts its records (or the error) on ``out``."""
     import os
 
-    import torch
-
-    torch.set_num_threads(rank_threads(world))
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         records = _attempt(*args)
     except BaseException as e:  # noqa: BLE001 - reported by rank 0's queue

@@ -82,11 +82,3 @@ def test_training_benchmark_refuses_a_folder_that_is_no_corpus(tmp_path, capsys)
     assert "is not a data_prep corpus: manifest.json missing" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
-
-def test_rank_threads_share_the_cores_among_ranks():
-    from launch.measure import rank_threads
-
-    assert rank_threads(4, cores=64) == 16
-    assert rank_threads(4, cores=2) == 1
-    assert rank_threads(1, cores=8) == 8
-    assert 1 <= rank_threads(2) <= rank_threads(1)

@@ -82,3 +82,36 @@ def test_free_ports_lie_outside_the_ephemeral_range_and_skip_bound_and_excluded_
         assert {ports.free_port(exclude=(c,)) for _ in range(10)} == {b}
         with pytest.raises(RuntimeError, match="no free TCP port"):
             ports.free_port(exclude=(b, c))
+
+
+def test_host_threads_share_the_cores_among_a_nodes_ranks():
+    from training.distributed import host_threads
+
+    assert host_threads(4, 64) == 16
+    assert host_threads(4, 2) == 1
+    assert host_threads(3, 16) == 5
+    assert host_threads(1, 8) == 8
+
+
+def test_share_host_threads_only_where_ranks_would_oversubscribe(clean_env):
+    import os
+
+    import torch
+
+    from training.distributed import share_host_threads
+
+    before = torch.get_num_threads()
+    clean_env.delenv("OMP_NUM_THREADS", raising=False)
+    clean_env.setattr(os, "cpu_count", lambda: 64)
+    clean_env.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    try:
+        assert share_host_threads() is None                       # one rank on the node: untouched
+        clean_env.setenv("LOCAL_WORLD_SIZE", "4")
+        assert share_host_threads() == 16 and torch.get_num_threads() == 16
+        clean_env.setenv("OMP_NUM_THREADS", "3")                  # the user's / torchrun's choice wins
+        assert share_host_threads() is None
+        clean_env.delenv("OMP_NUM_THREADS")
+        clean_env.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))   # Slurm bound the rank already
+        assert share_host_threads() is None
+    finally:
+        torch.set_num_threads(before)
