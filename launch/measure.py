@@ -10,9 +10,10 @@ fresh spawned process, so a failed attempt's DeepSpeed engine, CUDA memory and p
 on one host, NCCL; gloo on CPU): the same per-GPU micro-batch, ``tokens_per_s``/``cells_per_s`` the global
 figures and ``*_per_gpu`` them ÷ W (the trainer reduces its counts over ranks), so rows of several W compare the
 per-GPU rate (data-parallel scaling); the ranks carry ``LOCAL_WORLD_SIZE`` = W, so each gets ⌊cores/W⌋ intra-op
-threads (``training.distributed.share_host_threads``) and mosaicml-streaming knows its node's ranks. No OOM retry there: a rank out of memory fails the measurement. Step times come from the trainer's per-step records (``cells_per_s``,
-``tokens_per_s``, ``mfu``, ``mem_gb`` = this process's peak) through its callback hook; the measurement stops
-by an exception from the callback before the final checkpoint is written.
+threads (``training.distributed.share_host_threads``) and mosaicml-streaming knows its node's ranks. No OOM retry
+there: a rank out of memory fails the measurement. Step times come from the trainer's per-step records
+(``cells_per_s``, ``tokens_per_s``, ``mfu``, ``mem_gb`` = this process's peak) through its callback hook; the
+measurement stops by an exception from the callback before the final checkpoint is written.
 """
 
 from __future__ import annotations

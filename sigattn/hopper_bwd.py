@@ -1,4 +1,4 @@
-"""Hopper (sm90) backward in Gluon — opt-in (``SIGATTN_HOPPER_BWD=1``): 0.84–1.01× the portable backward (H200).
+"""Hopper (sm90) backward in Gluon — opt-in (``SIGATTN_HOPPER_BWD=1``): 0.94–1.09× the portable backward (H200).
 
 With P = σ(scale·QKᵀ + b), dP = dO·Vᵀ, dS = P∘(1−P)∘dP (sigmoid needs no rowsum(dO∘O) pass):
     dV = Pᵀ·dO,   dK = scale·dSᵀ·Q,   dQ = scale·dS·K.
@@ -56,7 +56,7 @@ DQ_ATOMIC = False
 # into the next step (its buffer refilled once the next step's first GEMM is done)
 OVERLAP = 2
 # _prob's form in the backward (``launch_bwd(sig=…)``): SIG 0 (ex2 + two Newton steps, rel. error 7e-6); SIG 2
-# (ex2 + rcp.approx, ~1 ulp: more accurate, one more MUFU op, fewer FMA-pipe ops) is the candidate to time; SIG 1/3
+# (ex2 + rcp.approx, ~1 ulp: more accurate, one more MUFU op, fewer FMA-pipe ops) timed no faster (session 13); SIG 1/3
 # (rel. error 1.3e-4) are out: dS = P(1−P)·dP would lose P's error where P ≈ 1
 SIG_BWD = 0
 

@@ -81,4 +81,3 @@ def test_training_benchmark_refuses_a_folder_that_is_no_corpus(tmp_path, capsys)
         training_gpu.main(["--runs", "tiny:64", "--mds", str(tmp_path), "--out", str(tmp_path / "x.json")])
     assert "is not a data_prep corpus: manifest.json missing" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
-

@@ -85,7 +85,7 @@ def test_hopper_bwd_overlap_levels(D, layout, overlap):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 def test_hopper_bwd_sigmoid_form_2(layout, dtype, dq_atomic):
-    # σ by ex2 + rcp.approx (hopper_bwd.SIG_BWD's candidate); bias 0.5 pushes many P toward 1, where dS is fragile
+    # σ by ex2 + rcp.approx (hopper_bwd.SIG_BWD's alternative, timed no faster); bias 0.5 pushes many P toward 1, where dS is fragile
     run_bwd(layout, dtype, 128, 4, 2, 0.5, [300, 225, 17, 1, 0, 129], 300, dq_atomic=dq_atomic, sig=2)
 
 
