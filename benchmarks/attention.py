@@ -3,8 +3,10 @@
 Ours: ``hopper_padded``/``hopper_varlen`` = the Gluon sm90 forward (sigattn/hopper_fwd.py; backward is the portable
 Triton one, as the ops run it), ``hopper_bwd_padded``/``hopper_bwd_varlen`` = the same with the Gluon sm90 backward
 (sigattn/hopper_bwd.py, opt-in: dQ in its own kernel), ``hopper_bwd5_padded``/``hopper_bwd5_varlen`` = its 5-GEMM
-variant (dQ by fp32 reductions from the K/V kernel), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded)
-with σ and dS skipped (timing probes, wrong gradients: what the GEMMs and data movement alone take),
+variant (dQ by fp32 vector reductions from the K/V kernel), ``hopper_bwd5t_padded``/``hopper_bwd5t_varlen`` = the
+same with dQ by TMA reductions from shared memory (``hopper_bwd.DQ_TMA``; ``hopper_bwd5t1_padded``: its serial
+form 1), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded) with σ and dS skipped (timing
+probes, wrong gradients: what the GEMMs and data movement alone take),
 ``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions, ``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` =
 the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
 ``hopper_bwd_sig2_padded``/``hopper_bwd5_sig2_padded`` = σ by ex2 + rcp.approx (``hopper_bwd.SIG_BWD``),
@@ -41,7 +43,8 @@ from sigattn.triton_fwd import launch_fwd  # noqa: E402
 
 TOKENS, HIDDEN = 16384, 2048
 KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
-           "hopper_bwd5_varlen", "hopper_bwd_probe", "hopper_bwd5_probe", "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
+           "hopper_bwd5_varlen", "hopper_bwd5t_padded", "hopper_bwd5t_varlen", "hopper_bwd5t1_padded",
+           "hopper_bwd_probe", "hopper_bwd5_probe", "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
            "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "hopper_bwd_sig2_padded",
            "hopper_bwd5_sig2_padded", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig",
            "flex"]
@@ -83,14 +86,15 @@ def make_runner(kernel, D, N, pad):
                 lambda: launch_bwd(do, q, k, v, seq, varlen=False, max_seqlen=N, deterministic=det, **kw))
     if kernel.startswith("hopper"):
         # hopper_*: the Gluon forward + the portable backward (what the ops run); hopper_bwd_*: the Gluon forward +
-        # the Gluon backward (sigattn/hopper_bwd.py, opt-in); hopper_bwd5_*: its dQ-by-atomics variant
+        # the Gluon backward (sigattn/hopper_bwd.py, opt-in); hopper_bwd5_*: its dQ-by-atomics variant (5t: by TMA)
         from sigattn import hopper_bwd, hopper_fwd
 
         cfg = os.environ.get("SIGATTN_HOPPER_CONFIG")  # "BLOCK_M,BLOCK_N,STAGES" to try another tiling
         hkw = dict(kw, config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
         if kernel.startswith("hopper_bwd"):
             # hopper_bwd_oX_*: the 7-GEMM variant at overlap level X (hopper_bwd.OVERLAP)
-            atomic = kernel.startswith("hopper_bwd5")
+            atomic = ("tma1" if kernel.startswith("hopper_bwd5t1") else "tma" if kernel.startswith("hopper_bwd5t")
+                      else kernel.startswith("hopper_bwd5"))
             probe = 2 if kernel.endswith("probe2") else int(kernel.endswith("probe"))
             overlap = int(kernel[len("hopper_bwd_o")]) if kernel.startswith("hopper_bwd_o") else None
             sig = 2 if "_sig2" in kernel else None

@@ -63,9 +63,10 @@ def main():
 
         for D in args.d:
             for varlen in (False, True):
-                for atomic, overlap in ((False, 0), (False, 1), (False, 2), (True, 0)):
+                for atomic, overlap in ((False, 0), (False, 1), (False, 2), (True, 0), ("tma", 0)):
                     for name, k in hopper_bwd.compiled_for_sm90(D, varlen, atomic, overlap).items():
-                        print(f"bwd {name}{' (dQ atomic)' if atomic else f' overlap {overlap}'} D={D} "
+                        label = {True: " (dQ atomic)", "tma": " (dQ by TMA)"}.get(atomic, f" overlap {overlap}")
+                        print(f"bwd {name}{label} D={D} "
                               f"varlen={varlen}: smem {k.metadata.shared} B; {resource_usage(k)}")
         return
     for D in args.d:

@@ -3,7 +3,7 @@
 With P = σ(scale·QKᵀ + b), dP = dO·Vᵀ, dS = P∘(1−P)∘dP (sigmoid needs no rowsum(dO∘O) pass):
     dV = Pᵀ·dO,   dK = scale·dSᵀ·Q,   dQ = scale·dS·K.
 
-Two dQ variants (``launch_bwd(dq_atomic=…)``, default ``DQ_ATOMIC``):
+Three dQ variants (``launch_bwd(dq_atomic=…)``, default ``DQ_ATOMIC``):
   dQ kernel (7 GEMMs per tile pair, deterministic, no atomics — the portable backward's deterministic split):
     ``hopper_bwd_kv_kernel``, grid (key tiles, B·H_kv): a CTA holds one 128-key K/V tile in shared memory and walks
       the GQA group's query heads and their 64-row query tiles (Q, dO by TMA, double-buffered: tile i+1 loads while
@@ -19,6 +19,9 @@ Two dQ variants (``launch_bwd(dq_atomic=…)``, default ``DQ_ATOMIC``):
     key rows past L are masked out of dSᵀ and,
     in the padded layout, zeroed in K. Each key tile starts its query walk at another tile (rotation) so the CTAs of
     one cell do not add into the same rows at once. dQ = scale·buffer, cast, in one elementwise pass.
+    ``dq_atomic="tma"``: the same kernel hands each [64, 64] piece of scale·dQ to the TMA unit instead
+    (registers → a swizzled shared-memory slot → ``cp.reduce.async.bulk.tensor … .add``, asynchronous: the slot is
+    waited for only one step later), so the adds leave the SM's load/store path; the final pass only casts.
 σ/dS overlap the tensor cores within each warpgroup (``OVERLAP``); no warp specialisation or ping-pong yet.
 Masking: P's query columns ≥ L (kv kernel) and, in the boundary key tile only, dS's key columns ≥ L (q kernel) are
 set to 0 with ``where`` (a product would keep NaN from padding; in the kv kernel dSᵀ = (Pᵀ − Pᵀ²)·dPᵀ is then 0
@@ -41,6 +44,9 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_init, warpgroup_mma_wait)
 
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
     from .hopper_fwd import _coeffs, _prob, _seq
 
 # (BLOCK_M, BLOCK_N) of the kv kernel (BLOCK_N keys held, BLOCK_M queries streamed) and of the q kernel (BLOCK_M
@@ -59,6 +65,9 @@ OVERLAP = 2
 # (ex2 + rcp.approx, ~1 ulp: more accurate, one more MUFU op, fewer FMA-pipe ops) timed no faster (session 13); SIG 1/3
 # (rel. error 1.3e-4) are out: dS = P(1−P)·dP would lose P's error where P ≈ 1
 SIG_BWD = 0
+# dq_atomic="tma": 1 = each dQ piece's GEMM, then its trip through shared memory to the TMA unit, in turn; 2 = dQ's
+# GEMMs issued before dV's and dK's, each piece stored while the GEMMs behind it run ("tma1"/"tma2" pick one)
+DQ_TMA = 2
 
 
 def supported(do, q, k, v, causal: bool) -> bool:
@@ -109,6 +118,15 @@ if HAVE_GLUON:
                                   "=r,=r,l,l,f,f", [ptrs.to(gl.int64, bitcast=True), vals], dtype=gl.int32,
                                   is_pure=False, pack=2)
 
+    @_builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """``global[box at coord] += src`` (shared memory) by one asynchronous TMA reduction (sm90
+        ``cp.reduce.async.bulk.tensor … .add``), issued by one thread and committed as a bulk group: ``tma.store_wait``
+        says when ``src`` may be overwritten. Triton 3.6's Gluon has no wrapper for it; its builder has the op."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
     @gluon.jit
     def _store_rows(ptr0, acc, stride_t, row_start, L, n_rows, ROWS: gl.constexpr, D: gl.constexpr,
                     num_warps: gl.constexpr):
@@ -128,7 +146,7 @@ if HAVE_GLUON:
                              VARLEN: gl.constexpr, HAS_LENS: gl.constexpr, LOG_N_BIAS: gl.constexpr,
                              FAST_SIGMOID: gl.constexpr, CLEAN: gl.constexpr, BLOCK_M: gl.constexpr,
                              BLOCK_N: gl.constexpr, D: gl.constexpr, DQ_ATOMIC: gl.constexpr, PROBE: gl.constexpr,
-                             OVERLAP: gl.constexpr, SIG: gl.constexpr):
+                             OVERLAP: gl.constexpr, SIG: gl.constexpr, DQ_TMA: gl.constexpr = 0):
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_desc.dtype
         pid_n = gl.program_id(0)
@@ -165,8 +183,11 @@ if HAVE_GLUON:
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
                 p_smem = gl.allocate_shared_memory(  # Pᵀ too: every GEMM reads shared memory, none pins registers
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-                dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_l))
-                dq_cols = gl.arange(0, PIECE, layout=gl.SliceLayout(0, dq_l))
+                if DQ_TMA:  # dQ's pieces staged for the TMA reductions (DQ32: a descriptor, box [BLOCK_M, PIECE])
+                    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_SPLIT, BLOCK_M, PIECE], DQ32.layout)
+                else:
+                    dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_l))
+                    dq_cols = gl.arange(0, PIECE, layout=gl.SliceLayout(0, dq_l))
             mbarrier.init(kv_bar, count=1)
             for i in gl.static_range(NS):
                 mbarrier.init(ld_bar.index(i), count=1)
@@ -210,9 +231,9 @@ if HAVE_GLUON:
                                    gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
                 dpt = warpgroup_mma(v_smem, do_smem.index(buf).permute((1, 0)),
                                     gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
-                if DQ_ATOMIC or OVERLAP == 0:
+                if (DQ_ATOMIC and DQ_TMA == 0) or OVERLAP == 0:
                     st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
-                elif OVERLAP == 1:  # Sᵀ done, dPᵀ still running under σ
+                elif DQ_ATOMIC or OVERLAP == 1:  # Sᵀ done, dPᵀ still running under σ
                     st = warpgroup_mma_wait(1, deps=(st,))
                 else:  # last step's dV, dK and this Sᵀ done (in order), dPᵀ still running
                     dv, dk, pa, dsa, st = warpgroup_mma_wait(1, deps=(dv, dk, pa, dsa, st))
@@ -229,6 +250,8 @@ if HAVE_GLUON:
                     pa = gl.convert_layout(pt.to(dtype), a_l)
                     dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
                     dpt = warpgroup_mma_wait(1, deps=(dpt,))
+                elif DQ_ATOMIC and DQ_TMA and OVERLAP >= 1:
+                    dpt = warpgroup_mma_wait(0, deps=(dpt,))
                 if PROBE == 1:
                     dst = gl.where(keep[None, :], dpt, 0.0)
                 else:
@@ -239,24 +262,62 @@ if HAVE_GLUON:
                     dst = gl.where(keys_in[:, None], dst, 0.0)
                 dsb = dst.to(dtype)
                 if DQ_ATOMIC:  # both warpgroups' halves of dSᵀ in shared memory before either reads it
+                    if DQ_TMA:  # the last step's reductions have read dq_smem (the barrier below tells every warp)
+                        tma.store_wait(0)
                     ds_smem.store(dsb)
                     p_smem.store(pt.to(dtype))
                     fence_async_shared()
                     gl.thread_barrier()
-                    dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
-                    dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
-                    # relaxed vector reductions into dQ32 [H, tokens + BLOCK_M, D]: per-thread offsets are
-                    # compile-time constants; no mask, since query rows ≥ L of dQ are exact zeros (dSᵀ columns
-                    # zeroed, K finite), so rows past L (the next cell's, or the BLOCK_M spare rows) get + 0.0
                     h_i = hk * GROUP + item // n_m
-                    base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
-                    for piece in gl.static_range(DQ_SPLIT):
-                        dqp = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(piece * PIECE, PIECE, dim=1),
+                    if DQ_TMA == 2:  # dQ's pieces first, then dV and dK: each piece goes to shared memory while
+                        # the tensor cores run the GEMMs behind it (wgmma groups complete in order)
+                        dq_row = h_i * (stride_dqh // D) + row0 + start_m
+                        dq0 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(0, PIECE, dim=1),
                                             gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
                                             is_async=True)
-                        dqp, dv, dk = warpgroup_mma_wait(0, deps=(dqp, dv, dk))  # the first also ends dV, dK
-                        if PROBE != 2 or scale < 0.0:  # probe 2 (timing only): the dQ GEMMs without their adds
-                            _red_add_v2(base + piece * PIECE + (dq_rows[:, None] * D + dq_cols[None, :]), dqp)
+                        if DQ_SPLIT == 2:
+                            dq1 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(PIECE, PIECE, dim=1),
+                                                gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
+                                                is_async=True)
+                        dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
+                        dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
+                        dq0 = warpgroup_mma_wait(DQ_SPLIT + 1, deps=(dq0,))
+                        dq_smem.index(0).store(dq0 * scale)
+                        fence_async_shared()
+                        gl.thread_barrier()
+                        _tma_reduce_add(DQ32, [dq_row, 0], dq_smem.index(0))
+                        if DQ_SPLIT == 2:
+                            dq1 = warpgroup_mma_wait(2, deps=(dq1,))
+                            dq_smem.index(1).store(dq1 * scale)
+                            fence_async_shared()
+                            gl.thread_barrier()
+                            _tma_reduce_add(DQ32, [dq_row, PIECE], dq_smem.index(1))
+                        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+                    else:
+                        dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
+                        dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
+                        # relaxed vector reductions into dQ32 [H, tokens + BLOCK_M, D] (or TMA reductions, DQ_TMA 1):
+                        # per-thread offsets are compile-time constants; no mask, since query rows ≥ L of dQ are
+                        # exact zeros (dSᵀ columns zeroed, K finite), so rows past L (the next cell's, or the
+                        # BLOCK_M spare rows) get + 0.0
+                        if DQ_TMA:  # the box's first row in the [H·(tokens + BLOCK_M), D] view of the buffer
+                            dq_row = h_i * (stride_dqh // D) + row0 + start_m
+                        else:
+                            base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
+                        for piece in gl.static_range(DQ_SPLIT):
+                            dqp = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(piece * PIECE, PIECE, dim=1),
+                                                gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
+                                                is_async=True)
+                            dqp, dv, dk = warpgroup_mma_wait(0, deps=(dqp, dv, dk))  # the first also ends dV, dK
+                            if PROBE != 2 or scale < 0.0:  # probe 2 (timing only): the dQ GEMMs without their adds
+                                if DQ_TMA:
+                                    dq_smem.index(piece).store(dqp * scale)  # scaled here: the last pass only casts
+                                    fence_async_shared()
+                                    gl.thread_barrier()  # every warp's part of the piece is in dq_smem
+                                    _tma_reduce_add(DQ32, [dq_row, piece * PIECE], dq_smem.index(piece))
+                                else:
+                                    _red_add_v2(base + piece * PIECE + (dq_rows[:, None] * D + dq_cols[None, :]),
+                                                dqp)
                 else:
                     if OVERLAP == 0:
                         pa = gl.convert_layout(pt.to(dtype), a_l)
@@ -269,6 +330,8 @@ if HAVE_GLUON:
                     gl.thread_barrier()  # every warpgroup is done with buffer `buf` (and dSᵀ) before it is refilled
             if LATE:
                 dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
+            if DQ_TMA:
+                tma.store_wait(0)  # no reduction may still read shared memory when the CTA exits
             dk = dk * scale
         if start_n < n_rows:
             _store_rows(DK + row0.to(gl.int64) * stride_dkt + hk * D, dk, stride_dkt, start_n, L, n_rows,
@@ -369,15 +432,18 @@ if HAVE_GLUON:
 
 def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float, bias: float,
                log_n_bias: bool, causal: bool, fast_sigmoid: bool = True, kv_blocks=None, q_blocks=None,
-               dq_atomic: bool | None = None, probe: int = 0, overlap: int | None = None, sig: int | None = None):
+               dq_atomic: bool | str | None = None, probe: int = 0, overlap: int | None = None, sig: int | None = None):
     """(dq, dk, dv) for ``supported`` inputs; same contract as triton_bwd.launch_bwd (outputs contiguous).
     ``dq_atomic``: dQ by fp32 atomics from the K/V kernel (5 GEMMs, one kernel, not deterministic) instead of the
-    dQ kernel (7 GEMMs, deterministic); default ``DQ_ATOMIC``. Timing probes (experiments only, wrong gradients):
+    dQ kernel (7 GEMMs, deterministic): ``True`` (or ``"red"``) by vector reductions from registers, ``"tma"`` by TMA
+    reductions from shared memory; default ``DQ_ATOMIC``. Timing probes (experiments only, wrong gradients):
     ``probe=1`` skips σ and dS (the time of the GEMMs, loads and stores alone), ``probe=2`` the dQ reductions of
     the atomic variant (their cost is the difference to the real kernel). ``overlap``: see ``OVERLAP``; ``sig``:
     see ``SIG_BWD``."""
     assert supported(do, q, k, v, causal), "hopper_bwd.launch_bwd called on unsupported input"
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
+    dq_tma = {"tma": DQ_TMA, "tma1": 1, "tma2": 2}.get(dq_atomic, 0) if isinstance(dq_atomic, str) else 0
+    assert dq_atomic in (False, True, "red") or dq_tma, f"dq_atomic: False, True, 'red' or 'tma', not {dq_atomic!r}"
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -400,12 +466,14 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
     q2, k2, v2, do2 = (_as_2d(t, varlen) for t in (q, k, v, do))
     T = q2.shape[0]  # token rows (B·N padded)
     dq32 = torch.zeros((H, T + kv_m, D), dtype=torch.float32, device=q.device) if dq_atomic else dk  # head-major
+    dq_arg = _desc(dq32.view(H * (T + kv_m), D), (kv_m, 64)) if dq_tma else dq32  # box: one 64-column piece
     hopper_bwd_kv_kernel[(triton.cdiv(max_seqlen, kv_n), B * H_kv)](
-        _desc(q2, (kv_m, D)), _desc(k2, (kv_n, D)), _desc(v2, (kv_n, D)), _desc(do2, (kv_m, D)), dk, dv, dq32,
+        _desc(q2, (kv_m, D)), _desc(k2, (kv_n, D)), _desc(v2, (kv_n, D)), _desc(do2, (kv_m, D)), dk, dv, dq_arg,
         seq_info, float(scale), float(bias), N, H_kv, H // H_kv, st(dk), st(dv), (T + kv_m) * D, BLOCK_M=kv_m,
-        BLOCK_N=kv_n, DQ_ATOMIC=dq_atomic, **meta)
-    if dq_atomic:  # [H, T, D] fp32 → q's shape, × scale, in q's dtype (one elementwise pass)
-        dq.view(T, H, D).copy_(dq32[:, :T].permute(1, 0, 2).mul_(scale))
+        BLOCK_N=kv_n, DQ_ATOMIC=bool(dq_atomic), DQ_TMA=dq_tma, **meta)
+    if dq_atomic:  # [H, T, D] fp32 → q's shape (× scale unless the kernel applied it), in q's dtype
+        dq32 = dq32[:, :T].permute(1, 0, 2)
+        dq.view(T, H, D).copy_(dq32 if dq_tma else dq32.mul_(scale))
         return dq, dk, dv
     hopper_bwd_q_kernel[(triton.cdiv(max_seqlen, q_m), B * H)](
         _desc(q2, (q_m, D)), _desc(k2, (q_n, D)), _desc(v2, (q_n, D)), _desc(do2, (q_m, D)), dq, seq_info,
@@ -414,21 +482,25 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool = False, overlap: int = OVERLAP, probe: int = 0):
+def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool | str = False, overlap: int = OVERLAP, probe: int = 0):
     """AOT-compile the kernels for sm90 without a GPU (``benchmarks/attention_hopper_compile.py --bwd``):
     {name: compiled kernel}, bf16, −log n bias; ``kv`` and ``q``, or ``kv`` alone with ``dq_atomic``."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    def desc(rows):
-        return f"tensordesc<bf16[{rows},{D}],{gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)!r}>"
+    def desc(rows, cols=D, dt="bf16"):
+        gdt = gl.bfloat16 if dt == "bf16" else gl.float32
+        return f"tensordesc<{dt}[{rows},{cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
+
+    tma_dq = {"tma": DQ_TMA, "tma1": 1, "tma2": 2}.get(dq_atomic, 0) if isinstance(dq_atomic, str) else 0
 
     head = {"SeqInfo": "*i32", "scale": "fp32", "bias": "fp32", "N": "i32"}
     kernels = {  # name: (kernel, (BLOCK_M, BLOCK_N), rows of the Q/dO boxes, rows of the K/V boxes, its other
         # arguments, its own constexprs)
         "kv": (hopper_bwd_kv_kernel, KV_BLOCKS, KV_BLOCKS[0], KV_BLOCKS[1],
-               {"DK": "*bf16", "DV": "*bf16", "DQ32": "*fp32", **head, "H_kv": "i32", "GROUP": "i32",
-                "stride_dkt": "i32", "stride_dvt": "i32", "stride_dqh": "i32"}, {"DQ_ATOMIC": dq_atomic}),
+               {"DK": "*bf16", "DV": "*bf16", "DQ32": desc(KV_BLOCKS[0], 64, "fp32") if tma_dq else "*fp32", **head,
+                "H_kv": "i32", "GROUP": "i32", "stride_dkt": "i32", "stride_dvt": "i32", "stride_dqh": "i32"},
+               {"DQ_ATOMIC": bool(dq_atomic), "DQ_TMA": tma_dq}),
         "q": (hopper_bwd_q_kernel, Q_BLOCKS, Q_BLOCKS[0], Q_BLOCKS[1],
               {"DQ": "*bf16", **head, "H": "i32", "GROUP": "i32", "stride_dqt": "i32"}, {})}
     if dq_atomic:

@@ -700,7 +700,8 @@ def _num_sms(index: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _layout(block: tuple, dtype: torch.dtype):
     """The NVMMA shared layout of a TMA block (built once per block shape and dtype, not per call)."""
-    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), gdt)
 
 
 def _desc(t2d, block: tuple):

@@ -8,10 +8,10 @@ besides the outputs, no host sync, so the ops are CUDA-graph and torch.compile f
 Kernel choice, once per device (capability): on sm90 the forward runs the Gluon Hopper kernel (``hopper_fwd``)
 for the inputs it supports (bf16/fp16, D 64/128, non-causal, heads contiguous); everything else, other GPUs and
 the Triton interpreter use the portable Triton kernels. ``SIGATTN_HOPPER=0`` turns the Hopper kernel off.
-The Gluon Hopper backward (``hopper_bwd``: its GPU tests pass; on an H200 it runs at 0.84–1.01× the portable
+The Gluon Hopper backward (``hopper_bwd``: its GPU tests pass; on an H200 it runs at 0.94–1.09× the portable
 backward) is opt-in: ``SIGATTN_HOPPER_BWD=1`` routes the backward of the inputs it supports there (deterministic
-mode keeps its dQ kernel, never the atomic variant; ``SIGATTN_HOPPER_DQ_ATOMIC=1|0`` picks the variant otherwise,
-default ``hopper_bwd.DQ_ATOMIC``).
+mode keeps its dQ kernel, never the atomic variant; ``SIGATTN_HOPPER_DQ_ATOMIC=1|tma|0`` picks the variant
+otherwise: dQ by vector reductions, by TMA reductions, or its own kernel; default ``hopper_bwd.DQ_ATOMIC``).
 """
 
 import functools
@@ -49,8 +49,7 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen, max_seqlen, scale, bias, log_n_
         return hopper_bwd.launch_bwd(do, q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale,
                                      bias=bias, log_n_bias=log_n_bias, causal=causal,
                                      fast_sigmoid=tuning.fast_sigmoid(q.dtype),
-                                     dq_atomic=not tuning.deterministic() and tuning._flag(
-                                         "SIGATTN_HOPPER_DQ_ATOMIC", "1" if hopper_bwd.DQ_ATOMIC else "0"))
+                                     dq_atomic=tuning.hopper_dq_atomic(hopper_bwd.DQ_ATOMIC))
     return _portable_bwd(do, q, k, v, seq_info, varlen=varlen, max_seqlen=max_seqlen, scale=scale, bias=bias,
                          log_n_bias=log_n_bias, causal=causal)
 

@@ -4,6 +4,7 @@ Environment switches (read at call time):
   SIGATTN_NO_AUTOTUNE=1    use the fixed config below (no first-call tuning cost).
   SIGATTN_FAST_SIGMOID=0   use 1/(1+2^t) with a MUFU reciprocal instead of the Newton reciprocal (bf16/fp16 only
                            use the fast form; see triton_common).
+  SIGATTN_HOPPER_DQ_ATOMIC=1|tma|0  the opt-in Hopper backward's dQ: vector or TMA reductions, or its own kernel.
   SIGATTN_DETERMINISTIC=1  backward computes dQ in its own Q-parallel pass (no fp32 atomics, bitwise reproducible);
                            also on when ``torch.are_deterministic_algorithms_enabled()``.
 Autotune results are cached in-process per key (head-dim tile, dtype, causal, power-of-two bucket of the
@@ -33,6 +34,18 @@ def fast_sigmoid(dtype: torch.dtype) -> bool:
 
 def deterministic() -> bool:
     return _flag("SIGATTN_DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
+
+
+def hopper_dq_atomic(default) -> bool | str:
+    """The Hopper backward's dQ variant (``hopper_bwd.launch_bwd(dq_atomic=…)``) from ``SIGATTN_HOPPER_DQ_ATOMIC``:
+    ``tma`` (TMA reductions), another true value (vector reductions) or false (its own dQ kernel, the only one in
+    deterministic mode)."""
+    if deterministic():
+        return False
+    mode = os.environ.get("SIGATTN_HOPPER_DQ_ATOMIC", "").strip().lower()
+    if not mode:
+        return default
+    return "tma" if mode == "tma" else _flag("SIGATTN_HOPPER_DQ_ATOMIC")
 
 
 def seq_bucket(n: int) -> int:

@@ -1,5 +1,6 @@
 """The Gluon Hopper backward (sigattn/hopper_bwd.py, dispatched only with SIGATTN_HOPPER_BWD=1: it measured slower than the
-portable one) against float64 gradients (sm90 only), both dQ variants (its own kernel; fp32 atomics from the K/V kernel).
+portable one) against float64 gradients (sm90 only), every dQ variant (its own kernel; fp32 reductions from the K/V
+kernel, by vector reductions from registers or by TMA reductions from shared memory).
 
 Same criterion as test_gpu_kernels: per gradient ‖ours − ref64‖/‖ref64‖ ≤ 2·‖torch_lowp − ref64‖/‖ref64‖ (+ floor);
 padded inputs (q, k, v and dO) poisoned with NaN past each length, padded gradient rows exactly 0; lengths 1, 17,
@@ -57,7 +58,9 @@ def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False,
         assert e_ours <= 2 * e_torch + FLOOR[dtype], f"{name}: ours {e_ours:.3g} vs torch {e_torch:.3g} (seed {seed})"
 
 
-DQ = pytest.mark.parametrize("dq_atomic", [False, True], ids=["dqkernel", "dqatomic"])
+DQ = pytest.mark.parametrize("dq_atomic", [False, True, "tma"], ids=["dqkernel", "dqatomic", "dqtma"])
+# with the TMA reductions' serial form too (hopper_bwd.DQ_TMA = 1), where many tiles add into the same rows
+DQ_ALL = pytest.mark.parametrize("dq_atomic", [False, True, "tma", "tma1"], ids=["dqkernel", "dqatomic", "dqtma", "dqtma1"])
 
 
 @DQ
@@ -89,7 +92,7 @@ def test_hopper_bwd_sigmoid_form_2(layout, dtype, dq_atomic):
     run_bwd(layout, dtype, 128, 4, 2, 0.5, [300, 225, 17, 1, 0, 129], 300, dq_atomic=dq_atomic, sig=2)
 
 
-@DQ
+@DQ_ALL
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 def test_hopper_bwd_mixed_lengths(layout, dq_atomic):
     # many key tiles adding into the same dQ rows at once (the atomic variant's reduction)
@@ -98,7 +101,7 @@ def test_hopper_bwd_mixed_lengths(layout, dq_atomic):
     run_bwd(layout, torch.bfloat16, 128, 4, 2, "log_n", lens, 1100, dq_atomic=dq_atomic)
 
 
-@DQ
+@DQ_ALL
 def test_hopper_bwd_matches_portable_on_a_long_sequence(dq_atomic):
     # 4K tokens: many query tiles per key tile (the kv kernel's double-buffered walk) and vice versa
     hb = _hopper_bwd()
@@ -113,7 +116,12 @@ def test_hopper_bwd_matches_portable_on_a_long_sequence(dq_atomic):
         assert _rel(a, b) < 2e-2, name
 
 
-@pytest.mark.parametrize("atomic", ["0", "1"])
+def _variant(env: str):
+    """SIGATTN_HOPPER_DQ_ATOMIC's value → launch_bwd's dq_atomic."""
+    return "tma" if env == "tma" else env == "1"
+
+
+@pytest.mark.parametrize("atomic", ["0", "1", "tma"])
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 def test_public_api_backward_goes_to_hopper_when_opted_in(layout, atomic, monkeypatch):
     """SIGATTN_HOPPER_BWD=1: the ops' CUDA backward (through autograd of the public API) is the Hopper kernel's
@@ -130,7 +138,7 @@ def test_public_api_backward_goes_to_hopper_when_opted_in(layout, atomic, monkey
     kw = dict(scale=128 ** -0.5, bias=0.0, log_n_bias=True, causal=False)
     if layout == "padded":
         args = [t.clone().requires_grad_() for t in (q, k, v)]
-        want = {"1": hb.launch_bwd(do, q, k, v, seq, varlen=False, max_seqlen=300, dq_atomic=atomic == "1", **kw),
+        want = {"1": hb.launch_bwd(do, q, k, v, seq, varlen=False, max_seqlen=300, dq_atomic=_variant(atomic), **kw),
                 "0": portable(do, q, k, v, seq, varlen=False, max_seqlen=300, **kw)}
 
         def api():
@@ -141,7 +149,7 @@ def test_public_api_backward_goes_to_hopper_when_opted_in(layout, atomic, monkey
         pack = lambda t: torch.cat([t[i, :L] for i, L in enumerate(lens)])  # noqa: E731
         pq, pk, pv, pdo = (pack(t) for t in (q, k, v, do))
         args = [t.clone().requires_grad_() for t in (pq, pk, pv)]
-        want = {"1": hb.launch_bwd(pdo, pq, pk, pv, cu, varlen=True, max_seqlen=300, dq_atomic=atomic == "1",
+        want = {"1": hb.launch_bwd(pdo, pq, pk, pv, cu, varlen=True, max_seqlen=300, dq_atomic=_variant(atomic),
                                    **kw),
                 "0": portable(pdo, pq, pk, pv, cu, varlen=True, max_seqlen=300, **kw)}
 
@@ -154,7 +162,7 @@ def test_public_api_backward_goes_to_hopper_when_opted_in(layout, atomic, monkey
             a.grad = None
         api().backward(grad_out)
         for name, a, w in zip(("dq", "dk", "dv"), args, want[flag]):
-            if flag == "1" and not (atomic == "1" and name == "dq"):  # no atomics: the same bits on every call
+            if flag == "1" and not (atomic != "0" and name == "dq"):  # no atomics: the same bits on every call
                 assert torch.equal(a.grad, w), f"{name}: the opted-in backward is not the Hopper kernel's"
             elif flag == "1":   # dQ by atomic adds: order-dependent rounding
                 assert _rel(a.grad, w) < 1e-2, f"{name}: the opted-in backward is not the Hopper kernel's"

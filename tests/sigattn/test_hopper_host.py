@@ -25,3 +25,24 @@ def test_fast_descriptor_equals_checked_constructor(dtype, varlen, D):
         checked = hopper_fwd.TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), list(block), layout)
         assert fast == checked
         assert fast.strides[0] == 3 * H * D and fast.shape[0] == (rows if varlen else 2 * rows)
+
+
+def test_fp32_dq_descriptor_equals_checked_constructor():
+    # the backward's TMA-reduction target: the [H·(tokens + 64), D] fp32 dQ buffer, one 64-column piece per box
+    buf = torch.zeros(3 * (37 + 64), 128, dtype=torch.float32)
+    fast = hopper_fwd._desc(buf, (64, 64))
+    layout = hopper_fwd.gl.NVMMASharedLayout.get_default_for([64, 64], hopper_fwd.gl.float32)
+    assert fast == hopper_fwd.TensorDescriptor(buf, list(buf.shape), list(buf.stride()), [64, 64], layout)
+
+
+@pytest.mark.parametrize("env, det, want", [(None, False, "default"), ("0", False, False), ("1", False, True),
+                                            ("tma", False, "tma"), ("TMA", False, "tma"), ("tma", True, False)])
+def test_hopper_dq_variant_from_environment(env, det, want, monkeypatch):
+    from sigattn import triton_tuning
+
+    if env is None:
+        monkeypatch.delenv("SIGATTN_HOPPER_DQ_ATOMIC", raising=False)
+    else:
+        monkeypatch.setenv("SIGATTN_HOPPER_DQ_ATOMIC", env)
+    monkeypatch.setenv("SIGATTN_DETERMINISTIC", "1" if det else "0")
+    assert triton_tuning.hopper_dq_atomic("default") == want
