@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CATEGORIES = [  # first match wins
     ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|broadcast|all_?to_?all|c10d|gloo"),
     ("attention", r"attn|sigattn|flash|fmha|sdpa|scaled_dot_product|cudnn.*(attention|mha)|hopper_(fwd|bwd)"),
-    ("optimizer", r"adam|multi_tensor|foreach|optimizer|lamb"),
+    ("optimizer", r"adam|multi_tensor|foreach|optimizer|lamb(?!da)"),  # not "lambda" (in elementwise kernels' names)
     ("loss", r"cross_entropy|nll_loss|log_softmax|mse_loss"),
     ("gemm", r"gemm|matmul|cutlass|xmma|nvjet|aten::mm$|aten::addmm|aten::bmm|aten::baddbmm|^sm90_|^sm80_|ampere_"),
     ("copies", r"memcpy|memset|aten::copy_"),
