@@ -72,6 +72,11 @@ SIG_BWD = 0
 DQ_TMA = 2
 
 
+def _tma_form(dq_atomic) -> int:
+    """The TMA form for a ``dq_atomic`` value: ``"tma"`` → ``DQ_TMA``, ``"tma1"``/``"tma2"`` → that form, else 0."""
+    return {"tma": DQ_TMA, "tma1": 1, "tma2": 2}.get(dq_atomic, 0) if isinstance(dq_atomic, str) else 0
+
+
 def supported(do, q, k, v, causal: bool) -> bool:
     """Whether this backward can take the call (host-side checks only): the forward's conditions, for dO too."""
     return hopper_fwd.supported(q, k, v, causal) and hopper_fwd.supported(do, k, v, causal) and do.shape == q.shape
@@ -128,6 +133,15 @@ if HAVE_GLUON:
         coord = _semantic._convert_to_ir_values(coord, require_i64=False)
         _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
                                                   src.handle)
+
+    @gluon.jit
+    def _reduce_piece(dq_desc, slot, piece, row, col):
+        """Stage one fp32 piece of dQ in shared memory ``slot`` (free: the last ``tma.store_wait`` passed) and add it
+        into ``dq_desc``'s box at [row, col] by a TMA reduction, once every warp's part is there."""
+        slot.store(piece)
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_reduce_add(dq_desc, [row, col], slot)
 
     @gluon.jit
     def _store_rows(ptr0, acc, stride_t, row_start, L, n_rows, ROWS: gl.constexpr, D: gl.constexpr,
@@ -271,9 +285,10 @@ if HAVE_GLUON:
                     fence_async_shared()
                     gl.thread_barrier()
                     h_i = hk * GROUP + item // n_m
+                    if DQ_TMA:  # the box's first row in the [H·(tokens + BLOCK_M), D] view of the buffer
+                        dq_row = h_i * (stride_dqh // D) + row0 + start_m
                     if DQ_TMA == 2:  # dQ's pieces first, then dV and dK: each piece goes to shared memory while
                         # the tensor cores run the GEMMs behind it (wgmma groups complete in order)
-                        dq_row = h_i * (stride_dqh // D) + row0 + start_m
                         dq0 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(0, PIECE, dim=1),
                                             gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
                                             is_async=True)
@@ -284,16 +299,10 @@ if HAVE_GLUON:
                         dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
                         dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
                         dq0 = warpgroup_mma_wait(DQ_SPLIT + 1, deps=(dq0,))
-                        dq_smem.index(0).store(dq0 * scale)
-                        fence_async_shared()
-                        gl.thread_barrier()
-                        _tma_reduce_add(DQ32, [dq_row, 0], dq_smem.index(0))
+                        _reduce_piece(DQ32, dq_smem.index(0), dq0 * scale, dq_row, 0)
                         if DQ_SPLIT == 2:
                             dq1 = warpgroup_mma_wait(2, deps=(dq1,))
-                            dq_smem.index(1).store(dq1 * scale)
-                            fence_async_shared()
-                            gl.thread_barrier()
-                            _tma_reduce_add(DQ32, [dq_row, PIECE], dq_smem.index(1))
+                            _reduce_piece(DQ32, dq_smem.index(1), dq1 * scale, dq_row, PIECE)
                         dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                     else:
                         dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
@@ -302,9 +311,7 @@ if HAVE_GLUON:
                         # per-thread offsets are compile-time constants; no mask, since query rows ≥ L of dQ are
                         # exact zeros (dSᵀ columns zeroed, K finite), so rows past L (the next cell's, or the
                         # BLOCK_M spare rows) get + 0.0
-                        if DQ_TMA:  # the box's first row in the [H·(tokens + BLOCK_M), D] view of the buffer
-                            dq_row = h_i * (stride_dqh // D) + row0 + start_m
-                        else:
+                        if not DQ_TMA:
                             base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
                         for piece in gl.static_range(DQ_SPLIT):
                             dqp = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(piece * PIECE, PIECE, dim=1),
@@ -312,11 +319,8 @@ if HAVE_GLUON:
                                                 is_async=True)
                             dqp, dv, dk = warpgroup_mma_wait(0, deps=(dqp, dv, dk))  # the first also ends dV, dK
                             if PROBE != 2 or scale < 0.0:  # probe 2 (timing only): the dQ GEMMs without their adds
-                                if DQ_TMA:
-                                    dq_smem.index(piece).store(dqp * scale)  # scaled here: the last pass only casts
-                                    fence_async_shared()
-                                    gl.thread_barrier()  # every warp's part of the piece is in dq_smem
-                                    _tma_reduce_add(DQ32, [dq_row, piece * PIECE], dq_smem.index(piece))
+                                if DQ_TMA:  # scaled here: the last pass only casts
+                                    _reduce_piece(DQ32, dq_smem.index(piece), dqp * scale, dq_row, piece * PIECE)
                                 else:
                                     _red_add_v2(base + piece * PIECE + (dq_rows[:, None] * D + dq_cols[None, :]),
                                                 dqp)
@@ -444,7 +448,7 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
     see ``SIG_BWD``."""
     assert supported(do, q, k, v, causal), "hopper_bwd.launch_bwd called on unsupported input"
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
-    dq_tma = {"tma": DQ_TMA, "tma1": 1, "tma2": 2}.get(dq_atomic, 0) if isinstance(dq_atomic, str) else 0
+    dq_tma = _tma_form(dq_atomic)
     assert dq_atomic in (False, True, "red") or dq_tma, f"dq_atomic: False, True, 'red' or 'tma', not {dq_atomic!r}"
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -494,7 +498,7 @@ def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool | str = False, overl
         gdt = gl.bfloat16 if dt == "bf16" else gl.float32
         return f"tensordesc<{dt}[{rows},{cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
 
-    tma_dq = {"tma": DQ_TMA, "tma1": 1, "tma2": 2}.get(dq_atomic, 0) if isinstance(dq_atomic, str) else 0
+    tma_dq = _tma_form(dq_atomic)
 
     head = {"SeqInfo": "*i32", "scale": "fp32", "bias": "fp32", "N": "i32"}
     kernels = {  # name: (kernel, (BLOCK_M, BLOCK_N), rows of the Q/dO boxes, rows of the K/V boxes, its other
