@@ -32,7 +32,8 @@
 #   stability   python -m training.reproduce stability --scale gpu $STAB_ARGS (e.g. "--lrs 1e-2 --attention sigmoid"),
 #               continuing the committed docs/reproduce/stability-gpu (finished arms are reused); the arms come back as
 #               a tarball (the device's copy-back drops the arm folders)          -> stability-gpu/, stability-arms.tgz
-#   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS -> profile/
+#   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS, $PROFILE_ARGS
+#               (e.g. "--attention sigmoid --copies": rank the Python sources of device copies)  -> profile/
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
 # Knobs: TRAIN_RUNS, TRAIN_STEPS, TRAIN_WORLD (e.g. "1 2 4": data-parallel rows), TRAIN_ATTENTION (default "sigmoid
 # softmax"), TRAIN_OVERRIDES (trainer overrides, e.g. "run.compile=true"), TRAIN_OUT (file name under $OUT, e.g.
@@ -103,7 +104,7 @@ for phase in "$@"; do
       tar czf "$OUT/stability-arms.tgz" -C "$OUT/stability-gpu" arms && rm -rf "$OUT/stability-gpu/arms" ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-400}" python3 benchmarks/training_profile.py --runs ${PROFILE_RUNS:-160m:2048 160m:8192 1.4b:8192} \
-        --out "$OUT/profile" 2>&1 | grep -E "^\|" | tail -12 ;;
+        $PROFILE_ARGS --out "$OUT/profile" 2>&1 | grep -E "^\||^copies" | tail -24 ;;
     project)
       timeout "${PROJECT_TIMEOUT:-500}" python3 -m launch.project --measure --sizes ${PROJECT_SIZES:-160m 400m 600m 1.4b} \
         --context 2048 4096 8192 --cells 131.6e6 --gpus 16 --out "$OUT/projection-measured" 2>&1 | tail -40 ;;

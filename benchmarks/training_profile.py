@@ -83,7 +83,8 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     top: dict[str, float] = {}
     busy = []
     for e in events:
-        if e.name.startswith("ProfilerStep") or e.name.startswith("[memory]"):
+        if (e.name.startswith("ProfilerStep") or e.name.startswith("[memory]")
+                or getattr(e, "is_python_function", False)):       # with_stack's Python frames (not ops)
             continue
         if on_gpu:
             if str(e.device_type).endswith("CUDA"):
@@ -110,8 +111,25 @@ class _Stop(Exception):
     pass
 
 
+def copy_sources(prof, n_steps: int, on_gpu: bool, top: int = 12) -> list[dict]:
+    """Where copies come from: ``aten::copy_`` (what clone/contiguous/to end in) grouped by input shapes and Python
+    stack (needs ``with_stack=True, record_shapes=True``), by device time per step (on a CPU: self CPU time)."""
+    rows = []
+    for avg in prof.key_averages(group_by_input_shape=True, group_by_stack_n=12):
+        if avg.key != "aten::copy_":
+            continue
+        dev_us = avg.device_time_total if on_gpu else avg.self_cpu_time_total
+        if not dev_us:
+            continue
+        stack = [re.sub(r" of \w+ object at 0x[0-9a-f]+", "", f) for f in (avg.stack or [])]
+        frames = stack[:1] + [f for f in stack[1:] if "torch/" not in f and "site-packages" not in f]
+        rows.append({"ms_per_step": dev_us / max(1, n_steps) / 1e3, "calls_per_step": avg.count / max(1, n_steps),
+                     "shapes": str(avg.input_shapes)[:120], "stack": frames[:6]})
+    return sorted(rows, key=lambda r: -r["ms_per_step"])[:top]
+
+
 def _profile_run(size: str, context: int, attention: str, bs: int, warmup: int, steps: int, extra: list[str],
-                 trace: str | None) -> dict:
+                 trace: str | None, copies: bool = False) -> dict:
     """Child process: train ``warmup + steps`` steps, profile the last ``steps``; return the breakdown."""
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
@@ -126,7 +144,9 @@ def _profile_run(size: str, context: int, attention: str, bs: int, warmup: int, 
     with tempfile.TemporaryDirectory(prefix="sigattn-profile-") as run_dir:
         cfg = trainer_config(size, context, attention, bs, warmup + steps + 1, extra, run_dir)
         with profile(activities=acts, schedule=schedule(wait=max(0, warmup - 1), warmup=1, active=steps, repeat=1),
-                     record_shapes=False) as prof:
+                     record_shapes=copies, with_stack=copies,       # stacks need the verbose config
+                     experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True) if copies else None
+                     ) as prof:
             def step(trainer, record):
                 seen.append(record)
                 prof.step()
@@ -141,6 +161,8 @@ def _profile_run(size: str, context: int, attention: str, bs: int, warmup: int, 
         if trace:
             prof.export_chrome_trace(trace)
         out = breakdown(prof.events(), steps, on_gpu)
+        if copies:
+            out["copy_sources"] = copy_sources(prof, steps, on_gpu)
     out["tokens_per_s"] = next((r["tokens_per_s"] for r in reversed(seen) if r.get("tokens_per_s")), None)
     out["mem_gb"] = max((r.get("mem_gb") or 0.0) for r in seen) if seen else None
     return out
@@ -194,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: the preset's tokens)")
     ap.add_argument("--override", action="append", default=[], help="extra trainer override (repeatable)")
     ap.add_argument("--trace", action="store_true", help="also write a Chrome trace per run (large)")
+    ap.add_argument("--copies", action="store_true",
+                    help="also rank the sources of device copies (aten::copy_ by Python stack and shapes; slower)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     a = ap.parse_args(argv)
     if a.warmup < 1 or a.steps < 1:
@@ -223,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 row |= pool.submit(_profile_run, size, ctx, att, bs, a.warmup, a.steps, list(a.override),
-                                   trace).result()
+                                   trace, a.copies).result()
         except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
             row["error"] = f"{type(e).__name__}: {e}"
         res["rows"].append(row)
@@ -232,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     (a.out / "profile.md").write_text(f"{res['device']}, commit {res['commit']}, {res['date']}\n\n{table}\n")
     _plot(res["rows"], a.out / "profile.png", f"{res['device']}: time per training step by category")
     print(table)
+    for r in res["rows"]:
+        for c in r.get("copy_sources", [])[:5]:
+            print(f"copies {r['size']}@{r['context']} {r['attention']}: {c['ms_per_step']:.1f} ms/step "
+                  f"{c['calls_per_step']:.0f} calls {c['shapes']} <- {' | '.join(c['stack'][:3])}")
     return 0
 
 

@@ -32,7 +32,7 @@ def test_categories(name, cat):
 def test_profile_of_a_tiny_run(tmp_path):
     out = tmp_path / "prof"
     assert training_profile.main(["--runs", "tiny:64", "--attention", "sigmoid", "--warmup", "2", "--steps", "2",
-                                  "--batch-size", "4", "--out", str(out)]) == 0
+                                  "--batch-size", "4", "--copies", "--out", str(out)]) == 0
     res = json.loads((out / "profile.json").read_text())
     assert res["device"] == "cpu" and res["commit"] and res["steps"] == 2
     (row,) = res["rows"]
@@ -43,6 +43,10 @@ def test_profile_of_a_tiny_run(tmp_path):
     assert row["categories"]["gemm"]["ms_per_step"] > 0 and row["categories"]["attention"]["ms_per_step"] > 0
     assert row["categories"]["optimizer"]["ms_per_step"] > 0   # the Adam step's ops, attributed by their parent
     assert row["top"] and row["tokens_per_s"] > 0
+    src = row["copy_sources"]                                  # --copies: copies ranked by their Python source
+    assert src and all(c["ms_per_step"] > 0 and c["calls_per_step"] > 0 for c in src)
+    assert src == sorted(src, key=lambda c: -c["ms_per_step"])
+    assert any(".py(" in f for c in src for f in c["stack"])   # frames of our code ("file.py(line): function")
     assert "| tiny | 64 | sigmoid | 4 |" in (out / "profile.md").read_text()
     assert (out / "profile.png").stat().st_size > 5000
 
