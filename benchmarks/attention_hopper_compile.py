@@ -56,16 +56,18 @@ def main():
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--ptx", type=Path)
     ap.add_argument("--config", help="BLOCK_M,BLOCK_N,STAGES,CONSUMERS (default: hopper_fwd.CONFIGS)")
-    ap.add_argument("--bwd", action="store_true", help="the backward's kernels (sigattn/hopper_bwd.py; both dQ variants) instead")
+    ap.add_argument("--bwd", action="store_true", help="the backward's kernels (sigattn/hopper_bwd.py; every dQ variant) instead")
     args = ap.parse_args()
     if args.bwd:
         from sigattn import hopper_bwd
 
         for D in args.d:
             for varlen in (False, True):
-                for atomic, overlap in ((False, 0), (False, 1), (False, 2), (True, 0), ("tma", 0)):
+                for atomic, overlap in ((False, 0), (False, 1), (False, 2), (True, 0), ("tma1", 0), ("tma2", 0),
+                                        ("tma3", 0)):
                     for name, k in hopper_bwd.compiled_for_sm90(D, varlen, atomic, overlap).items():
-                        label = {True: " (dQ atomic)", "tma": " (dQ by TMA)"}.get(atomic, f" overlap {overlap}")
+                        label = (f" (dQ by TMA, form {atomic[-1]})" if isinstance(atomic, str) else
+                                 " (dQ atomic)" if atomic else f" overlap {overlap}")
                         print(f"bwd {name}{label} D={D} "
                               f"varlen={varlen}: smem {k.metadata.shared} B; {resource_usage(k)}")
         return

@@ -75,6 +75,23 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def alone_us(labelled: list[tuple[float, float, str]]) -> dict[str, float]:
+    """Per category, the time when its kernels run and no other category's do (a sweep over interval ends): a
+    category's kernels on a side stream under another's cost the step only this much, however long they look."""
+    edges = sorted([(a, 1, c) for a, b, c in labelled] + [(b, -1, c) for a, b, c in labelled])
+    active: dict[str, int] = {}
+    out: dict[str, float] = {}
+    last = None
+    for t, step, c in edges:
+        if last is not None and t > last:
+            running = [k for k, n in active.items() if n > 0]
+            if len(running) == 1:
+                out[running[0]] = out.get(running[0], 0.0) + (t - last)
+        active[c] = active.get(c, 0) + step
+        last = t
+    return out
+
+
 def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     """Per-category ms per step and share of the step wall time, from a profiler's event list."""
     steps = [e for e in events if e.name.startswith("ProfilerStep")]
@@ -82,6 +99,7 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     per_cat: dict[str, float] = {c: 0.0 for c in ORDER}
     top: dict[str, float] = {}
     busy = []
+    labelled = []
     for e in events:
         if (e.name.startswith("ProfilerStep") or e.name.startswith("[memory]")
                 or getattr(e, "is_python_function", False)):       # with_stack's Python frames (not ops)
@@ -90,6 +108,7 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
             if str(e.device_type).endswith("CUDA"):
                 us = e.time_range.end - e.time_range.start
                 busy.append((e.time_range.start, e.time_range.end))
+                labelled.append((e.time_range.start, e.time_range.end, event_category(e)))
             else:
                 continue
         else:
@@ -100,8 +119,10 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     busy_us = _union_us(busy) if on_gpu else sum(b for _, b in busy)
     per_cat["idle"] = max(0.0, wall_us - busy_us)
     n = max(1, n_steps)
+    alone = alone_us(labelled) if on_gpu else {}
     return {"step_ms": wall_us / n / 1e3, "busy_ms": busy_us / n / 1e3,
             "categories": {c: {"ms_per_step": v / n / 1e3, "share": v / wall_us if wall_us else None}
+                           | ({"alone_ms_per_step": alone.get(c, 0.0) / n / 1e3} if on_gpu and c != "idle" else {})
                            for c, v in per_cat.items()},
             "top": [{"name": k[:120], "ms_per_step": v / n / 1e3, "category": category(k)}
                     for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]]}
@@ -257,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     _plot(res["rows"], a.out / "profile.png", f"{res['device']}: time per training step by category")
     print(table)
     for r in res["rows"]:
+        cats = r.get("categories", {})
+        if "alone_ms_per_step" in cats.get("copies", {}):
+            print(f"copies {r['size']}@{r['context']} {r['attention']}: {cats['copies']['ms_per_step']:.1f} ms/step, "
+                  f"{cats['copies']['alone_ms_per_step']:.1f} with no other kernel running")
         for c in r.get("copy_sources", [])[:5]:
             print(f"copies {r['size']}@{r['context']} {r['attention']}: {c['ms_per_step']:.1f} ms/step "
                   f"{c['calls_per_step']:.0f} calls {c['shapes']} <- {' | '.join(c['stack'][:3])}")

@@ -57,3 +57,11 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert "expected PRESET:CONTEXT" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         training_profile.main(["--runs", "tiny:64", "--steps", "0", "--out", str(tmp_path / "p")])
+
+
+def test_alone_time_is_what_no_other_category_overlaps():
+    # copies 0–10 under attention 2–8, gemm 12–14 alone; a second attention kernel 9–11 overlapping nothing but
+    # the gemm-free gap: copies alone 0–2 and 8–9 (3), attention alone 10–11 (1), gemm alone 12–14 (2)
+    got = training_profile.alone_us([(0, 10, "copies"), (2, 8, "attention"), (9, 11, "attention"),
+                                     (12, 14, "gemm")])
+    assert got == {"copies": 3, "attention": 1, "gemm": 2}
