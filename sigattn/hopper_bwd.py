@@ -194,7 +194,9 @@ if HAVE_GLUON:
         dv = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         LATE: gl.constexpr = OVERLAP == 2 and not DQ_ATOMIC  # dK's GEMM runs on into the next step
         PIPE: gl.constexpr = DQ_ATOMIC and DQ_TMA == 3
-        NS: gl.constexpr = 3 if LATE else 2  # Q/dO buffers: with LATE a buffer is refilled one step later
+        # Q/dO buffers: with LATE a buffer is refilled one step later; with PIPE step i+1's tiles are needed in the
+        # middle of step i, so they are loaded two steps ahead (the third buffer takes the second dQ slot's room)
+        NS: gl.constexpr = 3 if (LATE or PIPE) else 2
         if start_n < L:
             k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], k_desc.layout)
             v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], v_desc.layout)
@@ -208,7 +210,8 @@ if HAVE_GLUON:
                 p_smem = gl.allocate_shared_memory(  # Pᵀ too: every GEMM reads shared memory, none pins registers
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
                 if DQ_TMA:  # dQ's pieces staged for the TMA reductions (DQ32: a descriptor, box [BLOCK_M, PIECE])
-                    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_SPLIT, BLOCK_M, PIECE], DQ32.layout)
+                    dq_smem = gl.allocate_shared_memory(gl.float32, [1 if PIPE else DQ_SPLIT, BLOCK_M, PIECE],
+                                                        DQ32.layout)
                 else:
                     dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_l))
                     dq_cols = gl.arange(0, PIECE, layout=gl.SliceLayout(0, dq_l))
@@ -261,9 +264,9 @@ if HAVE_GLUON:
                     # Sᵀ done, and before it (in order) step i−1's GEMMs; dPᵀ runs on under σ
                     dv, dk, st = warpgroup_mma_wait(1, deps=(dv, dk, st))
                     gl.thread_barrier()  # both warpgroups are past step i−1's GEMMs: its Q/dO buffer, dSᵀ, Pᵀ free
-                    if i + 1 < total:
-                        _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, i + 1, rot, total, n_m, row0, hk,
-                                        GROUP, NS, BLOCK_M, D)
+                    if i + NS - 1 < total:  # into step i−1's buffer
+                        _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, i + NS - 1, rot, total, n_m, row0,
+                                        hk, GROUP, NS, BLOCK_M, D)
                     keep = (start_m + cols) < L
                     pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG), 0.0)
                     dpt = warpgroup_mma_wait(0, deps=(dpt,))
@@ -294,17 +297,21 @@ if HAVE_GLUON:
                                 _zero_tail(do_smem.index(nb), next_m, L, BLOCK_M, D, NW)
                         st = warpgroup_mma(k_smem, q_smem.index(nb).permute((1, 0)),
                                            gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
-                        # dPᵀ only once piece 0 is out of the registers (both at once would spill)
+                        # dPᵀ only once dQ's pieces are out of the registers (all at once would spill)
                         _reduce_wait(DQ32, dq_smem.index(0), dq0, scale, dq_row, 0, DQ_SPLIT + 2)
+                        if DQ_SPLIT == 2:  # one staging slot: piece 0's reduction has read it first
+                            tma.store_wait(0)
+                            gl.thread_barrier()
+                            _reduce_wait(DQ32, dq_smem.index(0), dq1, scale, dq_row, PIECE, 3)
                         dpt = warpgroup_mma(v_smem, do_smem.index(nb).permute((1, 0)),
                                             gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False,
                                             is_async=True)
-                        if DQ_SPLIT == 2:
-                            _reduce_wait(DQ32, dq_smem.index(1), dq1, scale, dq_row, PIECE, 4)
                     else:
                         _reduce_wait(DQ32, dq_smem.index(0), dq0, scale, dq_row, 0, DQ_SPLIT + 1)
                         if DQ_SPLIT == 2:
-                            _reduce_wait(DQ32, dq_smem.index(1), dq1, scale, dq_row, PIECE, 2)
+                            tma.store_wait(0)
+                            gl.thread_barrier()
+                            _reduce_wait(DQ32, dq_smem.index(0), dq1, scale, dq_row, PIECE, 2)
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
             else:
                 for i in range(total):
