@@ -5,10 +5,10 @@ Triton one, as the ops run it), ``hopper_bwd_padded``/``hopper_bwd_varlen`` = th
 (sigattn/hopper_bwd.py, opt-in: dQ in its own kernel), ``hopper_bwd5_padded``/``hopper_bwd5_varlen`` = its 5-GEMM
 variant (dQ by fp32 vector reductions from the K/V kernel), ``hopper_bwd5t_padded``/``hopper_bwd5t_varlen`` = the
 same with dQ by TMA reductions from shared memory (``hopper_bwd.DQ_TMA``; ``hopper_bwd5t1_padded``: its serial
-form 1; ``hopper_bwd5t3_padded``/``…_varlen``: its pipelined form 3), ``hopper_bwd_probe``/``hopper_bwd5_probe`` =
-those backwards (padded) with σ and dS skipped (timing probes, wrong gradients: what the GEMMs and data movement
-alone take), ``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions,
-``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` = the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
+form 1), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded) with σ and dS skipped (timing
+probes, wrong gradients: what the GEMMs and data movement alone take),
+``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions, ``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` =
+the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
 ``hopper_bwd_sig2_padded``/``hopper_bwd5_sig2_padded`` = σ by ex2 + rcp.approx (``hopper_bwd.SIG_BWD``),
 ``ours_padded``/``ours_varlen`` = the portable Triton kernels.
 
@@ -44,7 +44,6 @@ from sigattn.triton_fwd import launch_fwd  # noqa: E402
 TOKENS, HIDDEN = 16384, 2048
 KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
            "hopper_bwd5_varlen", "hopper_bwd5t_padded", "hopper_bwd5t_varlen", "hopper_bwd5t1_padded",
-           "hopper_bwd5t3_padded", "hopper_bwd5t3_varlen",
            "hopper_bwd_probe", "hopper_bwd5_probe", "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
            "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "hopper_bwd_sig2_padded",
            "hopper_bwd5_sig2_padded", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig",
@@ -94,8 +93,7 @@ def make_runner(kernel, D, N, pad):
         hkw = dict(kw, config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
         if kernel.startswith("hopper_bwd"):
             # hopper_bwd_oX_*: the 7-GEMM variant at overlap level X (hopper_bwd.OVERLAP)
-            form = kernel[len("hopper_bwd5t"):][:1] if kernel.startswith("hopper_bwd5t") else ""  # 5t1_, 5t3_
-            atomic = (f"tma{form}" if form.isdigit() else "tma" if kernel.startswith("hopper_bwd5t")
+            atomic = ("tma1" if kernel.startswith("hopper_bwd5t1") else "tma" if kernel.startswith("hopper_bwd5t")
                       else kernel.startswith("hopper_bwd5"))
             probe = 2 if kernel.endswith("probe2") else int(kernel.endswith("probe"))
             overlap = int(kernel[len("hopper_bwd_o")]) if kernel.startswith("hopper_bwd_o") else None

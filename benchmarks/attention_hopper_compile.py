@@ -63,8 +63,7 @@ def main():
 
         for D in args.d:
             for varlen in (False, True):
-                for atomic, overlap in ((False, 0), (False, 1), (False, 2), (True, 0), ("tma1", 0), ("tma2", 0),
-                                        ("tma3", 0)):
+                for atomic, overlap in ((False, 0), (False, 1), (False, 2), (True, 0), ("tma1", 0), ("tma2", 0)):
                     for name, k in hopper_bwd.compiled_for_sm90(D, varlen, atomic, overlap).items():
                         label = (f" (dQ by TMA, form {atomic[-1]})" if isinstance(atomic, str) else
                                  " (dQ atomic)" if atomic else f" overlap {overlap}")

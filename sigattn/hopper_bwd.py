@@ -68,13 +68,16 @@ SIG_BWD = 0
 # dq_atomic="tma": 1 = each dQ piece's GEMM, then its trip through shared memory to the TMA unit, in turn; 2 = dQ's
 # GEMMs issued before dV's and dK's, each piece stored while the GEMMs behind it run ("tma1"/"tma2" pick one). H200,
 # D = 128 (session 14): form 2 331–407 TFLOP/s, 1.5–2 % over form 1 and 1.13–1.19× the red.v2 variant; 0.93–0.97× the
-# portable backward padded, 0.99–1.01× varlen: not ahead, so DQ_ATOMIC stays off
+# portable backward padded, 0.99–1.01× varlen: not ahead, so DQ_ATOMIC stays off. A form 3 (session 15, commits
+# bdbafd0/2c02250, removed) issued step i+1's Sᵀ/dPᵀ right behind step i's GEMMs, before dQ's pieces were staged:
+# 0.88–0.91× form 2 with two Q/dO buffers (the next tiles' load then has only the σ/dS phase to land), 0.82–0.85×
+# with three (one dQ slot; 224–240 B of spills at 255 registers)
 DQ_TMA = 2
 
 
 def _tma_form(dq_atomic) -> int:
-    """The TMA form for a ``dq_atomic`` value: ``"tma"`` → ``DQ_TMA``, ``"tma1"``…``"tma3"`` → that form, else 0."""
-    return {"tma": DQ_TMA, "tma1": 1, "tma2": 2, "tma3": 3}.get(dq_atomic, 0) if isinstance(dq_atomic, str) else 0
+    """The TMA form for a ``dq_atomic`` value: ``"tma"`` → ``DQ_TMA``, ``"tma1"``/``"tma2"`` → that form, else 0."""
+    return {"tma": DQ_TMA, "tma1": 1, "tma2": 2}.get(dq_atomic, 0) if isinstance(dq_atomic, str) else 0
 
 
 def supported(do, q, k, v, causal: bool) -> bool:
@@ -144,13 +147,6 @@ if HAVE_GLUON:
         _tma_reduce_add(dq_desc, [row, col], slot)
 
     @gluon.jit
-    def _reduce_wait(dq_desc, slot, acc, scale, row, col, BEHIND: gl.constexpr):
-        """Wait for the in-flight dQ piece ``acc`` (``BEHIND`` GEMM groups issued after it may run on) and hand it,
-        scaled, to a TMA reduction into ``dq_desc``'s box at [row, col] through shared memory ``slot``."""
-        acc = warpgroup_mma_wait(BEHIND, deps=(acc,))
-        _reduce_piece(dq_desc, slot, acc * scale, row, col)
-
-    @gluon.jit
     def _store_rows(ptr0, acc, stride_t, row_start, L, n_rows, ROWS: gl.constexpr, D: gl.constexpr,
                     num_warps: gl.constexpr):
         """Write an fp32 accumulator tile as rows [row_start, row_start + ROWS) of a [tokens, ·] output (rows ≥ L
@@ -193,10 +189,7 @@ if HAVE_GLUON:
         dk = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         dv = gl.zeros([BLOCK_N, D], gl.float32, acc_l)
         LATE: gl.constexpr = OVERLAP == 2 and not DQ_ATOMIC  # dK's GEMM runs on into the next step
-        PIPE: gl.constexpr = DQ_ATOMIC and DQ_TMA == 3
-        # Q/dO buffers: with LATE a buffer is refilled one step later; with PIPE step i+1's tiles are needed in the
-        # middle of step i, so they are loaded two steps ahead (the third buffer takes the second dQ slot's room)
-        NS: gl.constexpr = 3 if (LATE or PIPE) else 2
+        NS: gl.constexpr = 3 if LATE else 2  # Q/dO buffers: with LATE a buffer is refilled one step later
         if start_n < L:
             k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], k_desc.layout)
             v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], v_desc.layout)
@@ -210,8 +203,7 @@ if HAVE_GLUON:
                 p_smem = gl.allocate_shared_memory(  # Pᵀ too: every GEMM reads shared memory, none pins registers
                     dtype, [BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
                 if DQ_TMA:  # dQ's pieces staged for the TMA reductions (DQ32: a descriptor, box [BLOCK_M, PIECE])
-                    dq_smem = gl.allocate_shared_memory(gl.float32, [1 if PIPE else DQ_SPLIT, BLOCK_M, PIECE],
-                                                        DQ32.layout)
+                    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_SPLIT, BLOCK_M, PIECE], DQ32.layout)
                 else:
                     dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_l))
                     dq_cols = gl.arange(0, PIECE, layout=gl.SliceLayout(0, dq_l))
@@ -242,181 +234,109 @@ if HAVE_GLUON:
                 dsa = gl.zeros([BLOCK_N, BLOCK_M], dtype, a_l)
                 dk = warpgroup_mma_init(dk)  # loop-carried as in-flight accumulators
                 dv = warpgroup_mma_init(dv)
-            if PIPE:  # form 3: step i+1's Sᵀ and dPᵀ queue behind step i's GEMMs, issued before dQ's pieces are
-                # staged, so the tensor cores wait neither for the reductions nor for the loop's top
-                gl.static_assert(PROBE == 0, "no timing probes in the pipelined form")
-                mbarrier.wait(ld_bar.index(0), 0)
-                start_m = (rot % n_m) * BLOCK_M  # step 0's item is rot (< n_m)
+            for i in range(total):
+                buf = i % NS
+                if i + NS - 1 < total and not LATE:  # prefetch the next step (NS = 2); its buffer's GEMMs finished
+                    _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, i + NS - 1, rot, total, n_m, row0, hk,
+                                    GROUP, NS, BLOCK_M, D)
+                mbarrier.wait(ld_bar.index(buf), (i // NS) & 1)
+                item = (i + rot) % total  # the walk's item (see _load_walk_step)
+                start_m = (item % n_m) * BLOCK_M
                 if CLEAN:
                     if start_m + BLOCK_M > L:
-                        _zero_tail(q_smem.index(0), start_m, L, BLOCK_M, D, NW)
-                        _zero_tail(do_smem.index(0), start_m, L, BLOCK_M, D, NW)
-                st = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)),
+                        _zero_tail(q_smem.index(buf), start_m, L, BLOCK_M, D, NW)
+                        _zero_tail(do_smem.index(buf), start_m, L, BLOCK_M, D, NW)
+                st = warpgroup_mma(k_smem, q_smem.index(buf).permute((1, 0)),
                                    gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
-                dpt = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)),
+                dpt = warpgroup_mma(v_smem, do_smem.index(buf).permute((1, 0)),
                                     gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
-                dk = warpgroup_mma_init(dk)  # loop-carried as in-flight accumulators
-                dv = warpgroup_mma_init(dv)
-                for i in range(total):
-                    buf = i % NS
-                    item = (i + rot) % total
-                    start_m = (item % n_m) * BLOCK_M
-                    # Sᵀ done, and before it (in order) step i−1's GEMMs; dPᵀ runs on under σ
-                    dv, dk, st = warpgroup_mma_wait(1, deps=(dv, dk, st))
-                    gl.thread_barrier()  # both warpgroups are past step i−1's GEMMs: its Q/dO buffer, dSᵀ, Pᵀ free
-                    if i + NS - 1 < total:  # into step i−1's buffer
+                if (DQ_ATOMIC and DQ_TMA == 0) or OVERLAP == 0:
+                    st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
+                elif DQ_ATOMIC or OVERLAP == 1:  # Sᵀ done, dPᵀ still running under σ
+                    st = warpgroup_mma_wait(1, deps=(st,))
+                else:  # last step's dV, dK and this Sᵀ done (in order), dPᵀ still running
+                    dv, dk, pa, dsa, st = warpgroup_mma_wait(1, deps=(dv, dk, pa, dsa, st))
+                    gl.thread_barrier()  # both warpgroups are done with the last step's buffer: refill it
+                    if i + NS - 1 < total:
                         _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, i + NS - 1, rot, total, n_m, row0,
                                         hk, GROUP, NS, BLOCK_M, D)
-                    keep = (start_m + cols) < L
+                keep = (start_m + cols) < L
+                if PROBE == 1:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
+                    pt = gl.where(keep[None, :], st, 0.0)
+                else:
                     pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG), 0.0)
+                if not DQ_ATOMIC and OVERLAP >= 1:  # dV = Pᵀ·dO runs while dSᵀ is computed
+                    pa = gl.convert_layout(pt.to(dtype), a_l)
+                    dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
+                    dpt = warpgroup_mma_wait(1, deps=(dpt,))
+                elif DQ_ATOMIC and DQ_TMA and OVERLAP >= 1:
                     dpt = warpgroup_mma_wait(0, deps=(dpt,))
-                    dst = gl.where(keys_in[:, None], gl.fma(-pt, pt, pt) * dpt, 0.0)
-                    tma.store_wait(0)  # step i−1's reductions have read dq_smem (the barrier below tells every warp)
-                    ds_smem.store(dst.to(dtype))
+                if PROBE == 1:
+                    dst = gl.where(keep[None, :], dpt, 0.0)
+                else:
+                    # no mask: Pᵀ is 0 at query columns ≥ L and dPᵀ is finite there (dO's tail zeroed, or the
+                    # next cell's); NaN can reach only key rows ≥ L, which dK never stores (and dQ masks below)
+                    dst = gl.fma(-pt, pt, pt) * dpt
+                if DQ_ATOMIC:  # key rows ≥ L reach dQ here (not only dK rows that are never stored)
+                    dst = gl.where(keys_in[:, None], dst, 0.0)
+                dsb = dst.to(dtype)
+                if DQ_ATOMIC:  # both warpgroups' halves of dSᵀ in shared memory before either reads it
+                    if DQ_TMA:  # the last step's reductions have read dq_smem (the barrier below tells every warp)
+                        tma.store_wait(0)
+                    ds_smem.store(dsb)
                     p_smem.store(pt.to(dtype))
                     fence_async_shared()
                     gl.thread_barrier()
-                    dq_row = (hk * GROUP + item // n_m) * (stride_dqh // D) + row0 + start_m
-                    dq0 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(0, PIECE, dim=1),
-                                        gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False, is_async=True)
-                    dq1 = dq0
-                    if DQ_SPLIT == 2:
-                        dq1 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(PIECE, PIECE, dim=1),
-                                            gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False, is_async=True)
-                    dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
-                    dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
-                    st = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l))  # (the last step's)
-                    dpt = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l))
-                    if i + 1 < total:  # the next step's Sᵀ and dPᵀ, then this step's dQ pieces while all that runs
-                        nb = (i + 1) % NS
-                        mbarrier.wait(ld_bar.index(nb), ((i + 1) // NS) & 1)
-                        next_m = (((i + 1 + rot) % total) % n_m) * BLOCK_M
-                        if CLEAN:
-                            if next_m + BLOCK_M > L:
-                                _zero_tail(q_smem.index(nb), next_m, L, BLOCK_M, D, NW)
-                                _zero_tail(do_smem.index(nb), next_m, L, BLOCK_M, D, NW)
-                        st = warpgroup_mma(k_smem, q_smem.index(nb).permute((1, 0)),
-                                           gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
-                        # dPᵀ only once dQ's pieces are out of the registers (all at once would spill)
-                        _reduce_wait(DQ32, dq_smem.index(0), dq0, scale, dq_row, 0, DQ_SPLIT + 2)
-                        if DQ_SPLIT == 2:  # one staging slot: piece 0's reduction has read it first
-                            tma.store_wait(0)
-                            gl.thread_barrier()
-                            _reduce_wait(DQ32, dq_smem.index(0), dq1, scale, dq_row, PIECE, 3)
-                        dpt = warpgroup_mma(v_smem, do_smem.index(nb).permute((1, 0)),
-                                            gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False,
+                    h_i = hk * GROUP + item // n_m
+                    if DQ_TMA:  # the box's first row in the [H·(tokens + BLOCK_M), D] view of the buffer
+                        dq_row = h_i * (stride_dqh // D) + row0 + start_m
+                    if DQ_TMA == 2:  # dQ's pieces first, then dV and dK: each piece goes to shared memory while
+                        # the tensor cores run the GEMMs behind it (wgmma groups complete in order)
+                        dq0 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(0, PIECE, dim=1),
+                                            gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
                                             is_async=True)
-                    else:
-                        _reduce_wait(DQ32, dq_smem.index(0), dq0, scale, dq_row, 0, DQ_SPLIT + 1)
                         if DQ_SPLIT == 2:
-                            tma.store_wait(0)
-                            gl.thread_barrier()
-                            _reduce_wait(DQ32, dq_smem.index(0), dq1, scale, dq_row, PIECE, 2)
-                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-            else:
-                for i in range(total):
-                    buf = i % NS
-                    if i + NS - 1 < total and not LATE:  # prefetch the next step (NS = 2); its buffer's GEMMs finished
-                        _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, i + NS - 1, rot, total, n_m, row0, hk,
-                                        GROUP, NS, BLOCK_M, D)
-                    mbarrier.wait(ld_bar.index(buf), (i // NS) & 1)
-                    item = (i + rot) % total  # the walk's item (see _load_walk_step)
-                    start_m = (item % n_m) * BLOCK_M
-                    if CLEAN:
-                        if start_m + BLOCK_M > L:
-                            _zero_tail(q_smem.index(buf), start_m, L, BLOCK_M, D, NW)
-                            _zero_tail(do_smem.index(buf), start_m, L, BLOCK_M, D, NW)
-                    st = warpgroup_mma(k_smem, q_smem.index(buf).permute((1, 0)),
-                                       gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
-                    dpt = warpgroup_mma(v_smem, do_smem.index(buf).permute((1, 0)),
-                                        gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_l), use_acc=False, is_async=True)
-                    if (DQ_ATOMIC and DQ_TMA == 0) or OVERLAP == 0:
-                        st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
-                    elif DQ_ATOMIC or OVERLAP == 1:  # Sᵀ done, dPᵀ still running under σ
-                        st = warpgroup_mma_wait(1, deps=(st,))
-                    else:  # last step's dV, dK and this Sᵀ done (in order), dPᵀ still running
-                        dv, dk, pa, dsa, st = warpgroup_mma_wait(1, deps=(dv, dk, pa, dsa, st))
-                        gl.thread_barrier()  # both warpgroups are done with the last step's buffer: refill it
-                        if i + NS - 1 < total:
-                            _load_walk_step(q_desc, do_desc, q_smem, do_smem, ld_bar, i + NS - 1, rot, total, n_m, row0,
-                                            hk, GROUP, NS, BLOCK_M, D)
-                    keep = (start_m + cols) < L
-                    if PROBE == 1:  # timing probe only (wrong gradients): the GEMMs and data movement without σ and dS
-                        pt = gl.where(keep[None, :], st, 0.0)
-                    else:
-                        pt = gl.where(keep[None, :], _prob(st * c1 + c0, FAST_SIGMOID, SIG), 0.0)
-                    if not DQ_ATOMIC and OVERLAP >= 1:  # dV = Pᵀ·dO runs while dSᵀ is computed
-                        pa = gl.convert_layout(pt.to(dtype), a_l)
-                        dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
-                        dpt = warpgroup_mma_wait(1, deps=(dpt,))
-                    elif DQ_ATOMIC and DQ_TMA and OVERLAP >= 1:
-                        dpt = warpgroup_mma_wait(0, deps=(dpt,))
-                    if PROBE == 1:
-                        dst = gl.where(keep[None, :], dpt, 0.0)
-                    else:
-                        # no mask: Pᵀ is 0 at query columns ≥ L and dPᵀ is finite there (dO's tail zeroed, or the
-                        # next cell's); NaN can reach only key rows ≥ L, which dK never stores (and dQ masks below)
-                        dst = gl.fma(-pt, pt, pt) * dpt
-                    if DQ_ATOMIC:  # key rows ≥ L reach dQ here (not only dK rows that are never stored)
-                        dst = gl.where(keys_in[:, None], dst, 0.0)
-                    dsb = dst.to(dtype)
-                    if DQ_ATOMIC:  # both warpgroups' halves of dSᵀ in shared memory before either reads it
-                        if DQ_TMA:  # the last step's reductions have read dq_smem (the barrier below tells every warp)
-                            tma.store_wait(0)
-                        ds_smem.store(dsb)
-                        p_smem.store(pt.to(dtype))
-                        fence_async_shared()
-                        gl.thread_barrier()
-                        h_i = hk * GROUP + item // n_m
-                        if DQ_TMA:  # the box's first row in the [H·(tokens + BLOCK_M), D] view of the buffer
-                            dq_row = h_i * (stride_dqh // D) + row0 + start_m
-                        if DQ_TMA == 2:  # dQ's pieces first, then dV and dK: each piece goes to shared memory while
-                            # the tensor cores run the GEMMs behind it (wgmma groups complete in order)
-                            dq0 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(0, PIECE, dim=1),
+                            dq1 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(PIECE, PIECE, dim=1),
                                                 gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
                                                 is_async=True)
-                            if DQ_SPLIT == 2:
-                                dq1 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(PIECE, PIECE, dim=1),
-                                                    gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
-                                                    is_async=True)
-                            dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
-                            dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
-                            dq0 = warpgroup_mma_wait(DQ_SPLIT + 1, deps=(dq0,))
-                            _reduce_piece(DQ32, dq_smem.index(0), dq0 * scale, dq_row, 0)
-                            if DQ_SPLIT == 2:
-                                dq1 = warpgroup_mma_wait(2, deps=(dq1,))
-                                _reduce_piece(DQ32, dq_smem.index(1), dq1 * scale, dq_row, PIECE)
-                            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-                        else:
-                            dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
-                            dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
-                            # relaxed vector reductions into dQ32 [H, tokens + BLOCK_M, D] (or TMA reductions, DQ_TMA 1):
-                            # per-thread offsets are compile-time constants; no mask, since query rows ≥ L of dQ are
-                            # exact zeros (dSᵀ columns zeroed, K finite), so rows past L (the next cell's, or the
-                            # BLOCK_M spare rows) get + 0.0
-                            if not DQ_TMA:
-                                base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
-                            for piece in gl.static_range(DQ_SPLIT):
-                                dqp = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(piece * PIECE, PIECE, dim=1),
-                                                    gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
-                                                    is_async=True)
-                                dqp, dv, dk = warpgroup_mma_wait(0, deps=(dqp, dv, dk))  # the first also ends dV, dK
-                                if PROBE != 2 or scale < 0.0:  # probe 2 (timing only): the dQ GEMMs without their adds
-                                    if DQ_TMA:  # scaled here: the last pass only casts
-                                        _reduce_piece(DQ32, dq_smem.index(piece), dqp * scale, dq_row, piece * PIECE)
-                                    else:
-                                        _red_add_v2(base + piece * PIECE + (dq_rows[:, None] * D + dq_cols[None, :]),
-                                                    dqp)
+                        dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
+                        dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
+                        dq0 = warpgroup_mma_wait(DQ_SPLIT + 1, deps=(dq0,))
+                        _reduce_piece(DQ32, dq_smem.index(0), dq0 * scale, dq_row, 0)
+                        if DQ_SPLIT == 2:
+                            dq1 = warpgroup_mma_wait(2, deps=(dq1,))
+                            _reduce_piece(DQ32, dq_smem.index(1), dq1 * scale, dq_row, PIECE)
+                        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                     else:
-                        if OVERLAP == 0:
-                            pa = gl.convert_layout(pt.to(dtype), a_l)
-                            dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
-                        dsa = gl.convert_layout(dsb, a_l)
-                        dk = warpgroup_mma(dsa, q_smem.index(buf), dk, is_async=True)
-                        if not LATE:
-                            dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
+                        dv = warpgroup_mma(p_smem, do_smem.index(buf), dv, is_async=True)
+                        dk = warpgroup_mma(ds_smem, q_smem.index(buf), dk, is_async=True)
+                        # relaxed vector reductions into dQ32 [H, tokens + BLOCK_M, D] (or TMA reductions, DQ_TMA 1):
+                        # per-thread offsets are compile-time constants; no mask, since query rows ≥ L of dQ are
+                        # exact zeros (dSᵀ columns zeroed, K finite), so rows past L (the next cell's, or the
+                        # BLOCK_M spare rows) get + 0.0
+                        if not DQ_TMA:
+                            base = DQ32 + h_i.to(gl.int64) * stride_dqh + (row0 + start_m).to(gl.int64) * D
+                        for piece in gl.static_range(DQ_SPLIT):
+                            dqp = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(piece * PIECE, PIECE, dim=1),
+                                                gl.zeros([BLOCK_M, PIECE], gl.float32, dq_l), use_acc=False,
+                                                is_async=True)
+                            dqp, dv, dk = warpgroup_mma_wait(0, deps=(dqp, dv, dk))  # the first also ends dV, dK
+                            if PROBE != 2 or scale < 0.0:  # probe 2 (timing only): the dQ GEMMs without their adds
+                                if DQ_TMA:  # scaled here: the last pass only casts
+                                    _reduce_piece(DQ32, dq_smem.index(piece), dqp * scale, dq_row, piece * PIECE)
+                                else:
+                                    _red_add_v2(base + piece * PIECE + (dq_rows[:, None] * D + dq_cols[None, :]),
+                                                dqp)
+                else:
+                    if OVERLAP == 0:
+                        pa = gl.convert_layout(pt.to(dtype), a_l)
+                        dv = warpgroup_mma(pa, do_smem.index(buf), dv, is_async=True)
+                    dsa = gl.convert_layout(dsb, a_l)
+                    dk = warpgroup_mma(dsa, q_smem.index(buf), dk, is_async=True)
                     if not LATE:
-                        gl.thread_barrier()  # every warpgroup is done with buffer `buf` (and dSᵀ) before it is refilled
+                        dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
+                if not LATE:
+                    gl.thread_barrier()  # every warpgroup is done with buffer `buf` (and dSᵀ) before it is refilled
             if LATE:
                 dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
             if DQ_TMA:

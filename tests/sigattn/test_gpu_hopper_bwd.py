@@ -58,11 +58,9 @@ def run_bwd(layout, dtype, D, H, Hkv, bias, lens, N, seed=None, dq_atomic=False,
         assert e_ours <= 2 * e_torch + FLOOR[dtype], f"{name}: ours {e_ours:.3g} vs torch {e_torch:.3g} (seed {seed})"
 
 
-# "tma3": the TMA reductions' pipelined form (hopper_bwd.DQ_TMA = 3: the next step's GEMMs issued before the pieces)
-DQ = pytest.mark.parametrize("dq_atomic", [False, True, "tma", "tma3"], ids=["dqkernel", "dqatomic", "dqtma", "dqtma3"])
+DQ = pytest.mark.parametrize("dq_atomic", [False, True, "tma"], ids=["dqkernel", "dqatomic", "dqtma"])
 # with the TMA reductions' serial form too (hopper_bwd.DQ_TMA = 1), where many tiles add into the same rows
-DQ_ALL = pytest.mark.parametrize("dq_atomic", [False, True, "tma", "tma1", "tma3"],
-                                 ids=["dqkernel", "dqatomic", "dqtma", "dqtma1", "dqtma3"])
+DQ_ALL = pytest.mark.parametrize("dq_atomic", [False, True, "tma", "tma1"], ids=["dqkernel", "dqatomic", "dqtma", "dqtma1"])
 
 
 @DQ
