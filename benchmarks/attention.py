@@ -5,7 +5,8 @@ Triton one, as the ops run it), ``hopper_bwd_padded``/``hopper_bwd_varlen`` = th
 (sigattn/hopper_bwd.py, opt-in: dQ in its own kernel), ``hopper_bwd5_padded``/``hopper_bwd5_varlen`` = its 5-GEMM
 variant (dQ by fp32 vector reductions from the K/V kernel), ``hopper_bwd5t_padded``/``hopper_bwd5t_varlen`` = the
 same with dQ by TMA reductions from shared memory (``hopper_bwd.DQ_TMA``; ``hopper_bwd5t1_padded``: its serial
-form 1), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded) with σ and dS skipped (timing
+form 1; ``hopper_bwd5t_m128_padded``/``…_varlen``: 128-row query tiles, ``launch_bwd(kv_blocks=(128, 128))``, a
+D = 64 candidate), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded) with σ and dS skipped (timing
 probes, wrong gradients: what the GEMMs and data movement alone take),
 ``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions, ``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` =
 the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
@@ -44,7 +45,8 @@ from sigattn.triton_fwd import launch_fwd  # noqa: E402
 TOKENS, HIDDEN = 16384, 2048
 KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
            "hopper_bwd5_varlen", "hopper_bwd5t_padded", "hopper_bwd5t_varlen", "hopper_bwd5t1_padded",
-           "hopper_bwd_probe", "hopper_bwd5_probe", "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
+           "hopper_bwd5t_m128_padded", "hopper_bwd5t_m128_varlen", "hopper_bwd_probe", "hopper_bwd5_probe",
+           "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
            "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "hopper_bwd_sig2_padded",
            "hopper_bwd5_sig2_padded", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig",
            "flex"]
@@ -80,6 +82,8 @@ def make_runner(kernel, D, N, pad):
     kw = dict(scale=scale, bias=0.0, log_n_bias=True, causal=False)
     if kernel == "ours_padded_det" and (pad or N not in (1024, 4096, 16384)):
         return None
+    if "_m128" in kernel and D != 64:  # 128-row query tiles fit the shared memory at D = 64 only
+        return None
     if kernel in ("ours_padded", "ours_padded_det"):
         det = kernel.endswith("det")
         return (lambda: launch_fwd(q, k, v, seq, varlen=False, max_seqlen=N, **kw),
@@ -98,8 +102,9 @@ def make_runner(kernel, D, N, pad):
             probe = 2 if kernel.endswith("probe2") else int(kernel.endswith("probe"))
             overlap = int(kernel[len("hopper_bwd_o")]) if kernel.startswith("hopper_bwd_o") else None
             sig = 2 if "_sig2" in kernel else None
+            kv_blocks = (128, 128) if "_m128" in kernel else None  # hopper_bwd5t_m128_*: 128-row query tiles
             bwd_fn = lambda *a, **k: hopper_bwd.launch_bwd(*a, dq_atomic=atomic, probe=probe,  # noqa: E731
-                                                          overlap=overlap, sig=sig, **k)
+                                                          overlap=overlap, sig=sig, kv_blocks=kv_blocks, **k)
         else:
             bwd_fn = lambda *a, **k: launch_bwd(*a, deterministic=False, **k)  # noqa: E731
 
