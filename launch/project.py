@@ -145,7 +145,8 @@ def _savings(rows: list[dict]) -> None:
 def apply_scaling(rows: list[dict], measured: list[dict], gpus: int) -> list[dict]:
     """Scale each row's one-GPU rate by the data-parallel efficiency measured for its (size, context, attention):
     e = per-GPU tokens/s at W GPUs ÷ tokens/s at 1 GPU, from the largest W ≤ ``gpus`` in ``measured`` (rows of
-    ``benchmarks/training_gpu.py --world-sizes``). Rows without such a measurement keep their rate (e = 1, said
+    ``benchmarks/training_gpu.py --world-sizes``); where a file holds several rows of one world size (calls merged
+    over sessions), the newest by ``date`` counts. Rows without such a measurement keep their rate (e = 1, said
     so in ``dp_efficiency_source``). Measured within one node: across nodes the efficiency may be lower."""
     ok = [m for m in measured if "error" not in m]
     for r in rows:
@@ -155,9 +156,10 @@ def apply_scaling(rows: list[dict], measured: list[dict], gpus: int) -> list[dic
         if gpus == 1 or not one or not many or not r.get("cells_per_s_per_gpu"):
             r.update(dp_efficiency=1.0, dp_efficiency_source="assumed (no data-parallel measurement)")
             continue
-        top = max(many, key=lambda m: m["world_size"])
+        top = max(many, key=lambda m: (m["world_size"], m.get("date") or ""))
+        base = max(one, key=lambda m: m.get("date") or "")
         per_gpu = top.get("tokens_per_s_per_gpu") or top["tokens_per_s"] / top["world_size"]
-        e = per_gpu / one[0]["tokens_per_s"]
+        e = per_gpu / base["tokens_per_s"]
         r.update(dp_efficiency=e, dp_efficiency_source=f"measured at {top['world_size']} GPUs",
                  cells_per_s_per_gpu=r["cells_per_s_per_gpu"] * e, gpu_hours=r["gpu_hours"] / e,
                  wall_hours=r["wall_hours"] / e)

@@ -131,6 +131,22 @@ def test_scaling_applies_the_measured_data_parallel_efficiency(tmp_path, capsys)
     assert "no such file" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_scaling_takes_the_newest_row_of_a_world_size():
+    # a file merged over calls: two 4-GPU rows and two 1-GPU rows, oldest first; the newest of each counts
+    r = [dict(size="160m", context=8192, attention="sigmoid", cells_per_s_per_gpu=10.0, gpu_hours=100.0,
+              wall_hours=10.0)]
+    m = [dict(size="160m", context=8192, attention="sigmoid", world_size=1, tokens_per_s=1000.0,
+              date="2026-11-28T15:58:56+00:00"),
+         dict(size="160m", context=8192, attention="sigmoid", world_size=4, tokens_per_s_per_gpu=1000.0,
+              tokens_per_s=4000.0, date="2026-11-28T16:09:54+00:00"),
+         dict(size="160m", context=8192, attention="sigmoid", world_size=4, tokens_per_s_per_gpu=1500.0,
+              tokens_per_s=6000.0, date="2026-11-28T20:27:54+00:00"),
+         dict(size="160m", context=8192, attention="sigmoid", world_size=1, tokens_per_s=1600.0,
+              date="2026-11-28T20:00:00+00:00")]
+    (row,) = project.apply_scaling(r, m, gpus=16)
+    assert row["dp_efficiency"] == pytest.approx(1500.0 / 1600.0)
+
+
 def _sigattn_api() -> bool:
     try:
         return hasattr(importlib.import_module("sigattn"), "sigmoid_attention_varlen")
