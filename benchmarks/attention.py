@@ -5,8 +5,8 @@ Triton one, as the ops run it), ``hopper_bwd_padded``/``hopper_bwd_varlen`` = th
 (sigattn/hopper_bwd.py, opt-in: dQ in its own kernel), ``hopper_bwd5_padded``/``hopper_bwd5_varlen`` = its 5-GEMM
 variant (dQ by fp32 vector reductions from the K/V kernel), ``hopper_bwd5t_padded``/``hopper_bwd5t_varlen`` = the
 same with dQ by TMA reductions from shared memory (``hopper_bwd.DQ_TMA``; ``hopper_bwd5t1_padded``: its serial
-form 1; ``hopper_bwd5t_m128_padded``/``…_varlen``: 128-row query tiles, ``launch_bwd(kv_blocks=(128, 128))``, a
-D = 64 candidate), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded) with σ and dS skipped (timing
+form 1; ``hopper_bwd5t_m128_padded``/``…_varlen``, ``hopper_bwd_m128_…`` for the 7-GEMM one: 128-row query tiles
+in the kv kernel, ``launch_bwd(kv_blocks=(128, 128))``, D = 64 candidates), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded) with σ and dS skipped (timing
 probes, wrong gradients: what the GEMMs and data movement alone take),
 ``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions, ``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` =
 the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
@@ -45,7 +45,8 @@ from sigattn.triton_fwd import launch_fwd  # noqa: E402
 TOKENS, HIDDEN = 16384, 2048
 KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
            "hopper_bwd5_varlen", "hopper_bwd5t_padded", "hopper_bwd5t_varlen", "hopper_bwd5t1_padded",
-           "hopper_bwd5t_m128_padded", "hopper_bwd5t_m128_varlen", "hopper_bwd_probe", "hopper_bwd5_probe",
+           "hopper_bwd5t_m128_padded", "hopper_bwd5t_m128_varlen", "hopper_bwd_m128_padded", "hopper_bwd_m128_varlen",
+           "hopper_bwd_probe", "hopper_bwd5_probe",
            "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
            "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "hopper_bwd_sig2_padded",
            "hopper_bwd5_sig2_padded", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig",
@@ -102,7 +103,7 @@ def make_runner(kernel, D, N, pad):
             probe = 2 if kernel.endswith("probe2") else int(kernel.endswith("probe"))
             overlap = int(kernel[len("hopper_bwd_o")]) if kernel.startswith("hopper_bwd_o") else None
             sig = 2 if "_sig2" in kernel else None
-            kv_blocks = (128, 128) if "_m128" in kernel else None  # hopper_bwd5t_m128_*: 128-row query tiles
+            kv_blocks = (128, 128) if "_m128" in kernel else None  # hopper_bwd*_m128_*: 128-row query tiles
             bwd_fn = lambda *a, **k: hopper_bwd.launch_bwd(*a, dq_atomic=atomic, probe=probe,  # noqa: E731
                                                           overlap=overlap, sig=sig, kv_blocks=kv_blocks, **k)
         else:

@@ -102,12 +102,12 @@ def test_hopper_bwd_mixed_lengths(layout, dq_atomic):
     run_bwd(layout, torch.bfloat16, 128, 4, 2, "log_n", lens, 1100, dq_atomic=dq_atomic)
 
 
-@pytest.mark.parametrize("dq_atomic", [True, "tma"], ids=["dqatomic", "dqtma"])
+@DQ
 @pytest.mark.parametrize("bias", ["log_n", 0.5], ids=["logn", "b0.5"])
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
 def test_hopper_bwd_d64_query_tiles_of_128(layout, bias, dq_atomic):
-    # D = 64 with 128-row query tiles in the 5-GEMM kernel (kv_blocks=(128, 128): 253-255 registers, no spills in
-    # the sm90 build; a candidate for D = 64, not timed yet): dQ pieces [128, 64], two warpgroup row blocks each
+    # D = 64 with 128-row query tiles in the kv kernel (kv_blocks=(128, 128); sm90 build: 241 registers for the
+    # 7-GEMM one, 253-255 for the 5-GEMM ones, no spills; a candidate for D = 64, not timed yet)
     g = torch.Generator().manual_seed(5)
     lens = torch.randint(1, 700, (6,), generator=g).tolist() + [700, 128, 129, 1, 0]
     run_bwd(layout, torch.bfloat16, 64, 4, 2, bias, lens, 700, dq_atomic=dq_atomic, kv_blocks=(128, 128))
