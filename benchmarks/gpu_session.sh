@@ -32,6 +32,12 @@
 #   stability   python -m training.reproduce stability --scale gpu $STAB_ARGS (e.g. "--lrs 1e-2 --attention sigmoid"),
 #               continuing the committed docs/reproduce/stability-gpu (finished arms are reused); the arms come back as
 #               a tarball (the device's copy-back drops the arm folders)          -> stability-gpu/, stability-arms.tgz
+#   quality     python -m training.reproduce quality --scale gpu --stage device $QUALITY_ARGS (e.g. "--seeds 0 1"): the
+#               GPU half of the quality recipe (training, val loss, embeddings) on the corpus and held-out cells that
+#               `--stage prepare` wrote here (carry runs/reproduce/quality-gpu/corpus/mds, …/corpus/manifest.json,
+#               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; at most 8
+#               arms a call): unpack into runs/reproduce/quality-gpu/arms, then `--stage host` on a CPU
+#                                                                                     -> quality-*.tgz, quality.log
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS, $PROFILE_ARGS
 #               (e.g. "--attention sigmoid --copies": rank the Python sources of device copies)  -> profile/
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
@@ -102,6 +108,14 @@ for phase in "$@"; do
       timeout "${STAB_TIMEOUT:-540}" python3 -m training.reproduce stability --scale gpu ${STAB_ARGS} --quiet \
         --out "$OUT/stability-gpu" 2>&1 | tail -12
       tar czf "$OUT/stability-arms.tgz" -C "$OUT/stability-gpu" arms && rm -rf "$OUT/stability-gpu/arms" ;;
+    quality)
+      Q=runs/reproduce/quality-gpu
+      timeout "${QUALITY_TIMEOUT:-520}" python3 -m training.reproduce quality --scale gpu --stage device ${QUALITY_ARGS} \
+        --out "$Q" 2>&1 | tee "$OUT/quality.log" | tail -5
+      for arm in "$Q"/arms/*/; do
+        [ -f "$arm/trained.json" ] && tar czf "$OUT/quality-$(basename "$arm").tgz" -C "$Q/arms" \
+          "$(basename "$arm")/trained.json" "$(basename "$arm")/train.log" "$(basename "$arm")/embeddings"
+      done ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-400}" python3 benchmarks/training_profile.py --runs ${PROFILE_RUNS:-160m:2048 160m:8192 1.4b:8192} \
         $PROFILE_ARGS --out "$OUT/profile" 2>&1 | grep -E "^\||^copies" | tail -24 ;;

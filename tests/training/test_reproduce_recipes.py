@@ -127,6 +127,31 @@ def test_quality_recipe_tiny(tmp_path):
 
 
 @pytest.mark.slow
+def test_quality_recipe_in_stages(tmp_path, capsys):
+    # prepare (CPU) → device (training, val loss, embeddings; the datasets' package and scanpy need not be there)
+    # → host (scIB, PCA, report): the lent GPUs hold neither the data package nor scanpy
+    out = tmp_path / "q"
+    tiny = ["--seeds", "0", "1", "--steps", "2", "--batch-size", "8", "--context", "32", "--max-cells", "150",
+            "--mask-patterns", "1", "--datasets", "pbmc3k", "--quiet", "--out", str(out)]
+    assert main(["quality", "--stage", "device", *tiny]) == 2                   # nothing prepared yet
+    assert "--stage prepare" in capsys.readouterr().err
+    assert main(["quality", "--stage", "prepare", *tiny]) == 0
+    assert (out / "corpus" / "manifest.json").is_file() and (out / "heldout" / "pbmc3k.h5ad").is_file()
+    assert main(["quality", "--stage", "host", *tiny]) == 2                     # not trained yet
+    assert "--stage device" in capsys.readouterr().err
+    assert main(["quality", "--stage", "device", *tiny]) == 0
+    t = json.loads((out / "arms" / "sigmoid_seed0" / "trained.json").read_text())
+    assert t["val_loss"]["pbmc3k"] > 0 and (out / "arms" / "softmax_seed0" / "embeddings" / "pbmc3k.h5ad").is_file()
+    assert not (out / "arms" / "sigmoid_seed0" / "result.json").exists() and not (out / "summary.json").exists()
+    assert main(["quality", "--stage", "host", *tiny]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    r = next(r for r in s["results"] if r["attention"] == "softmax")
+    assert r["metrics"]["pbmc3k"]["val_loss"] == json.loads(
+        (out / "arms" / "softmax_seed0" / "trained.json").read_text())["val_loss"]["pbmc3k"]
+    assert 0 <= r["metrics"]["pbmc3k"]["bio_conservation"] <= 1 and "PCA" in s["table"]["pbmc3k"]["bio_conservation"]
+
+
+@pytest.mark.slow
 def test_speed_recipe_tiny(tmp_path):
     out = tmp_path / "speed"
     assert main(["speed", "--out", str(out), "--contexts", "32", "--warmup-steps", "1", "--timed-steps", "2",

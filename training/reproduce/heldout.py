@@ -29,7 +29,8 @@ def _val_rows(corpus: Path, out: Path) -> None:
 
 
 def heldout_cells(corpus: Path, out: Path, *, quiet: bool = True) -> dict[str, Path]:
-    """``{dataset name: out/<name>.h5ad}`` of the val cells (labels in ``obs['cell_type']``); reused if present."""
+    """``{dataset name: out/<name>.h5ad}`` of the val cells (labels in ``obs['cell_type']``); reused if present and
+    cut from this very corpus (its manifest's fingerprint, kept in ``out/corpus_fingerprint``)."""
     import anndata as ad
 
     from training.demo import run_logged
@@ -37,7 +38,8 @@ def heldout_cells(corpus: Path, out: Path, *, quiet: bool = True) -> dict[str, P
     manifest = json.loads((corpus / "manifest.json").read_text())
     names = manifest["labels"]["dataset"]
     paths = {n: out / f"{n}.h5ad" for n in names}
-    if all(p.is_file() for p in paths.values()):
+    stamp = out / "corpus_fingerprint"
+    if all(p.is_file() for p in paths.values()) and stamp.is_file() and stamp.read_text() == manifest["fingerprint"]:
         return paths
     out.mkdir(parents=True, exist_ok=True)
     run_logged([sys.executable, "-m", "training.reproduce.heldout", str(corpus), str(out)], out / "heldout.log",
@@ -50,8 +52,10 @@ def heldout_cells(corpus: Path, out: Path, *, quiet: bool = True) -> dict[str, P
             raise ValueError(f"dataset {name}: only {len(rows)} held-out cells; use more cells (--max-cells)")
         sub = ad.read_zarr(corpus / "zarr" / f"{name}.zarr")[rows]
         tmp = paths[name].with_suffix(".tmp.h5ad")
-        ad.AnnData(X=sub.X, obs=sub.obs[[LABEL_KEY]].astype(str), var=sub.var).write_h5ad(tmp)
+        # gzip: these files travel to GPU machines with a size limit (a third of the raw size)
+        ad.AnnData(X=sub.X, obs=sub.obs[[LABEL_KEY]].astype(str), var=sub.var).write_h5ad(tmp, compression="gzip")
         tmp.replace(paths[name])
+    stamp.write_text(manifest["fingerprint"])
     return paths
 
 

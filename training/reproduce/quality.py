@@ -86,7 +86,7 @@ def build_corpus(scale: Scale, out: Path, quiet: bool) -> Path:
 
     files = prepare(scale.datasets, out / "data", max_cells=scale.max_cells)
     corpus = out / "corpus"
-    stamp = {"files": [str(f) for f in files], "val_frac": scale.val_frac}
+    stamp = {"files": [str(f) for f in files], "val_frac": scale.val_frac, "max_cells": scale.max_cells}
     if (corpus / "manifest.json").is_file() and (out / "corpus.json").is_file() and read_json(out / "corpus.json") == stamp:
         return corpus                          # built from these very files (prepare re-uses unchanged ones)
     run_logged([sys.executable, "-m", "data_prep", "build", *map(str, files), "--out", str(corpus),
@@ -105,23 +105,24 @@ def val_loss(run_dir: Path, corpus: Path, patterns: int) -> dict[str, float]:
     return {name: float(np.mean([x[name] for x in per])) for name in per[0]}
 
 
-def evaluate_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: dict[str, Path], arm: Path,
-                 *, force: bool, progress: bool) -> dict:
-    """Train (in this process) and evaluate one model; ``arm/result.json`` is reused unless ``force``."""
-    import shutil
+def _same_budget(r: dict, scale: Scale) -> bool:
+    return _budget(r.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale))))
 
+
+def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: dict[str, Path], arm: Path,
+              *, force: bool, progress: bool) -> dict:
+    """The GPU half of an arm: train (a fresh process), the validation loss, the held-out cells' embeddings →
+    ``arm/trained.json`` (+ ``arm/embeddings/``); reused unless ``force`` or the budget changed. Needs no scanpy."""
+    import shutil
     import sys
 
     from launch.configs import resolve_config
     from training.demo import run_logged
     from training.embed import embed
-    from training.evaluate import evaluate
 
-    done = arm / "result.json"
-    if done.is_file() and not force:
-        r = read_json(done)
-        if _budget(r.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))):
-            return r
+    done = arm / "trained.json"
+    if done.is_file() and not force and _same_budget(read_json(done), scale):
+        return read_json(done)
     if arm.exists():
         shutil.rmtree(arm)
     t0 = time.perf_counter()
@@ -132,16 +133,38 @@ def evaluate_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout:
                 f"training ({attention}, seed {seed})", quiet=not progress)
     t_train = time.perf_counter() - t0
     losses = val_loss(run_dir, corpus, scale.mask_patterns)
-    metrics = {}
     for name, cells in heldout.items():
+        embed(run_dir, cells, arm / "embeddings" / f"{name}.h5ad", obsm_key=OBSM_KEY, progress=False)
+    r = {"attention": attention, "seed": seed, "val_loss": losses, "train_seconds": round(t_train, 1),
+         "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir), "provenance": provenance(),
+         "scale": dataclasses.asdict(scale)}
+    write_json(done, r)
+    return r
+
+
+def score_arm(attention: str, seed: int, scale: Scale, heldout: dict[str, Path], arm: Path, *, force: bool) -> dict:
+    """The CPU half of an arm: scIB bio-conservation of ``arm/embeddings/`` (scanpy/scib) with the validation loss
+    of ``arm/trained.json`` → ``arm/result.json``; reused unless ``force``."""
+    from training.evaluate import evaluate
+
+    done = arm / "result.json"
+    if done.is_file() and not force and _same_budget(read_json(done), scale):
+        return read_json(done)
+    trained = arm / "trained.json"
+    if not trained.is_file():
+        raise FileNotFoundError(f"{trained}: arm {attention} seed {seed} is not trained (run --stage device first)")
+    t = read_json(trained)
+    t0 = time.perf_counter()
+    metrics = {}
+    for name in heldout:
         emb = arm / "embeddings" / f"{name}.h5ad"
-        embed(run_dir, cells, emb, obsm_key=OBSM_KEY, progress=False)
         m = evaluate(emb, arm / "eval" / name, obsm_key=OBSM_KEY, label_key=LABEL_KEY, umap=False, seed=seed,
                      progress=False)
-        metrics[name] = {k: m[k] for k, _ in METRICS if k in m} | {"val_loss": losses[name],
+        metrics[name] = {k: m[k] for k, _ in METRICS if k in m} | {"val_loss": t["val_loss"][name],
                                                                    "n_cells": m["n_cells"]}
-    r = {"attention": attention, "seed": seed, "metrics": metrics, "train_seconds": round(t_train, 1),
-         "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir), "scale": dataclasses.asdict(scale)}
+    r = {"attention": attention, "seed": seed, "metrics": metrics, "train_seconds": t["train_seconds"],
+         "seconds": round(t["seconds"] + time.perf_counter() - t0, 1), "run_dir": t["run_dir"],
+         "trained_on": t.get("provenance"), "scale": dataclasses.asdict(scale)}
     write_json(done, r)
     return r
 
@@ -151,7 +174,7 @@ def pca_arm(seed: int, heldout: dict[str, Path], arm: Path, scale: Scale) -> dic
     from training.evaluate import evaluate
 
     done = arm / "result.json"
-    if done.is_file() and _budget(read_json(done).get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))):
+    if done.is_file() and _same_budget(read_json(done), scale):
         return read_json(done)
     metrics = {}
     for name, cells in heldout.items():
@@ -263,20 +286,55 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progress: bool = True) -> dict:
+STAGES = ("all", "prepare", "device", "host")
+
+
+def _prepared(scale: Scale, out: Path) -> tuple[Path, dict[str, Path]]:
+    """The corpus and held-out cells a ``prepare`` stage left in ``out`` (on a machine without the datasets)."""
+    corpus = out / "corpus"
+    heldout = {n: out / "heldout" / f"{n}.h5ad" for n in scale.datasets}
+    missing = [str(p) for p in [corpus / "manifest.json", *heldout.values()] if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is missing: run --stage prepare into {out} first (on a machine with "
+                                f"the datasets) and carry {out}/corpus and {out}/heldout along")
+    return corpus, heldout
+
+
+def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progress: bool = True,
+        stage: str = "all") -> dict:
+    """The recipe, or one ``stage`` of it for machines that hold only part of what it needs (the lent GPUs have
+    neither the datasets' package nor scanpy): ``prepare`` (CPU: corpus + held-out cells), ``device`` (GPU:
+    training, validation loss, embeddings; carries ``out/corpus`` and ``out/heldout`` in, ``out/arms`` back),
+    ``host`` (CPU: scIB of the returned embeddings, PCA, statistics, report). ``all`` runs the three in turn."""
     from tqdm.auto import tqdm
 
+    if stage not in STAGES:
+        raise ValueError(f"--stage {stage!r}: choose one of {', '.join(STAGES)}")
     if len(set(scale.seeds)) != len(scale.seeds):
         raise ValueError(f"--seeds {list(scale.seeds)}: a seed is repeated")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    corpus = build_corpus(scale, out, quiet=not progress)
-    heldout = heldout_cells(corpus, out / "heldout", quiet=not progress)
-    results = []
+    if stage in ("all", "prepare"):
+        corpus = build_corpus(scale, out, quiet=not progress)
+        heldout = heldout_cells(corpus, out / "heldout", quiet=not progress)
+        if stage == "prepare":
+            return {"stage": "prepare", "corpus": str(corpus), "heldout": {n: str(p) for n, p in heldout.items()},
+                    "verdict": f"prepared {corpus} and {len(heldout)} held-out datasets"}
+    else:
+        corpus, heldout = _prepared(scale, out)
     arms = [(a, s) for s in scale.seeds for a in KINDS]
-    for a, s in tqdm(arms, desc="quality arms", unit="model", disable=not progress):
-        results.append(evaluate_arm(a, s, scale, corpus, heldout, out / "arms" / f"{a}_seed{s}", force=force,
-                                    progress=progress))
+    if stage in ("all", "device"):
+        for a, s in tqdm(arms, desc="quality arms (train)", unit="model", disable=not progress):
+            arm = out / "arms" / f"{a}_seed{s}"
+            if stage == "all" and not force and (arm / "result.json").is_file() \
+                    and _same_budget(read_json(arm / "result.json"), scale):
+                continue                       # scored earlier: nothing to train
+            train_arm(a, s, scale, corpus, heldout, arm, force=force, progress=progress)
+        if stage == "device":
+            return {"stage": "device", "arms": [f"{a}_seed{s}" for a, s in arms],
+                    "verdict": f"trained {len(arms)} models into {out / 'arms'}; score them with --stage host"}
+    results = [score_arm(a, s, scale, heldout, out / "arms" / f"{a}_seed{s}", force=force)
+               for a, s in tqdm(arms, desc="quality arms (score)", unit="model", disable=not progress)]
     for s in scale.seeds:
         results.append(pca_arm(s, heldout, out / "arms" / f"pca_seed{s}", scale))
     table = aggregate(results, list(heldout))
