@@ -35,8 +35,9 @@
 #   quality     python -m training.reproduce quality --scale gpu --stage device $QUALITY_ARGS (e.g. "--seeds 0 1"): the
 #               GPU half of the quality recipe (training, val loss, embeddings) on the corpus and held-out cells that
 #               `--stage prepare` wrote here (carry runs/reproduce/quality-gpu/corpus/mds, …/corpus/manifest.json,
-#               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; at most 8
-#               arms a call): unpack into runs/reproduce/quality-gpu/arms, then `--stage host` on a CPU
+#               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; ~10 MB; 2 seeds
+#               = 4 arms a call, within the 8 files and 64 MiB that come back): unpack into runs/reproduce/quality-gpu/arms, then
+#               `--stage host` on a CPU
 #                                                                                     -> quality-*.tgz, quality.log
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS, $PROFILE_ARGS
 #               (e.g. "--attention sigmoid --copies": rank the Python sources of device copies)  -> profile/
