@@ -6,8 +6,9 @@ Triton one, as the ops run it), ``hopper_bwd_padded``/``hopper_bwd_varlen`` = th
 variant (dQ by fp32 vector reductions from the K/V kernel), ``hopper_bwd5t_padded``/``hopper_bwd5t_varlen`` = the
 same with dQ by TMA reductions from shared memory (``hopper_bwd.DQ_TMA``; ``hopper_bwd5t1_padded``: its serial
 form 1; ``hopper_bwd5t_m128_padded``/``…_varlen``, ``hopper_bwd_m128_…`` for the 7-GEMM one: 128-row query tiles
-in the kv kernel, ``launch_bwd(kv_blocks=(128, 128))``, D = 64 candidates), ``hopper_bwd_probe``/``hopper_bwd5_probe`` = those backwards (padded) with σ and dS skipped (timing
-probes, wrong gradients: what the GEMMs and data movement alone take),
+in the kv kernel, ``launch_bwd(kv_blocks=(128, 128))``, D = 64 candidates), ``hopper_bwd_probe``/``hopper_bwd5_probe``
+= those backwards (padded) with σ and dS skipped (timing probes, wrong gradients: what the GEMMs and data movement
+alone take),
 ``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions, ``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` =
 the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
 ``hopper_bwd_sig2_padded``/``hopper_bwd5_sig2_padded`` = σ by ex2 + rcp.approx (``hopper_bwd.SIG_BWD``),
@@ -46,8 +47,7 @@ TOKENS, HIDDEN = 16384, 2048
 KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_varlen", "hopper_bwd5_padded",
            "hopper_bwd5_varlen", "hopper_bwd5t_padded", "hopper_bwd5t_varlen", "hopper_bwd5t1_padded",
            "hopper_bwd5t_m128_padded", "hopper_bwd5t_m128_varlen", "hopper_bwd_m128_padded", "hopper_bwd_m128_varlen",
-           "hopper_bwd_probe", "hopper_bwd5_probe",
-           "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
+           "hopper_bwd_probe", "hopper_bwd5_probe", "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
            "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "hopper_bwd_sig2_padded",
            "hopper_bwd5_sig2_padded", "ours_padded", "ours_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig",
            "flex"]

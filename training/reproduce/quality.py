@@ -105,8 +105,12 @@ def val_loss(run_dir: Path, corpus: Path, patterns: int) -> dict[str, float]:
     return {name: float(np.mean([x[name] for x in per])) for name in per[0]}
 
 
-def _same_budget(r: dict, scale: Scale) -> bool:
-    return _budget(r.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale))))
+def _reusable(done: Path, scale: Scale) -> dict | None:
+    """``done``'s record if it exists and was made with this budget, else None."""
+    if not done.is_file():
+        return None
+    r = read_json(done)
+    return r if _budget(r.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))) else None
 
 
 def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: dict[str, Path], arm: Path,
@@ -121,8 +125,8 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
     from training.embed import embed
 
     done = arm / "trained.json"
-    if done.is_file() and not force and _same_budget(read_json(done), scale):
-        return read_json(done)
+    if not force and (r := _reusable(done, scale)) is not None:
+        return r
     if arm.exists():
         shutil.rmtree(arm)
     t0 = time.perf_counter()
@@ -148,8 +152,8 @@ def score_arm(attention: str, seed: int, scale: Scale, heldout: dict[str, Path],
     from training.evaluate import evaluate
 
     done = arm / "result.json"
-    if done.is_file() and not force and _same_budget(read_json(done), scale):
-        return read_json(done)
+    if not force and (r := _reusable(done, scale)) is not None:
+        return r
     trained = arm / "trained.json"
     if not trained.is_file():
         raise FileNotFoundError(f"{trained}: arm {attention} seed {seed} is not trained (run --stage device first)")
@@ -174,8 +178,8 @@ def pca_arm(seed: int, heldout: dict[str, Path], arm: Path, scale: Scale) -> dic
     from training.evaluate import evaluate
 
     done = arm / "result.json"
-    if done.is_file() and _same_budget(read_json(done), scale):
-        return read_json(done)
+    if (r := _reusable(done, scale)) is not None:
+        return r
     metrics = {}
     for name, cells in heldout.items():
         emb = pca_baseline(cells, arm / name, seed=seed)
@@ -326,8 +330,7 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
     if stage in ("all", "device"):
         for a, s in tqdm(arms, desc="quality arms (train)", unit="model", disable=not progress):
             arm = out / "arms" / f"{a}_seed{s}"
-            if stage == "all" and not force and (arm / "result.json").is_file() \
-                    and _same_budget(read_json(arm / "result.json"), scale):
+            if stage == "all" and not force and _reusable(arm / "result.json", scale) is not None:
                 continue                       # scored earlier: nothing to train
             train_arm(a, s, scale, corpus, heldout, arm, force=force, progress=progress)
         if stage == "device":
