@@ -57,14 +57,18 @@ def main():
     ap.add_argument("--ptx", type=Path)
     ap.add_argument("--config", help="BLOCK_M,BLOCK_N,STAGES,CONSUMERS (default: hopper_fwd.CONFIGS)")
     ap.add_argument("--bwd", action="store_true", help="the backward's kernels (sigattn/hopper_bwd.py; every dQ variant) instead")
+    ap.add_argument("--kv-blocks", help="with --bwd: BLOCK_M,BLOCK_N of the kv kernel (default: hopper_bwd.KV_BLOCKS; "
+                                        "e.g. 128,128 at --d 64)")
     args = ap.parse_args()
     if args.bwd:
         from sigattn import hopper_bwd
 
+        kv = tuple(int(x) for x in args.kv_blocks.split(",")) if args.kv_blocks else None
+
         for D in args.d:
             for varlen in (False, True):
                 for atomic, overlap in ((False, 0), (False, 1), (False, 2), (True, 0), ("tma1", 0), ("tma2", 0)):
-                    for name, k in hopper_bwd.compiled_for_sm90(D, varlen, atomic, overlap).items():
+                    for name, k in hopper_bwd.compiled_for_sm90(D, varlen, atomic, overlap, kv_blocks=kv).items():
                         label = (f" (dQ by TMA, form {atomic[-1]})" if isinstance(atomic, str) else
                                  " (dQ atomic)" if atomic else f" overlap {overlap}")
                         print(f"bwd {name}{label} D={D} "

@@ -491,9 +491,11 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool | str = False, overlap: int = OVERLAP, probe: int = 0):
+def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool | str = False, overlap: int = OVERLAP, probe: int = 0,
+                      kv_blocks: tuple[int, int] | None = None):
     """AOT-compile the kernels for sm90 without a GPU (``benchmarks/attention_hopper_compile.py --bwd``):
-    {name: compiled kernel}, bf16, −log n bias; ``kv`` and ``q``, or ``kv`` alone with ``dq_atomic``."""
+    {name: compiled kernel}, bf16, −log n bias; ``kv`` and ``q``, or ``kv`` alone with ``dq_atomic``;
+    ``kv_blocks`` as in ``launch_bwd`` (default ``KV_BLOCKS``)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -502,12 +504,13 @@ def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool | str = False, overl
         return f"tensordesc<{dt}[{rows},{cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
 
     tma_dq = _tma_form(dq_atomic)
+    kv = tuple(kv_blocks or KV_BLOCKS)
 
     head = {"SeqInfo": "*i32", "scale": "fp32", "bias": "fp32", "N": "i32"}
     kernels = {  # name: (kernel, (BLOCK_M, BLOCK_N), rows of the Q/dO boxes, rows of the K/V boxes, its other
         # arguments, its own constexprs)
-        "kv": (hopper_bwd_kv_kernel, KV_BLOCKS, KV_BLOCKS[0], KV_BLOCKS[1],
-               {"DK": "*bf16", "DV": "*bf16", "DQ32": desc(KV_BLOCKS[0], 64, "fp32") if tma_dq else "*fp32", **head,
+        "kv": (hopper_bwd_kv_kernel, kv, kv[0], kv[1],
+               {"DK": "*bf16", "DV": "*bf16", "DQ32": desc(kv[0], 64, "fp32") if tma_dq else "*fp32", **head,
                 "H_kv": "i32", "GROUP": "i32", "stride_dkt": "i32", "stride_dvt": "i32", "stride_dqh": "i32"},
                {"DQ_ATOMIC": bool(dq_atomic), "DQ_TMA": tma_dq}),
         "q": (hopper_bwd_q_kernel, Q_BLOCKS, Q_BLOCKS[0], Q_BLOCKS[1],
