@@ -110,13 +110,17 @@ for phase in "$@"; do
         --out "$OUT/stability-gpu" 2>&1 | tail -12
       tar czf "$OUT/stability-arms.tgz" -C "$OUT/stability-gpu" arms && rm -rf "$OUT/stability-gpu/arms" ;;
     quality)
-      Q=runs/reproduce/quality-gpu
-      timeout "${QUALITY_TIMEOUT:-520}" python3 -m training.reproduce quality --scale gpu --stage device ${QUALITY_ARGS} \
+      # Each arm is packed into $OUT as soon as its trained.json (written last) appears, so the arms finished
+      # before a call is cut off still come back (session 16 lost four when the call's limit hit the fourth).
+      Q=runs/reproduce/quality-gpu; mkdir -p /tmp/qpack
+      pack() { for arm in "$Q"/arms/*/; do a=$(basename "$arm")
+        [ -f "$arm/trained.json" ] && [ ! -f "$OUT/quality-$a.tgz" ] \
+          && tar czf "/tmp/qpack/$a.tgz" -C "$Q/arms" "$a/trained.json" "$a/train.log" "$a/embeddings" \
+          && mv "/tmp/qpack/$a.tgz" "$OUT/quality-$a.tgz"; done; }
+      ( while sleep 5; do pack; done ) & packer=$!
+      timeout "${QUALITY_TIMEOUT:-500}" python3 -m training.reproduce quality --scale gpu --stage device ${QUALITY_ARGS} \
         --out "$Q" 2>&1 | tee "$OUT/quality.log" | tail -5
-      for arm in "$Q"/arms/*/; do
-        [ -f "$arm/trained.json" ] && tar czf "$OUT/quality-$(basename "$arm").tgz" -C "$Q/arms" \
-          "$(basename "$arm")/trained.json" "$(basename "$arm")/train.log" "$(basename "$arm")/embeddings"
-      done ;;
+      kill $packer 2>/dev/null; wait $packer 2>/dev/null; pack ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-400}" python3 benchmarks/training_profile.py --runs ${PROFILE_RUNS:-160m:2048 160m:8192 1.4b:8192} \
         $PROFILE_ARGS --out "$OUT/profile" 2>&1 | grep -E "^\||^copies" | tail -24 ;;

@@ -143,7 +143,11 @@ def test_quality_recipe_in_stages(tmp_path, capsys):
     t = json.loads((out / "arms" / "sigmoid_seed0" / "trained.json").read_text())
     assert t["val_loss"]["pbmc3k"] > 0 and (out / "arms" / "softmax_seed0" / "embeddings" / "pbmc3k.h5ad").is_file()
     assert not (out / "arms" / "sigmoid_seed0" / "result.json").exists() and not (out / "summary.json").exists()
+    for f in (out / "arms").glob("*/trained.json"):                             # as if trained on a GPU machine
+        f.write_text(json.dumps((t := json.loads(f.read_text())) | {"provenance": t["provenance"] | {"device": "GPU X"}}))
     assert main(["quality", "--stage", "host", *tiny]) == 0
+    md = (out / "report.md").read_text()
+    assert "Trained on GPU X (commit `" in md and "; scored on device " in md  # both machines named
     s = json.loads((out / "summary.json").read_text())
     r = next(r for r in s["results"] if r["attention"] == "softmax")
     assert r["metrics"]["pbmc3k"]["val_loss"] == json.loads(

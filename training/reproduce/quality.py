@@ -263,6 +263,17 @@ def plot(table: dict, path: Path, title: str) -> Path:
     return path
 
 
+def _where(summary: dict) -> str:
+    """Where the models were trained and where they were scored (the staged recipe does the two on different
+    machines, possibly at different commits)."""
+    p = summary["provenance"]
+    trained = sorted({(t["device"], t["commit"]) for r in summary["results"] if (t := r.get("trained_on"))})
+    here = f"device {p['device']}, commit `{p['commit']}`, {p['date']}"
+    if not trained or trained == [(p["device"], p["commit"])]:
+        return f"Run on {here}."
+    return ("Trained on " + "; ".join(f"{d} (commit `{c}`)" for d, c in trained) + f"; scored on {here}.")
+
+
 def markdown(summary: dict) -> str:
     s, sc = summary, summary["settings"]
     lines = [f"# Quality recipe ({s['scale_name']} scale)", "",
@@ -270,8 +281,7 @@ def markdown(summary: dict) -> str:
              f"{sc['batch_size']} cells × ≤ {sc['context']} genes (lr {sc['lr']:g}), on one corpus of "
              + ", ".join(f"{n} ({DATASETS[n].about}; {sc['max_cells'] or 'all'} cells used)" for n in sc["datasets"])
              + f". Metrics on held-out cells (per-cell val split, {sc['val_frac']:.0%}); validation loss averaged over "
-             f"{sc['mask_patterns']} fixed masking patterns. Device: {s['provenance']['device']}; commit "
-             f"`{s['provenance']['commit']}`; {s['provenance']['date']}.", ""]
+             f"{sc['mask_patterns']} fixed masking patterns. {_where(s)}", ""]
     for name, t in s["table"].items():
         lines += [f"## {name}", "", "| metric | sigmoid | softmax | PCA (no training) | sigmoid − softmax (paired) "
                   "| relative | p |", "|---|---:|---:|---:|---:|---:|---:|"]
