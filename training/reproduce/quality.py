@@ -279,7 +279,7 @@ def markdown(summary: dict) -> str:
     lines = [f"# Quality recipe ({s['scale_name']} scale)", "",
              f"`{sc['preset']}` preset, {len(sc['seeds'])} seeds per attention, each model {sc['steps']} steps × "
              f"{sc['batch_size']} cells × ≤ {sc['context']} genes (lr {sc['lr']:g}), on one corpus of "
-             + ", ".join(f"{n} ({DATASETS[n].about}; {sc['max_cells'] or 'all'} cells used)" for n in sc["datasets"])
+             + ", ".join(f"{n} ({DATASETS[n].about}; {'at most ' + format(sc['max_cells'], ',') if sc['max_cells'] else 'all'} cells used)" for n in sc["datasets"])
              + f". Metrics on held-out cells (per-cell val split, {sc['val_frac']:.0%}); validation loss averaged over "
              f"{sc['mask_patterns']} fixed masking patterns. {_where(s)}", ""]
     for name, t in s["table"].items():
