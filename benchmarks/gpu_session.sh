@@ -30,8 +30,10 @@
 #               kinds only, with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 #                                                                                     -> context_parallel.json/.md
 #   stability   python -m training.reproduce stability --scale gpu $STAB_ARGS (e.g. "--lrs 1e-2 --attention sigmoid"),
-#               continuing the committed docs/reproduce/stability-gpu (finished arms are reused); the arms come back as
-#               a tarball (the device's copy-back drops the arm folders)          -> stability-gpu/, stability-arms.tgz
+#               continuing the committed $STAB_DIR (default docs/reproduce/stability-gpu; finished arms are reused,
+#               another budget is refused: a constant-LR ladder, "--min-lr-ratio 1", goes to its own STAB_DIR, e.g.
+#               docs/reproduce/stability-gpu-constant); the arms come back as a tarball (the device's copy-back drops
+#               the arm folders)                                       -> stability-gpu/, stability-gpu-arms.tgz
 #   quality     python -m training.reproduce quality --scale gpu --stage device $QUALITY_ARGS (e.g. "--seeds 0 1"): the
 #               GPU half of the quality recipe (training, val loss, embeddings) on the corpus and held-out cells that
 #               `--stage prepare` wrote here (carry runs/reproduce/quality-gpu/corpus/mds, …/corpus/manifest.json,
@@ -105,10 +107,11 @@ for phase in "$@"; do
         --steps "${CP_STEPS:-10}" --warmup-steps 3 --profile-steps 2 --settings "${CP_SETTINGS:-preset}" ${CP_RUNS:+--runs $CP_RUNS} \
         --out "$OUT/context_parallel.json" 2>&1 | grep -E "^\|" | tail -24 ;;
     stability)
-      rm -rf "$OUT/stability-gpu"; cp -r docs/reproduce/stability-gpu "$OUT/stability-gpu"
+      S=${STAB_DIR:-docs/reproduce/stability-gpu}; n=$(basename "$S")
+      rm -rf "$OUT/$n"; mkdir -p "$OUT/$n"; [ -d "$S" ] && cp -r "$S/." "$OUT/$n/"
       timeout "${STAB_TIMEOUT:-540}" python3 -m training.reproduce stability --scale gpu ${STAB_ARGS} --quiet \
-        --out "$OUT/stability-gpu" 2>&1 | tail -12
-      tar czf "$OUT/stability-arms.tgz" -C "$OUT/stability-gpu" arms && rm -rf "$OUT/stability-gpu/arms" ;;
+        --out "$OUT/$n" 2>&1 | tail -12
+      tar czf "$OUT/$n-arms.tgz" -C "$OUT/$n" arms && rm -rf "$OUT/$n/arms" ;;
     quality)
       # Each arm is packed into $OUT as soon as its trained.json (written last) appears, so the arms finished
       # before a call is cut off still come back (session 16 lost four when the call's limit hit the fourth).

@@ -77,6 +77,11 @@ class OptimConfig:
     grad_clip: float | None = 1.0       # None or 0 → no clipping
     grad_accum: int = 1
 
+    def __post_init__(self):
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1] (1 = constant after the warm-up), "
+                             f"got {self.min_lr_ratio}")
+
 
 @dataclass
 class RunConfig:

@@ -31,6 +31,7 @@ def test_yaml_preset_and_overrides(tmp_path):
     ("run.nan_policy=ignore", "nan_policy"),
     ("model.activation_checkpointing=-2", "activation_checkpointing must be true, false or k >= 1"),
     ("model.activation_checkpointing=some", r"model.activation_checkpointing: 'some' does not fit"),
+    ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio must lie in \[0, 1\]"),
 ])
 def test_bad_overrides_are_named(override, match):
     with pytest.raises(ValueError, match=match):
@@ -54,7 +55,7 @@ def test_shipped_configs_load():
 ])
 def test_numbers_as_people_write_them_fit_every_numeric_field(tmp_path, text, value):
     # YAML 1.1 reads 2e-3 and 1e4 as strings; float, int, optional and str|float fields must all take them.
-    over = [f"optim.lr={text}", f"optim.grad_clip={text}", f"model.sigmoid_bias={text}", f"run.mask_ratio=1e-1",
+    over = [f"optim.lr={text}", f"optim.grad_clip={text}", f"model.sigmoid_bias={text}", "run.mask_ratio=1e-1",
             f"optim.betas=[{text}, 0.99]"]
     cfg = load_config(None, over)
     for got in (cfg.optim.lr, cfg.optim.grad_clip, cfg.model.sigmoid_bias, cfg.optim.betas[0]):

@@ -31,7 +31,7 @@ def _png(path):
 
 
 @pytest.mark.slow
-def test_stability_recipe_tiny(tmp_path):
+def test_stability_recipe_tiny(tmp_path, capsys):
     out = tmp_path / "stab"
     argv = ["stability", "--out", str(out), "--steps", "3", "--context", "16", "--batch-size", "2", "--warmup", "1",
             "--lrs", "1e-3", "--quiet"]
@@ -60,15 +60,22 @@ def test_stability_recipe_tiny(tmp_path):
     before = (out / "arms" / "sigmoid_lr0.001" / "verdict.json").read_text()
     assert main(argv + ["--attention", "sigmoid"]) == 0                          # finished arms are reused
     assert (out / "arms" / "sigmoid_lr0.001" / "verdict.json").read_text() == before
+    # another budget into the same folder is refused, naming what changed; the finished arm is kept
+    assert main(argv + ["--attention", "sigmoid", "--min-lr-ratio", "1"]) == 2
+    assert "min_lr_ratio 0.1 → 1.0" in capsys.readouterr().err
+    assert (out / "arms" / "sigmoid_lr0.001" / "verdict.json").read_text() == before
 
 
 def test_stability_over_several_seeds(tmp_path):
     out = tmp_path / "stab"
     argv = ["stability", "--out", str(out), "--steps", "3", "--context", "16", "--batch-size", "2", "--warmup", "1",
-            "--lrs", "1e-3", "--seeds", "0", "5", "--attention", "sigmoid", "--quiet"]
+            "--lrs", "1e-3", "--seeds", "0", "5", "--attention", "sigmoid", "--min-lr-ratio", "1", "--quiet"]
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["settings"]["seeds"] == [0, 5]
+    assert s["settings"]["seeds"] == [0, 5] and s["settings"]["min_lr_ratio"] == 1
+    lrs = [json.loads(x)["lr"] for x in (out / "arms" / "sigmoid_lr0.001" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(1e-3)               # still the peak at the last step (the cosine ends at 1e-4)
+    assert "warm-up 1, then constant" in (out / "report.md").read_text()
     assert {(r["arm"], r["seed"]) for r in s["arms"]} == {("sigmoid_lr0.001", 0), ("sigmoid_lr0.001_s5", 5)}
     a, b = ([json.loads(x) for x in (out / "arms" / n / "stability.jsonl").read_text().splitlines()]
             for n in ("sigmoid_lr0.001", "sigmoid_lr0.001_s5"))
@@ -143,6 +150,10 @@ def test_quality_recipe_in_stages(tmp_path, capsys):
     t = json.loads((out / "arms" / "sigmoid_seed0" / "trained.json").read_text())
     assert t["val_loss"]["pbmc3k"] > 0 and (out / "arms" / "softmax_seed0" / "embeddings" / "pbmc3k.h5ad").is_file()
     assert not (out / "arms" / "sigmoid_seed0" / "result.json").exists() and not (out / "summary.json").exists()
+    longer = [x if x != "2" or i != tiny.index("--steps") + 1 else "3" for i, x in enumerate(tiny)]
+    assert main(["quality", "--stage", "device", *longer]) == 2                 # another budget: refused, arm kept
+    assert "steps 2 → 3" in capsys.readouterr().err and t == json.loads(
+        (out / "arms" / "sigmoid_seed0" / "trained.json").read_text())
     for f in (out / "arms").glob("*/trained.json"):                             # as if trained on a GPU machine
         f.write_text(json.dumps((t := json.loads(f.read_text())) | {"provenance": t["provenance"] | {"device": "GPU X"}}))
     assert main(["quality", "--stage", "host", *tiny]) == 0

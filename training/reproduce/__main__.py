@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int)
     s.add_argument("--steps", type=int)
     s.add_argument("--warmup", type=int)
+    s.add_argument("--min-lr-ratio", type=float,
+                   help="the cosine ends at lr x this (default 0.1); 1 = constant LR after the warm-up")
     s.add_argument("--lrs", type=float, nargs="+", help="the learning-rate ladder")
     s.add_argument("--seed", type=int)
     s.add_argument("--seeds", type=int, nargs="+",
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             elif a.scale == "cluster":
                 scale = _scale(stability.SCALES, "cluster", a, {"preset": "preset", "context": "context",
                                "batch_size": "batch_size", "steps": "steps", "warmup": "warmup", "lrs": "lrs",
-                               "seed": "seed"})
+                               "seed": "seed", "min_lr_ratio": "min_lr_ratio"})
                 summary = stability.write_cluster_sweep(out, scale=scale, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
                                                         partition=a.partition, rates=a.rates, mfu=a.mfu,
                                                         corpus=a.corpus)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 scale = _scale(stability.SCALES, a.scale, a, {"preset": "preset", "context": "context",
                                "batch_size": "batch_size", "steps": "steps", "warmup": "warmup", "lrs": "lrs",
-                               "seed": "seed"})
+                               "seed": "seed", "min_lr_ratio": "min_lr_ratio"})
                 summary = stability.run(a.scale, out, scale=scale, attentions=tuple(a.attention), force=a.force,
                                         progress=not a.quiet, seeds=tuple(a.seeds) if a.seeds else None)
                 print(summary["verdict"])

@@ -50,3 +50,12 @@ def write_json(path: Path, obj) -> Path:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def other_budget(arm: Path, old: dict, new: dict) -> ValueError:
+    """The refusal to overwrite a finished arm trained with another budget: names each setting that differs, so
+    GPU-hours already spent are never thrown away by a changed flag."""
+    changed = ", ".join(f"{k} {old.get(k, '–')} → {new.get(k, '–')}" for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k))
+    return ValueError(f"{arm}: finished with another budget ({changed}); --force re-trains it, or write to another "
+                      "--out")

@@ -28,7 +28,7 @@ import numpy as np
 
 from training.reproduce.datasets import DATASETS, LABEL_KEY, prepare
 from training.reproduce.heldout import heldout_cells
-from training.reproduce.output import provenance, read_json, write_json, write_text
+from training.reproduce.output import other_budget, provenance, read_json, write_json, write_text
 from training.reproduce.stats import fmt_ci, mean_ci, paired_difference
 
 KINDS = ("sigmoid", "softmax")
@@ -74,8 +74,9 @@ SCALES = {
 
 def _budget(scale: dict) -> dict:
     """What one model and its evaluation depend on: the scale without the list of seeds and the loader workers
-    (the same cells in the same order either way)."""
-    return {k: v for k, v in scale.items() if k not in ("seeds", "num_workers")}
+    (the same cells in the same order either way); settings added to ``Scale`` later take their default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Scale) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in (defaults | scale).items() if k not in ("seeds", "num_workers")}
 
 
 def build_corpus(scale: Scale, out: Path, quiet: bool) -> Path:
@@ -127,6 +128,9 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
     done = arm / "trained.json"
     if not force and (r := _reusable(done, scale)) is not None:
         return r
+    if not force and done.is_file():
+        raise other_budget(arm, _budget(read_json(done).get("scale", {})),
+                           _budget(json.loads(json.dumps(dataclasses.asdict(scale)))))
     if arm.exists():
         shutil.rmtree(arm)
     t0 = time.perf_counter()

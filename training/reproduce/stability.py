@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.reproduce.divergence import SPIKE_FACTOR, assess
-from training.reproduce.output import provenance, read_json, write_json, write_text
+from training.reproduce.output import other_budget, provenance, read_json, write_json, write_text
 
 KINDS = ("sigmoid", "softmax")
 PAPER = {"model": "160m", "context": 8192, "steps": 80_000, "softmax_diverges_at_step": 55_000,
@@ -46,12 +46,14 @@ class Scale:
     lrs: tuple[float, ...]
     seed: int = 0
     synthetic_vocab: int = 20_000
+    min_lr_ratio: float = 0.1       # the cosine ends at lr·min_lr_ratio; 1.0 = constant after the warm-up
 
     def overrides(self, attention: str, lr: float, run_dir: Path, progress: bool) -> list[str]:
         return [f"model.attention={attention}", "data.mds=null", f"data.context_length={self.context}",
                 f"data.batch_size={self.batch_size}", f"data.synthetic_vocab={self.synthetic_vocab}",
                 f"data.synthetic_mean_genes={min(2 * self.context, self.synthetic_vocab // 2)}",
                 f"optim.lr={lr}", "optim.grad_clip=null", f"optim.warmup_steps={self.warmup}",
+                f"optim.min_lr_ratio={self.min_lr_ratio}",
                 f"run.max_steps={self.steps}", f"run.seed={self.seed}", f"run.dir={run_dir}",
                 "run.nan_policy=stop", "run.ckpt_every=0", "run.tensorboard=false", f"run.progress={progress}"]
 
@@ -66,8 +68,10 @@ SCALES = {
 
 
 def _budget(scale: dict) -> dict:
-    """What an arm's training depends on: the scale without the ladder (an arm is one of its rungs)."""
-    return {k: v for k, v in scale.items() if k != "lrs"}
+    """What an arm's training depends on: the scale without the ladder (an arm is one of its rungs); settings added
+    to ``Scale`` after an arm was trained take their default (the value that arm ran with)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Scale) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in (defaults | scale).items() if k != "lrs"}
 
 
 def arm_name(attention: str, lr: float, seed: int | None = None) -> str:
@@ -86,8 +90,10 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
     done = arm_dir / "verdict.json"
     if done.is_file() and not force:
         row = read_json(done)
-        if _budget(row.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))):
-            return {"seed": scale.seed} | row | {"run_dir": f"{arm_dir.parent.name}/{arm_dir.name}"}
+        old, new = _budget(row.get("scale", {})), _budget(json.loads(json.dumps(dataclasses.asdict(scale))))
+        if old != new:
+            raise other_budget(arm_dir, old, new)
+        return {"seed": scale.seed} | row | {"run_dir": f"{arm_dir.parent.name}/{arm_dir.name}"}
     if arm_dir.exists():
         shutil.rmtree(arm_dir)
     arm_dir.mkdir(parents=True)
@@ -171,13 +177,18 @@ def _cell(v, spec=".3g"):
     return format(v, spec) if isinstance(v, float) else str(v)
 
 
+def _schedule(settings: dict) -> str:
+    r = settings.get("min_lr_ratio", 0.1)
+    return "then constant" if r == 1 else f"cosine to {r:g}×"
+
+
 def markdown(summary: dict) -> str:
     s = summary
     rows = s["arms"]
     lines = [f"# Stability recipe ({s['scale_name']} scale)", "",
              f"{s['settings']['preset']} preset, synthetic cells filling a {s['settings']['context']}-token context, "
              f"micro-batch {s['settings']['batch_size']}, {s['settings']['steps']} steps (warm-up "
-             f"{s['settings']['warmup']}, cosine to 0.1×), seed(s) "
+             f"{s['settings']['warmup']}, {_schedule(s['settings'])}), seed(s) "
              f"{', '.join(map(str, s['settings'].get('seeds', [s['settings']['seed']])))}, no gradient clipping, "
              f"only the attention differs. {_trained_on(rows)} Report written on {s['provenance']['device']}, "
              f"commit `{s['provenance']['commit']}`, {s['provenance']['date']}.", "",
