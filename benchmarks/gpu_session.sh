@@ -41,6 +41,8 @@
 #               = 4 arms a call, within the 8 files and 64 MiB that come back): unpack into runs/reproduce/quality-gpu/arms, then
 #               `--stage host` on a CPU
 #                                                                                     -> quality-*.tgz, quality.log
+#   speed       python -m training.reproduce speed --scale gpu $SPEED_ARGS: sigmoid vs softmax trainer tokens/s at
+#               2K/4K/8K (160m) and the paper's GPU-hour table; the folder comes back as a tarball (7 files) -> speed-gpu.tgz
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS, $PROFILE_ARGS
 #               (e.g. "--attention sigmoid --copies": rank the Python sources of device copies)  -> profile/
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
@@ -124,6 +126,11 @@ for phase in "$@"; do
       timeout "${QUALITY_TIMEOUT:-500}" python3 -m training.reproduce quality --scale gpu --stage device ${QUALITY_ARGS} \
         --out "$Q" 2>&1 | tee "$OUT/quality.log" | tail -5
       kill $packer 2>/dev/null; wait $packer 2>/dev/null; pack ;;
+    speed)
+      rm -rf /tmp/speed-gpu
+      timeout "${SPEED_TIMEOUT:-540}" python3 -m training.reproduce speed --scale gpu ${SPEED_ARGS} --quiet \
+        --out /tmp/speed-gpu 2>&1 | tail -8
+      tar czf "$OUT/speed-gpu.tgz" -C /tmp speed-gpu ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-400}" python3 benchmarks/training_profile.py --runs ${PROFILE_RUNS:-160m:2048 160m:8192 1.4b:8192} \
         $PROFILE_ARGS --out "$OUT/profile" 2>&1 | grep -E "^\||^copies" | tail -24 ;;
