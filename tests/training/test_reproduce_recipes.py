@@ -125,11 +125,15 @@ def test_quality_recipe_tiny(tmp_path):
             assert d["mean"] == pytest.approx(sum(per["sigmoid"]["per_seed"][k] - per["softmax"]["per_seed"][k]
                                                   for k in ("0", "1")) / 2)
         assert t["bio_conservation"]["PCA"]["n"] == 2 and "PCA" not in t["val_loss"]
+        assert t["bio_conservation"]["untrained"]["n"] == 2 and t["val_loss"]["untrained"]["n"] == 2
     r = next(r for r in s["results"] if r["attention"] == "sigmoid" and r["seed"] == 1)
     assert 0 < r["metrics"]["kang2018"]["val_loss"] < 2 * math.log(51)
     assert r["metrics"]["pbmc3k"]["n_cells"] == len(__import__("anndata").read_h5ad(out / "heldout" / "pbmc3k.h5ad"))
     _png(out / "quality.png")
+    run = out / "arms" / "untrained_seed0" / "run"                  # initial weights: one step, at lr 0
+    assert [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0.0]
     md = (out / "report.md").read_text()
+    assert "| untrained encoder |" in md
     assert "## kang2018" in md and "| bio-conservation |" in md and "](quality.png)" in md
 
 

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one part of the recipe, for machines that hold only part of what it needs: prepare (CPU: "
                         "corpus + held-out cells), device (GPU: training, val loss, embeddings), host (CPU: scIB, "
                         "PCA, report); default all three")
+    q.add_argument("--arms", nargs="+", choices=("sigmoid", "softmax", "untrained"),
+                   default=["sigmoid", "softmax", "untrained"],
+                   help="what this invocation trains/scores: the two attentions and the untrained encoder (initial "
+                        "weights: what training added)")
     q.add_argument("--force", action="store_true", help="re-train and re-evaluate finished arms")
     q.add_argument("--quiet", action="store_true")
 
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             scale = _scale(quality.SCALES, a.scale, a, {"seeds": "seeds", "steps": "steps", "batch_size": "batch_size",
                            "context": "context", "max_cells": "max_cells", "mask_patterns": "mask_patterns",
                            "datasets": "datasets"})
-            summary = quality.run(a.scale, out, scale=scale, force=a.force, progress=not a.quiet, stage=a.stage)
+            summary = quality.run(a.scale, out, scale=scale, force=a.force, progress=not a.quiet, stage=a.stage,
+                                  arms=tuple(a.arms))
             print(summary["verdict"])
             if a.stage in ("prepare", "device"):
                 return 0                           # no report yet

@@ -32,6 +32,10 @@ from training.reproduce.output import other_budget, provenance, read_json, write
 from training.reproduce.stats import fmt_ci, mean_ci, paired_difference
 
 KINDS = ("sigmoid", "softmax")
+# The same encoder (sigmoid attention) at its initial weights (one step at lr 0): what training added over the
+# architecture and the input embedding alone.
+UNTRAINED = "untrained"
+ARMS = (*KINDS, UNTRAINED)
 METRICS = (("bio_conservation", "bio-conservation"), ("nmi", "Leiden NMI"), ("ari", "Leiden ARI"),
            ("asw_label", "cell-type ASW"), ("val_loss", "validation loss"))
 PAPER = {"claim": "sigmoid attention: +25 % cell-type separation (scIB bio-conservation: Leiden NMI, ARI, "
@@ -135,9 +139,13 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
         shutil.rmtree(arm)
     t0 = time.perf_counter()
     run_dir = arm / "run"
+    overrides = scale.overrides(attention, seed, corpus, run_dir, False)
+    if attention == UNTRAINED:      # initial weights: one step at lr 0 (AdamW and its weight decay scale by lr)
+        overrides = scale.overrides("sigmoid", seed, corpus, run_dir, False) + [
+            "optim.lr=0", "optim.warmup_steps=1", "run.max_steps=1", "run.ckpt_every=1"]
     # A fresh process per model (as make demo does): its own process group and streaming shared memory.
-    run_logged([sys.executable, "-m", "training.train", str(resolve_config(scale.preset)),
-                *scale.overrides(attention, seed, corpus, run_dir, False)], arm / "train.log",
+    run_logged([sys.executable, "-m", "training.train", str(resolve_config(scale.preset)), *overrides],
+               arm / "train.log",
                 f"training ({attention}, seed {seed})", quiet=not progress)
     t_train = time.perf_counter() - t0
     losses = val_loss(run_dir, corpus, scale.mask_patterns)
@@ -202,7 +210,7 @@ def aggregate(results: list[dict], datasets: list[str]) -> dict:
         table[name] = {}
         for key, _ in METRICS:
             per = {a: {r["seed"]: r["metrics"][name].get(key) for r in results if r["attention"] == a}
-                   for a in (*KINDS, "PCA")}
+                   for a in (*ARMS, "PCA")}
             entry = {a: mean_ci([v for v in per[a].values() if v is not None]) | {"per_seed": per[a]}
                      for a in per if any(v is not None for v in per[a].values())}
             if all(a in entry for a in KINDS):
@@ -236,7 +244,7 @@ def plot(table: dict, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(table)
-    colours = {"sigmoid": "tab:blue", "softmax": "tab:red", "PCA": "tab:gray"}
+    colours = {"sigmoid": "tab:blue", "softmax": "tab:red", UNTRAINED: "tab:olive", "PCA": "tab:gray"}
     with plt.style.context("default"):
         fig, axes = plt.subplots(len(names), len(METRICS), figsize=(3.1 * len(METRICS), 3.0 * len(names)),
                                  squeeze=False)
@@ -244,7 +252,7 @@ def plot(table: dict, path: Path, title: str) -> Path:
             for j, (key, label) in enumerate(METRICS):
                 ax = axes[i][j]
                 entry = table[name][key]
-                arms = [a for a in (*KINDS, "PCA") if a in entry]
+                arms = [a for a in (*ARMS, "PCA") if a in entry]
                 for x, a in enumerate(arms):
                     seeds = sorted(entry[a]["per_seed"])
                     ys = [entry[a]["per_seed"][s] for s in seeds]
@@ -287,14 +295,15 @@ def markdown(summary: dict) -> str:
              + f". Metrics on held-out cells (per-cell val split, {sc['val_frac']:.0%}); validation loss averaged over "
              f"{sc['mask_patterns']} fixed masking patterns. {_where(s)}", ""]
     for name, t in s["table"].items():
-        lines += [f"## {name}", "", "| metric | sigmoid | softmax | PCA (no training) | sigmoid − softmax (paired) "
-                  "| relative | p |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"## {name}", "", "| metric | sigmoid | softmax | untrained encoder | PCA (no training) "
+                  "| sigmoid − softmax (paired) | relative | p |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for key, label in METRICS:
             e = t[key]
             d = e.get("difference", {})
             rel = e.get("relative_difference_pct")
             lines.append(f"| {label} | {fmt_ci(e.get('sigmoid', {}), '.4f')} | {fmt_ci(e.get('softmax', {}), '.4f')} | "
-                         f"{fmt_ci(e.get('PCA', {}), '.4f')} | {fmt_ci(d, '+.4f')} | "
+                         f"{fmt_ci(e.get(UNTRAINED, {}), '.4f')} | {fmt_ci(e.get('PCA', {}), '.4f')} | "
+                         f"{fmt_ci(d, '+.4f')} | "
                          f"{'–' if rel is None else format(rel, '+.1f') + ' %'} | "
                          f"{'–' if d.get('p_value') is None else format(d['p_value'], '.3g')} |")
         lines.append("")
@@ -319,15 +328,19 @@ def _prepared(scale: Scale, out: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progress: bool = True,
-        stage: str = "all") -> dict:
+        stage: str = "all", arms: tuple[str, ...] = ARMS) -> dict:
     """The recipe, or one ``stage`` of it for machines that hold only part of what it needs (the lent GPUs have
     neither the datasets' package nor scanpy): ``prepare`` (CPU: corpus + held-out cells), ``device`` (GPU:
     training, validation loss, embeddings; carries ``out/corpus`` and ``out/heldout`` in, ``out/arms`` back),
-    ``host`` (CPU: scIB of the returned embeddings, PCA, statistics, report). ``all`` runs the three in turn."""
+    ``host`` (CPU: scIB of the returned embeddings, PCA, statistics, report). ``all`` runs the three in turn.
+    ``arms``: which of sigmoid, softmax and the untrained encoder this invocation trains and scores (a device
+    call can train the untrained arms, ~45 s each on a GPU, apart from the trained ones)."""
     from tqdm.auto import tqdm
 
     if stage not in STAGES:
         raise ValueError(f"--stage {stage!r}: choose one of {', '.join(STAGES)}")
+    if unknown := [a for a in arms if a not in ARMS]:
+        raise ValueError(f"--arms {' '.join(unknown)}: choose from {', '.join(ARMS)}")
     if len(set(scale.seeds)) != len(scale.seeds):
         raise ValueError(f"--seeds {list(scale.seeds)}: a seed is repeated")
     out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +353,8 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
                     "verdict": f"prepared {corpus} and {len(heldout)} held-out datasets"}
     else:
         corpus, heldout = _prepared(scale, out)
-    arms = [(a, s) for s in scale.seeds for a in KINDS]
+    kinds = tuple(a for a in ARMS if a in arms)
+    arms = [(a, s) for s in scale.seeds for a in kinds]
     if stage in ("all", "device"):
         for a, s in tqdm(arms, desc="quality arms (train)", unit="model", disable=not progress):
             arm = out / "arms" / f"{a}_seed{s}"
@@ -358,7 +372,7 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
     caveat = ("Demo scale on a CPU (a tiny model trained for seconds, far behind PCA) says nothing about the "
               "paper's claim: it checks the recipe and its statistics end to end." if scale_name == "demo" else
               "A short single-GPU budget per model, not the paper's pre-training on ~130M cells.")
-    summary = {"recipe": "quality", "scale_name": scale_name, "settings": dataclasses.asdict(scale),
+    summary = {"recipe": "quality", "scale_name": scale_name, "settings": dataclasses.asdict(scale), "arms": list(kinds),
                "provenance": provenance(), "datasets": {n: DATASETS[n].about for n in scale.datasets},
                "heldout_cells": {n: str(p) for n, p in heldout.items()}, "results": results, "table": table,
                "verdict": verdict_line(table), "paper": PAPER, "caveat": caveat, "plots": ["quality.png"],
