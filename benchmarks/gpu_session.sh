@@ -37,9 +37,10 @@
 #   quality     python -m training.reproduce quality --scale gpu --stage device $QUALITY_ARGS (e.g. "--seeds 0 1"): the
 #               GPU half of the quality recipe (training, val loss, embeddings) on the corpus and held-out cells that
 #               `--stage prepare` wrote here (carry runs/reproduce/quality-gpu/corpus/mds, …/corpus/manifest.json,
-#               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; ~10 MB; 2 seeds
-#               = 4 arms a call, within the 8 files and 64 MiB that come back): unpack into runs/reproduce/quality-gpu/arms, then
-#               `--stage host` on a CPU
+#               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; ~5 MB), packed as
+#               soon as it is trained; a call fits 4 trained arms ("--seeds 0 1 --arms sigmoid softmax") or 5 untrained
+#               ones ("--arms untrained"), within 600 s and the 8 files that come back: unpack into
+#               runs/reproduce/quality-gpu/arms, then `--stage host` on a CPU
 #                                                                                     -> quality-*.tgz, quality.log
 #   speed       python -m training.reproduce speed --scale gpu $SPEED_ARGS: sigmoid vs softmax trainer tokens/s at
 #               2K/4K/8K (160m) and the paper's GPU-hour table; the folder comes back as a tarball (7 files) -> speed-gpu.tgz
