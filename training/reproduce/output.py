@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -50,6 +51,18 @@ def write_json(path: Path, obj) -> Path:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def as_record(scale) -> dict:
+    """A recipe's ``Scale`` as its arms' JSON stores it (tuples become lists), so the two compare equal."""
+    return json.loads(json.dumps(dataclasses.asdict(scale)))
+
+
+def budget(scale_cls, record: dict, drop: tuple[str, ...]) -> dict:
+    """What an arm depends on: a stored ``Scale`` record without the fields in ``drop``; fields added to
+    ``scale_cls`` after the record was written take their default (the value that arm ran with)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(scale_cls) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in (defaults | record).items() if k not in drop}
 
 
 def other_budget(arm: Path, old: dict, new: dict) -> ValueError:

@@ -28,7 +28,8 @@ import numpy as np
 
 from training.reproduce.datasets import DATASETS, LABEL_KEY, prepare
 from training.reproduce.heldout import heldout_cells
-from training.reproduce.output import other_budget, provenance, read_json, write_json, write_text
+from training.reproduce.output import (as_record, budget, other_budget, provenance, read_json, write_json,
+                                       write_text)
 from training.reproduce.stats import fmt_ci, mean_ci, paired_difference
 
 KINDS = ("sigmoid", "softmax")
@@ -78,9 +79,8 @@ SCALES = {
 
 def _budget(scale: dict) -> dict:
     """What one model and its evaluation depend on: the scale without the list of seeds and the loader workers
-    (the same cells in the same order either way); settings added to ``Scale`` later take their default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Scale) if f.default is not dataclasses.MISSING}
-    return {k: v for k, v in (defaults | scale).items() if k not in ("seeds", "num_workers")}
+    (the same cells in the same order either way)."""
+    return budget(Scale, scale, drop=("seeds", "num_workers"))
 
 
 def build_corpus(scale: Scale, out: Path, quiet: bool) -> Path:
@@ -115,7 +115,7 @@ def _reusable(done: Path, scale: Scale) -> dict | None:
     if not done.is_file():
         return None
     r = read_json(done)
-    return r if _budget(r.get("scale", {})) == _budget(json.loads(json.dumps(dataclasses.asdict(scale)))) else None
+    return r if _budget(r.get("scale", {})) == _budget(as_record(scale)) else None
 
 
 def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: dict[str, Path], arm: Path,
@@ -133,16 +133,15 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
     if not force and (r := _reusable(done, scale)) is not None:
         return r
     if not force and done.is_file():
-        raise other_budget(arm, _budget(read_json(done).get("scale", {})),
-                           _budget(json.loads(json.dumps(dataclasses.asdict(scale)))))
+        raise other_budget(arm, _budget(read_json(done).get("scale", {})), _budget(as_record(scale)))
     if arm.exists():
         shutil.rmtree(arm)
     t0 = time.perf_counter()
     run_dir = arm / "run"
-    overrides = scale.overrides(attention, seed, corpus, run_dir, False)
-    if attention == UNTRAINED:      # initial weights: one step at lr 0 (AdamW and its weight decay scale by lr)
-        overrides = scale.overrides("sigmoid", seed, corpus, run_dir, False) + [
-            "optim.lr=0", "optim.warmup_steps=1", "run.max_steps=1", "run.ckpt_every=1"]
+    untrained = attention == UNTRAINED
+    overrides = scale.overrides("sigmoid" if untrained else attention, seed, corpus, run_dir, False)
+    if untrained:                   # initial weights: one step at lr 0 (AdamW and its weight decay scale by lr)
+        overrides += ["optim.lr=0", "optim.warmup_steps=1", "run.max_steps=1", "run.ckpt_every=1"]
     # A fresh process per model (as make demo does): its own process group and streaming shared memory.
     run_logged([sys.executable, "-m", "training.train", str(resolve_config(scale.preset)), *overrides],
                arm / "train.log",
@@ -354,18 +353,18 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
     else:
         corpus, heldout = _prepared(scale, out)
     kinds = tuple(a for a in ARMS if a in arms)
-    arms = [(a, s) for s in scale.seeds for a in kinds]
+    pairs = [(a, s) for s in scale.seeds for a in kinds]
     if stage in ("all", "device"):
-        for a, s in tqdm(arms, desc="quality arms (train)", unit="model", disable=not progress):
+        for a, s in tqdm(pairs, desc="quality arms (train)", unit="model", disable=not progress):
             arm = out / "arms" / f"{a}_seed{s}"
             if stage == "all" and not force and _reusable(arm / "result.json", scale) is not None:
                 continue                       # scored earlier: nothing to train
             train_arm(a, s, scale, corpus, heldout, arm, force=force, progress=progress)
         if stage == "device":
-            return {"stage": "device", "arms": [f"{a}_seed{s}" for a, s in arms],
-                    "verdict": f"trained {len(arms)} models into {out / 'arms'}; score them with --stage host"}
+            return {"stage": "device", "arms": [f"{a}_seed{s}" for a, s in pairs],
+                    "verdict": f"trained {len(pairs)} models into {out / 'arms'}; score them with --stage host"}
     results = [score_arm(a, s, scale, heldout, out / "arms" / f"{a}_seed{s}", force=force)
-               for a, s in tqdm(arms, desc="quality arms (score)", unit="model", disable=not progress)]
+               for a, s in tqdm(pairs, desc="quality arms (score)", unit="model", disable=not progress)]
     for s in scale.seeds:
         results.append(pca_arm(s, heldout, out / "arms" / f"pca_seed{s}", scale))
     table = aggregate(results, list(heldout))

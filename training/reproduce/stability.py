@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.reproduce.divergence import SPIKE_FACTOR, assess
-from training.reproduce.output import other_budget, provenance, read_json, write_json, write_text
+from training.reproduce.output import (as_record, budget, other_budget, provenance, read_json, write_json,
+                                       write_text)
 
 KINDS = ("sigmoid", "softmax")
 PAPER = {"model": "160m", "context": 8192, "steps": 80_000, "softmax_diverges_at_step": 55_000,
@@ -68,10 +69,8 @@ SCALES = {
 
 
 def _budget(scale: dict) -> dict:
-    """What an arm's training depends on: the scale without the ladder (an arm is one of its rungs); settings added
-    to ``Scale`` after an arm was trained take their default (the value that arm ran with)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Scale) if f.default is not dataclasses.MISSING}
-    return {k: v for k, v in (defaults | scale).items() if k != "lrs"}
+    """What an arm's training depends on: the scale without the ladder (an arm is one of its rungs)."""
+    return budget(Scale, scale, drop=("lrs",))
 
 
 def arm_name(attention: str, lr: float, seed: int | None = None) -> str:
@@ -90,7 +89,7 @@ def run_arm(scale: Scale, attention: str, lr: float, arm_dir: Path, *, force: bo
     done = arm_dir / "verdict.json"
     if done.is_file() and not force:
         row = read_json(done)
-        old, new = _budget(row.get("scale", {})), _budget(json.loads(json.dumps(dataclasses.asdict(scale))))
+        old, new = _budget(row.get("scale", {})), _budget(as_record(scale))
         if old != new:
             raise other_budget(arm_dir, old, new)
         return {"seed": scale.seed} | row | {"run_dir": f"{arm_dir.parent.name}/{arm_dir.name}"}
@@ -178,7 +177,7 @@ def _cell(v, spec=".3g"):
 
 
 def _schedule(settings: dict) -> str:
-    r = settings.get("min_lr_ratio", 0.1)
+    r = settings.get("min_lr_ratio", Scale.min_lr_ratio)
     return "then constant" if r == 1 else f"cosine to {r:g}×"
 
 
