@@ -98,7 +98,13 @@ def test_build_reads_the_files(tmp_path, seed):
     assert sum(d["dropped_not_primary"] for d in m["datasets"]) == not_primary > 0
     assert m["split"]["effective"] == "donor"
     assert all(d["gene_key"] == "var_names" and d["match_ratio"] == 1.0 for d in m["datasets"])
-    assert len(m["labels"]["cell_type"]) == len({ct for r in recs for ct in ad.read_h5ad(r["path"]).obs["cell_type"]})
+    # labels come from the kept cells only: a type seen only on dropped cells (not primary, < 200 genes) is absent
+    kept = set()
+    for r in recs:
+        obs = ad.read_h5ad(r["path"]).obs
+        keep = obs["is_primary_data"].to_numpy(bool) & (obs["nnz"].to_numpy() >= 200)
+        kept |= set(obs["cell_type"].astype(str)[keep])
+    assert set(m["labels"]["cell_type"]) == kept
 
 
 def test_cli_and_errors(tmp_path, capsys):
