@@ -1,14 +1,16 @@
 """Cell embeddings of a trained checkpoint for any AnnData file.
 
 ``python -m training.embed CHECKPOINT INPUT.h5ad|INPUT.zarr --out OUT.h5ad|OUT.zarr [--obsm-key X_sigattn]
-[--batch-size 64] [--device auto] [--vocab VOCAB.tsv] [--layer counts]``
+[--pooling cls|mean] [--batch-size 64] [--device auto] [--vocab VOCAB.tsv] [--layer counts]``
 
 Steps: the input's genes are mapped to the corpus vocabulary (``GeneVocab.map_var``; the vocabulary is
 ``<corpus>/vocab.tsv`` of the checkpoint's ``data.mds`` unless ``--vocab`` is given); raw counts are read
 in row chunks straight from the file (``anndata.io.sparse_dataset``: backed, never the whole matrix),
 mapped like the training corpus (``data_prep.mds.VocabMap``: unmapped genes dropped, duplicates summed),
 tokenised by the checkpoint's ``CellTokenizer`` (epoch 0, no masking), packed into varlen batches and
-embedded with ``model.embed`` under ``torch.no_grad()``.
+embedded with ``model.embed`` under ``torch.no_grad()``: the CLS token's final state or the mean of the gene
+tokens' (``--pooling``; default: the checkpoint's ``model.embedding``). The masked-expression loss is taken on
+gene tokens only, so the CLS state is trained only as a key/value the genes attend to: compare both.
 
 The output is an AnnData with the input's ``obs`` (same cells, same order), the embedding
 ``[n_cells, d]`` float32 in ``obsm[obsm_key]``, no genes, and ``uns["sigattn_embed"]`` recording the
@@ -116,7 +118,7 @@ def corpus_vocab(cfg, vocab: str | os.PathLike | None) -> GeneVocab:
 
 
 def embed_cells(model, tokenizer, cells: CellMatrix, vocab_ids: np.ndarray, *, batch_size: int,
-                device: torch.device, progress: bool = True) -> tuple[np.ndarray, int]:
+                device: torch.device, progress: bool = True, pooling: str | None = None) -> tuple[np.ndarray, int]:
     """Embeddings ``[n_cells, d]`` (float32, input order) and the number of cells with no mapped gene."""
     n = cells.shape[0]
     out: np.ndarray | None = None
@@ -137,7 +139,7 @@ def embed_cells(model, tokenizer, cells: CellMatrix, vocab_ids: np.ndarray, *, b
                 items.append(tokenizer(genes[lo:hi], counts[lo:hi], cell_id=c0 + r, epoch=0))
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in pack_batch(items).items()}
             with torch.no_grad(), autocast:
-                emb = model.embed(batch).float().cpu().numpy()
+                emb = model.embed(batch, pooling).float().cpu().numpy()
             if out is None:
                 out = np.empty((n, emb.shape[1]), dtype=np.float32)
             out[c0 + b0: c0 + b0 + len(items)] = emb
@@ -168,8 +170,10 @@ def _write_atomic(adata: ad.AnnData, out: Path) -> None:
 
 def embed(checkpoint: str | os.PathLike, input: str | os.PathLike, out: str | os.PathLike, *,
           obsm_key: str = "X_sigattn", batch_size: int = 64, device: str = "auto",
-          vocab: str | os.PathLike | None = None, layer: str | None = None, progress: bool = True) -> ad.AnnData:
-    """Embed every cell of ``input`` with ``checkpoint``; write and return the output AnnData."""
+          vocab: str | os.PathLike | None = None, layer: str | None = None, progress: bool = True,
+          pooling: str | None = None) -> ad.AnnData:
+    """Embed every cell of ``input`` with ``checkpoint``; write and return the output AnnData. ``pooling``: ``cls``
+    or ``mean`` (default: the checkpoint's ``model.embedding``)."""
     from training.checkpoint import load_for_inference
 
     out = Path(out)
@@ -177,6 +181,8 @@ def embed(checkpoint: str | os.PathLike, input: str | os.PathLike, out: str | os
         raise ValueError(f"--out must end in .h5ad or .zarr, got {out}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if pooling not in (None, "cls", "mean"):
+        raise ValueError(f"--pooling must be 'cls' or 'mean', got {pooling!r}")
     dev = resolve_device(device)
     cells = CellMatrix(input, layer)
     try:
@@ -194,17 +200,18 @@ def embed(checkpoint: str | os.PathLike, input: str | os.PathLike, out: str | os
             warnings.warn(f"only {n_mapped}/{len(vocab_ids)} genes of {input} map to the corpus vocabulary",
                           stacklevel=2)
         model = model.to(dev).eval()
+        pooling = pooling or cfg.model.embedding
         t0 = time.perf_counter()
         emb, n_empty = embed_cells(model, tokenizer, cells, vocab_ids, batch_size=batch_size, device=dev,
-                                   progress=progress)
+                                   progress=progress, pooling=pooling)
         seconds = time.perf_counter() - t0
         if n_empty:
-            warnings.warn(f"{n_empty} cells have no gene in the corpus vocabulary (embedded from CLS alone)",
-                          stacklevel=2)
+            how = "embedded from CLS alone" if pooling == "cls" else "zero vectors: no gene to average"
+            warnings.warn(f"{n_empty} cells have no gene in the corpus vocabulary ({how})", stacklevel=2)
         result = ad.AnnData(
             obs=cells.obs.copy(), obsm={obsm_key: emb},
             uns={"sigattn_embed": {"checkpoint": str(checkpoint), "input": str(input), "obsm_key": obsm_key,
-                                   "genes_mapped": n_mapped, "genes_total": int(len(vocab_ids)),
+                                   "pooling": pooling, "genes_mapped": n_mapped, "genes_total": int(len(vocab_ids)),
                                    "cells_without_mapped_genes": n_empty, "device": str(dev),
                                    "seconds": round(seconds, 3)}},
         )
@@ -221,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("input", help="AnnData with raw counts (.h5ad or .zarr)")
     p.add_argument("--out", required=True, help="output AnnData (.h5ad or .zarr)")
     p.add_argument("--obsm-key", default="X_sigattn", help="obsm key of the embedding (default: X_sigattn)")
+    p.add_argument("--pooling", choices=("cls", "mean"),
+                   help="cell embedding: the CLS state or the mean of the gene tokens' (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default: 64)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--vocab", help="gene vocabulary (default: <corpus>/vocab.tsv from the checkpoint's config)")
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         res = embed(a.checkpoint, a.input, a.out, obsm_key=a.obsm_key, batch_size=a.batch_size, device=a.device,
-                    vocab=a.vocab, layer=a.layer, progress=not a.no_progress)
+                    vocab=a.vocab, layer=a.layer, progress=not a.no_progress, pooling=a.pooling)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -102,11 +102,15 @@ class SingleCellEncoder(nn.Module):
         return F.cross_entropy(logits.float(), target), idx.numel()
 
     @torch.no_grad()
-    def embed(self, batch: dict) -> torch.Tensor:
-        """Cell embeddings ``[B, d]`` (CLS state or mean over gene tokens), no masking."""
+    def embed(self, batch: dict, pooling: str | None = None) -> torch.Tensor:
+        """Cell embeddings ``[B, d]``, no masking: the CLS state (``pooling="cls"``) or the mean over the cell's gene
+        tokens (``"mean"``); ``None``: the config's ``embedding``."""
+        pooling = pooling or self.cfg.embedding
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         cu = batch["cu_seqlens"]
         h = self.encode(batch["input_ids"], batch["values"], cu, int(batch["max_seqlen"]))
-        if self.cfg.embedding == "cls":
+        if pooling == "cls":
             return h[cu[:-1].long()]
         seq, pos = segment_ids(cu, h.shape[0])
         genes = pos > 0

@@ -78,6 +78,35 @@ def test_embeddings_match_cell_by_cell_model_calls(tmp_path, fmt, dense, embeddi
     assert n_empty == sum(len(g) == 0 for g, _ in expected_input)
 
 
+def test_pooling_override_is_the_cls_state_or_the_mean_of_the_gene_states(tmp_path):
+    rng = np.random.default_rng()
+    adata, vocab = synthetic_cells(rng, int(rng.integers(9, 25)), 60, 80)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    tok = CellTokenizer(len(vocab), context_length=int(rng.integers(5, 20)), n_bins=11, seed=1)
+    seed = int(rng.integers(1 << 30))
+    cls_model, mean_model = tiny_model(tok, embedding="cls", seed=seed), tiny_model(tok, embedding="mean", seed=seed)
+    cells = CellMatrix(tmp_path / "cells.h5ad")
+    vid = vocab.map_var(cells.var)
+    got = {p: embed_cells(cls_model, tok, cells, vid, batch_size=4, device=CPU, progress=False, pooling=p)[0]
+           for p in ("cls", "mean", None)}
+    twin, _ = embed_cells(mean_model, tok, cells, vid, batch_size=7, device=CPU, progress=False)
+    cells.close()
+    np.testing.assert_array_equal(got[None], got["cls"])                       # None: the config's pooling
+    np.testing.assert_allclose(got["mean"], twin, rtol=1e-5, atol=1e-6)
+    # brute force: the final states of one cell, averaged over its gene tokens (position 0 is CLS)
+    x = sp.csr_matrix(adata.X)
+    for r in rng.choice(x.shape[0], 3, replace=False):
+        row = x[r]
+        batch = pack_batch([tok(vid[row.indices].astype(np.int32), row.data.astype(np.int32), cell_id=int(r))])
+        with torch.no_grad():
+            h = cls_model.encode(batch["input_ids"], batch["values"], batch["cu_seqlens"], int(batch["max_seqlen"]))
+        np.testing.assert_allclose(got["mean"][r], h[1:].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["cls"][r], h[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got["mean"], got["cls"])
+    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean'"):
+        cls_model.embed(batch, "max")
+
+
 def test_real_pbmc_cells_are_independent_of_batch_size_and_read_chunk(tmp_path, monkeypatch):
     import training.embed as E
 

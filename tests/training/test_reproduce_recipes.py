@@ -6,6 +6,7 @@ import math
 import os
 import shlex
 
+import numpy as np
 import pytest
 
 from training.reproduce.__main__ import main
@@ -115,7 +116,7 @@ def test_quality_recipe_tiny(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert set(s["table"]) == {"pbmc3k", "kang2018"}
     for name, t in s["table"].items():
-        for key in ("bio_conservation", "nmi", "ari", "asw_label", "val_loss"):
+        for key in ("bio_conservation", "nmi", "ari", "asw_label", "bio_conservation_mean", "val_loss"):
             for arm in ("sigmoid", "softmax"):
                 e = t[key][arm]
                 assert e["n"] == 2 and e["ci_low"] <= e["mean"] <= e["ci_high"], (name, key, arm)
@@ -126,6 +127,11 @@ def test_quality_recipe_tiny(tmp_path):
                                                   for k in ("0", "1")) / 2)
         assert t["bio_conservation"]["PCA"]["n"] == 2 and "PCA" not in t["val_loss"]
         assert t["bio_conservation"]["untrained"]["n"] == 2 and t["val_loss"]["untrained"]["n"] == 2
+        for key in ("bio_conservation", "bio_conservation_mean"):               # paired with the same seed's init
+            per = t[key]
+            assert t[key]["training_gain"]["mean"] == pytest.approx(sum(
+                per["sigmoid"]["per_seed"][k] - per["untrained"]["per_seed"][k] for k in ("0", "1")) / 2)
+        assert "PCA" not in t["bio_conservation_mean"]
     r = next(r for r in s["results"] if r["attention"] == "sigmoid" and r["seed"] == 1)
     assert 0 < r["metrics"]["kang2018"]["val_loss"] < 2 * math.log(51)
     assert r["metrics"]["pbmc3k"]["n_cells"] == len(__import__("anndata").read_h5ad(out / "heldout" / "pbmc3k.h5ad"))
@@ -133,7 +139,13 @@ def test_quality_recipe_tiny(tmp_path):
     run = out / "arms" / "untrained_seed0" / "run"                  # initial weights: one step, at lr 0
     assert [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0.0]
     md = (out / "report.md").read_text()
-    assert "| untrained encoder |" in md
+    assert "| untrained encoder |" in md and "| sigmoid − untrained (paired) |" in md
+    assert "| bio-conservation, mean pooling |" in md and "What training added" in s["verdict"]
+    a = __import__("anndata")
+    cls, mean = (a.read_h5ad(out / "arms" / "sigmoid_seed1" / "embeddings" / f) for f in ("kang2018.h5ad",
+                                                                                          "kang2018_mean.h5ad"))
+    assert cls.uns["sigattn_embed"]["pooling"] == "cls" and mean.uns["sigattn_embed"]["pooling"] == "mean"
+    assert not np.allclose(cls.obsm["X_sigattn"], mean.obsm["X_sigattn"])
     assert "## kang2018" in md and "| bio-conservation |" in md and "](quality.png)" in md
 
 
@@ -158,11 +170,14 @@ def test_quality_recipe_in_stages(tmp_path, capsys):
     assert main(["quality", "--stage", "device", *longer]) == 2                 # another budget: refused, arm kept
     assert "steps 2 → 3" in capsys.readouterr().err and t == json.loads(
         (out / "arms" / "sigmoid_seed0" / "trained.json").read_text())
+    for f in (out / "arms").glob("*/embeddings/*_mean.h5ad"):                 # as if trained before mean pooling
+        f.unlink()
     for f in (out / "arms").glob("*/trained.json"):                             # as if trained on a GPU machine
         f.write_text(json.dumps((t := json.loads(f.read_text())) | {"provenance": t["provenance"] | {"device": "GPU X"}}))
     assert main(["quality", "--stage", "host", *tiny]) == 0
     md = (out / "report.md").read_text()
     assert "Trained on GPU X (commit `" in md and "; scored on device " in md  # both machines named
+    assert "| bio-conservation |" in md and "mean pooling" not in md         # no row for what was not measured
     s = json.loads((out / "summary.json").read_text())
     r = next(r for r in s["results"] if r["attention"] == "softmax")
     assert r["metrics"]["pbmc3k"]["val_loss"] == json.loads(

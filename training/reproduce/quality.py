@@ -8,7 +8,9 @@ masks identically for both attentions). Per model and dataset, on the held-out (
 - the masked-gene validation loss (``training.evaluate.masked_validation_loss``) averaged over
   ``mask_patterns`` fixed masking patterns (mask seeds 0 … K−1, the same for every model);
 - scIB bio-conservation (Leiden NMI / ARI at the NMI-optimal resolution, cell-type ASW, their mean;
-  ``training.evaluate``) of the embeddings (``training.embed``).
+  ``training.evaluate``) of the embeddings (``training.embed``): the CLS state, and (composite only) the mean of
+  the gene tokens' states. The masked-expression loss is taken on gene tokens only, so CLS is trained only as a
+  key/value the genes attend to; the mean-pooled row shows whether the gene states learned what CLS did not.
 
 PCA of the same held-out cells (log-normalised counts, 2,000 HVGs, 30 PCs; scanpy) is the no-training row,
 evaluated with the same seeds. Statistics (:mod:`training.reproduce.stats`): mean ± 95 % t-interval per
@@ -38,7 +40,10 @@ KINDS = ("sigmoid", "softmax")
 UNTRAINED = "untrained"
 ARMS = (*KINDS, UNTRAINED)
 METRICS = (("bio_conservation", "bio-conservation"), ("nmi", "Leiden NMI"), ("ari", "Leiden ARI"),
-           ("asw_label", "cell-type ASW"), ("val_loss", "validation loss"))
+           ("asw_label", "cell-type ASW"), ("bio_conservation_mean", "bio-conservation, mean pooling"),
+           ("val_loss", "validation loss"))
+# embeddings/<dataset><suffix>.h5ad per pooling; the metric keys of the non-primary poolings carry the same suffix
+POOLINGS = {"cls": "", "mean": "_mean"}
 PAPER = {"claim": "sigmoid attention: +25 % cell-type separation (scIB bio-conservation: Leiden NMI, ARI, "
                   "silhouette) and lower validation loss on six datasets",
          "bio_conservation_gain_pct": 25.0}
@@ -149,7 +154,9 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
     t_train = time.perf_counter() - t0
     losses = val_loss(run_dir, corpus, scale.mask_patterns)
     for name, cells in heldout.items():
-        embed(run_dir, cells, arm / "embeddings" / f"{name}.h5ad", obsm_key=OBSM_KEY, progress=False)
+        for pooling, suffix in POOLINGS.items():
+            embed(run_dir, cells, arm / "embeddings" / f"{name}{suffix}.h5ad", obsm_key=OBSM_KEY, progress=False,
+                  pooling=pooling)
     r = {"attention": attention, "seed": seed, "val_loss": losses, "train_seconds": round(t_train, 1),
          "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir), "provenance": provenance(),
          "scale": dataclasses.asdict(scale)}
@@ -177,6 +184,11 @@ def score_arm(attention: str, seed: int, scale: Scale, heldout: dict[str, Path],
                      progress=False)
         metrics[name] = {k: m[k] for k, _ in METRICS if k in m} | {"val_loss": t["val_loss"][name],
                                                                    "n_cells": m["n_cells"]}
+        for suffix in filter(None, POOLINGS.values()):      # arms trained before a pooling was added lack its file
+            if (emb := arm / "embeddings" / f"{name}{suffix}.h5ad").is_file():
+                m = evaluate(emb, arm / "eval" / f"{name}{suffix}", obsm_key=OBSM_KEY, label_key=LABEL_KEY,
+                             umap=False, seed=seed, progress=False)
+                metrics[name][f"bio_conservation{suffix}"] = m["bio_conservation"]
     r = {"attention": attention, "seed": seed, "metrics": metrics, "train_seconds": t["train_seconds"],
          "seconds": round(t["seconds"] + time.perf_counter() - t0, 1), "run_dir": t["run_dir"],
          "trained_on": t.get("provenance"), "scale": dataclasses.asdict(scale)}
@@ -203,7 +215,9 @@ def pca_arm(seed: int, heldout: dict[str, Path], arm: Path, scale: Scale) -> dic
 
 
 def aggregate(results: list[dict], datasets: list[str]) -> dict:
-    """Per dataset and metric: mean ± CI per arm (sigmoid, softmax, PCA) and the paired sigmoid − softmax."""
+    """Per dataset and metric: mean ± CI per arm (sigmoid, softmax, untrained, PCA), the paired sigmoid − softmax,
+    and the paired sigmoid − untrained (``training_gain``: the untrained arm is the sigmoid model's initial weights
+    of the same seed)."""
     table = {}
     for name in datasets:
         table[name] = {}
@@ -217,22 +231,38 @@ def aggregate(results: list[dict], datasets: list[str]) -> dict:
                 soft = entry["softmax"]["mean"]
                 entry["relative_difference_pct"] = (100 * entry["difference"]["mean"] / abs(soft)
                                                     if soft else None)
+            if "sigmoid" in entry and UNTRAINED in entry:   # same seed, same initial weights: what training added
+                entry["training_gain"] = paired_difference(per["sigmoid"], per[UNTRAINED])
             table[name][key] = entry
     return table
 
 
+def _sig(d: dict) -> str:
+    return "CI excludes 0" if d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0) else "CI includes 0"
+
+
 def verdict_line(table: dict) -> str:
-    parts = []
+    parts, gains = [], []
     for name, t in table.items():
         for key, label in (("bio_conservation", "bio-conservation"), ("val_loss", "val loss")):
             d = t.get(key, {}).get("difference")
             if d is None or d["mean"] is None:
                 continue
-            sig = ("CI excludes 0" if d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0)
-                   else "CI includes 0")
             parts.append(f"{name} {label}: sigmoid − softmax = {fmt_ci(d, '+.4f')} "
-                         f"({t[key]['relative_difference_pct']:+.1f} %, {sig})")
-    return "; ".join(parts) + "."
+                         f"({t[key]['relative_difference_pct']:+.1f} %, {_sig(d)})")
+        for key, label in (("bio_conservation", "CLS"), ("bio_conservation_mean", "mean pooling")):
+            d = t.get(key, {}).get("training_gain")
+            if d is not None and d["mean"] is not None:
+                gains.append(f"{name} {label} {fmt_ci(d, '+.4f')} ({_sig(d)})")
+    line = "; ".join(parts) + "."
+    if gains:
+        line += " What training added to bio-conservation (sigmoid − its untrained initial weights): " + \
+            "; ".join(gains) + "."
+    return line
+
+
+def _measured(entry: dict) -> bool:
+    return any(a in entry for a in (*ARMS, "PCA"))
 
 
 def plot(table: dict, path: Path, title: str) -> Path:
@@ -243,12 +273,13 @@ def plot(table: dict, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(table)
+    metrics = [(k, label) for k, label in METRICS if any(_measured(table[n][k]) for n in names)]
     colours = {"sigmoid": "tab:blue", "softmax": "tab:red", UNTRAINED: "tab:olive", "PCA": "tab:gray"}
     with plt.style.context("default"):
-        fig, axes = plt.subplots(len(names), len(METRICS), figsize=(3.1 * len(METRICS), 3.0 * len(names)),
+        fig, axes = plt.subplots(len(names), len(metrics), figsize=(3.1 * len(metrics), 3.0 * len(names)),
                                  squeeze=False)
         for i, name in enumerate(names):
-            for j, (key, label) in enumerate(METRICS):
+            for j, (key, label) in enumerate(metrics):
                 ax = axes[i][j]
                 entry = table[name][key]
                 arms = [a for a in (*ARMS, "PCA") if a in entry]
@@ -295,16 +326,20 @@ def markdown(summary: dict) -> str:
              f"{sc['mask_patterns']} fixed masking patterns. {_where(s)}", ""]
     for name, t in s["table"].items():
         lines += [f"## {name}", "", "| metric | sigmoid | softmax | untrained encoder | PCA (no training) "
-                  "| sigmoid − softmax (paired) | relative | p |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| sigmoid − softmax (paired) | relative | p | sigmoid − untrained (paired) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, label in METRICS:
             e = t[key]
+            if not _measured(e):                        # e.g. mean pooling of arms trained before it was added
+                continue
             d = e.get("difference", {})
             rel = e.get("relative_difference_pct")
             lines.append(f"| {label} | {fmt_ci(e.get('sigmoid', {}), '.4f')} | {fmt_ci(e.get('softmax', {}), '.4f')} | "
                          f"{fmt_ci(e.get(UNTRAINED, {}), '.4f')} | {fmt_ci(e.get('PCA', {}), '.4f')} | "
                          f"{fmt_ci(d, '+.4f')} | "
                          f"{'–' if rel is None else format(rel, '+.1f') + ' %'} | "
-                         f"{'–' if d.get('p_value') is None else format(d['p_value'], '.3g')} |")
+                         f"{'–' if d.get('p_value') is None else format(d['p_value'], '.3g')} | "
+                         f"{fmt_ci(e.get('training_gain', {}), '+.4f')} |")
         lines.append("")
     lines += ["Mean ± half-width of the 95 % Student-t interval over seeds; the difference is paired by seed. "
               "Higher is better except for the validation loss.", "", s["verdict"], "",
