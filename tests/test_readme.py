@@ -121,3 +121,12 @@ def test_readme_own_data_commands_run_on_a_symbol_only_file(tmp_path):
     if "ilisi" in metrics["pca_baseline"]:
         assert metrics["pca_baseline"]["ilisi"] > 0.5  # donors assigned at random mix well
     assert (tmp_path / "runs/my_model/eval/umap.png").is_file()
+    # step 3's --pooling mean: the gene tokens' mean instead of the CLS state, same cells
+    proc = subprocess.run([sys.executable, "-m", "training.embed", "runs/my_model", "my_cells.h5ad", "--out",
+                           "runs/my_model/emb_mean.h5ad", "--pooling", "mean", "--no-progress"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cls, mean = (ad.read_h5ad(tmp_path / "runs/my_model" / f) for f in ("emb.h5ad", "emb_mean.h5ad"))
+    assert (cls.uns["sigattn_embed"]["pooling"], mean.uns["sigattn_embed"]["pooling"]) == ("cls", "mean")
+    assert mean.obsm["X_sigattn"].shape == cls.obsm["X_sigattn"].shape
+    assert not np.allclose(mean.obsm["X_sigattn"], cls.obsm["X_sigattn"])
