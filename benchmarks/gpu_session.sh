@@ -14,6 +14,10 @@
 #   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over $TEST_WORKERS (8) workers     -> gpu_tests.log
 #               (SIGATTN_HOPPER_BWD=1 in the environment: every op test's backward through the Hopper kernel;
 #               ~600 tests take ~300 s on 8 workers: raise TEST_TIMEOUT, or TEST_WORKERS on a 16-core machine)
+#   dqtma-tests  GPU tests of the portable backward's dQ by TMA reductions (test_gpu_kernels.py -k tma) and of the
+#               default path it must not disturb (-k "matrix and bf16")                           -> dqtma_tests.log
+#               then time it: BENCH_ARGS="--d 128 64 --modes bwd --pad 0 25 --kernels ours_padded ours_varlen
+#               ours_dqtma_padded ours_dqtma_varlen tsig sdpa_cudnn" ... bench-hopper
 #   trainer-tests  every gpu-marked test under tests/training and tests/launch (by marker; trainer, validation loss,
 #               embeddings, CUDA graphs), serial, kit versions first; needs the kit (bash benchmarks/gpu_wheels.sh)
 #                                                                                     -> trainer_gpu_tests.log
@@ -84,6 +88,10 @@ for phase in "$@"; do
     tests)
       { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
           -n "${TEST_WORKERS:-8}" tests/sigattn; } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
+    dqtma-tests)
+      { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
+          -n "${TEST_WORKERS:-8}" tests/sigattn/test_gpu_kernels.py -k "tma or (matrix and bf16)"; } 2>&1 \
+        | tee "$OUT/dqtma_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
     trainer-tests)
       { cat "$OUT/header.txt"
         python3 -c "import importlib.metadata as m; print(' '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'mosaicml-streaming', 'zarr', 'anndata', 'submitit', 'pandas', 'numpy', 'transformers', 'torchvision')))"

@@ -8,20 +8,34 @@ holds a k/v tile, loops over the GQA group's query heads and their query tiles, 
 (deterministic, no atomics for them) and adds dQ tile contributions into an fp32 buffer with atomics.
 Deterministic mode (``SIGATTN_DETERMINISTIC=1``): the same kernel without dQ (4 GEMMs) plus a Q-parallel dQ kernel
 (3 GEMMs: S, dP, dQ) that writes dQ directly. Padding rows get exact zeros; tiles in padding are skipped.
+
+dQ by TMA reductions (``dq_tma``, sm90+, D a power of two; opt-in with ``SIGATTN_DQ_TMA=1`` until timed): each
+[BLOCK_M, D] dQ tile goes to shared memory and one bulk ``cp.reduce.async.bulk.tensor.add.f32`` per tile adds it
+into the fp32 buffer (``desc.atomic_add``), instead of one ``red.global.add.f32`` per element. The tile's rows past
+the sequence's end hold exact zeros (q = dO = 0 there, so dSᵀ's columns vanish), so adding them into the next
+sequence's rows (varlen) or the padding rows (padded) changes nothing.
 """
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from . import triton_tuning as tuning
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton without host-side tensor descriptors: pointer atomics only
+    TensorDescriptor = None
 from .triton_common import load_tile, mm, prob, seq_bounds, sigmoid_coeffs, store_tile
 
 
 @triton.jit
-def _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, stride_qt, stride_dot, stride_dqt, offs_n, offs_d, L, lo, hi, c1, c0,
-              scale, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, COMPUTE_DQ: tl.constexpr, DOT_FP32: tl.constexpr, FAST_SIGMOID: tl.constexpr):
+def _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, DQd, dq_row, dq_col, stride_qt, stride_dot, stride_dqt, offs_n, offs_d, L,
+              lo, hi, c1, c0, scale, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, COMPUTE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+              DOT_FP32: tl.constexpr, FAST_SIGMOID: tl.constexpr):
     offs_mb = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_mb
@@ -39,21 +53,25 @@ def _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, stride_qt, stride_dot, stride_dqt, off
         dk = dk + mm(dsT, q, DOT_FP32)
         if COMPUTE_DQ:
             dq = mm(tl.trans(dsT), k, DOT_FP32) * scale
-            ptrs = DQb + offs_m[:, None] * stride_dqt + offs_d[None, :]
-            tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), sem="relaxed")
+            if DQ_TMA:  # rows ≥ L of dq are exact zeros (see the module docstring)
+                DQd.atomic_add([dq_row + start_m, dq_col], dq)
+            else:
+                ptrs = DQb + offs_m[:, None] * stride_dqt + offs_d[None, :]
+                tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["N", "seq_bucket"])
-def attn_bwd_kv_kernel(Q, K, V, DO, DQ, DK, DV, SeqInfo, scale, bias, N, seq_bucket,
+def attn_bwd_kv_kernel(Q, K, V, DO, DQ, DQd, DK, DV, SeqInfo, scale, bias, N, seq_bucket,
                        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                        stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                        stride_dqb, stride_dqt, stride_dqh, stride_dkb, stride_dkt, stride_dkh,
                        stride_dvb, stride_dvt, stride_dvh, H_kv, GROUP,
                        D: tl.constexpr, D_PAD: tl.constexpr, VARLEN: tl.constexpr, HAS_LENS: tl.constexpr,
                        LOG_N_BIAS: tl.constexpr, CAUSAL: tl.constexpr, COMPUTE_DQ: tl.constexpr,
-                       DOT_FP32: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+                       DQ_TMA: tl.constexpr, DOT_FP32: tl.constexpr, FAST_SIGMOID: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DQd (DQ_TMA): a tensor descriptor over DQ as [rows, H·D] with block [BLOCK_M, D]; else unused."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -83,21 +101,23 @@ def attn_bwd_kv_kernel(Q, K, V, DO, DQ, DK, DV, SeqInfo, scale, bias, N, seq_buc
                 lo = 0
                 mid = 0
             tail = tl.maximum(L_full, mid)
+            dq_row = (dqbase // stride_dqt).to(tl.int32)        # the sequence's first row of DQ as [rows, H·D]
             for g in range(0, GROUP):
                 h = hk * GROUP + g
                 Qb = Q + qbase + h * stride_qh
                 DOb = DO + dobase + h * stride_doh
                 DQb = DQ + dqbase + h * stride_dqh
+                dq_col = h * D
                 # causal diagonal tiles (masked), then full tiles, then the length tail (masked)
-                dk, dv = _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, stride_qt, stride_dot, stride_dqt, offs_n, offs_d,
-                                   L, lo, mid, c1, c0, scale, D, D_PAD, BLOCK_M, True, CAUSAL, COMPUTE_DQ,
-                                   DOT_FP32, FAST_SIGMOID)
-                dk, dv = _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, stride_qt, stride_dot, stride_dqt, offs_n, offs_d,
-                                   L, mid, L_full, c1, c0, scale, D, D_PAD, BLOCK_M, False, CAUSAL, COMPUTE_DQ,
-                                   DOT_FP32, FAST_SIGMOID)
-                dk, dv = _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, stride_qt, stride_dot, stride_dqt, offs_n, offs_d,
-                                   L, tail, L, c1, c0, scale, D, D_PAD, BLOCK_M, True, CAUSAL, COMPUTE_DQ,
-                                   DOT_FP32, FAST_SIGMOID)
+                dk, dv = _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, DQd, dq_row, dq_col, stride_qt, stride_dot,
+                                   stride_dqt, offs_n, offs_d, L, lo, mid, c1, c0, scale, D, D_PAD, BLOCK_M, True,
+                                   CAUSAL, COMPUTE_DQ, DQ_TMA, DOT_FP32, FAST_SIGMOID)
+                dk, dv = _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, DQd, dq_row, dq_col, stride_qt, stride_dot,
+                                   stride_dqt, offs_n, offs_d, L, mid, L_full, c1, c0, scale, D, D_PAD, BLOCK_M,
+                                   False, CAUSAL, COMPUTE_DQ, DQ_TMA, DOT_FP32, FAST_SIGMOID)
+                dk, dv = _kv_tiles(dk, dv, k, v, Qb, DOb, DQb, DQd, dq_row, dq_col, stride_qt, stride_dot,
+                                   stride_dqt, offs_n, offs_d, L, tail, L, c1, c0, scale, D, D_PAD, BLOCK_M, True,
+                                   CAUSAL, COMPUTE_DQ, DQ_TMA, DOT_FP32, FAST_SIGMOID)
             dk = dk * scale
         store_tile(DK + dkbase + hk * stride_dkh, dk, offs_n, stride_dkt, offs_d, L, n_rows, D)
         store_tile(DV + dvbase + hk * stride_dvh, dv, offs_n, stride_dvt, offs_d, L, n_rows, D)
@@ -166,7 +186,14 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, SeqInfo, scale, bias, N, seq_bucket,
         store_tile(DQ + dqbase + h * stride_dqh, dq, offs_m, stride_dqt, offs_d, L, n_rows, D)
 
 
-_kv_autotuned = tuning.autotuned(attn_bwd_kv_kernel, tuning.BWD_CONFIGS, reset_to_zero=["DQ"])
+def _dq_block(nargs) -> None:
+    """Config pre-hook: the dQ descriptor's block is the config's query tile × D."""
+    if nargs.get("DQd") is not None:
+        nargs["DQd"].block_shape = [nargs["BLOCK_M"], nargs["D"]]
+
+
+_kv_autotuned = tuning.autotuned(attn_bwd_kv_kernel, tuning.with_pre_hook(tuning.BWD_CONFIGS, _dq_block),
+                                 reset_to_zero=["DQ"])
 _dq_autotuned = tuning.autotuned(attn_bwd_dq_kernel, tuning.DQ_CONFIGS)
 
 
@@ -174,6 +201,8 @@ def _launch(kernel, tuned, kind, grid_rows, bh, args, meta, d_pad):
     if tuning.no_autotune() or args[0].dtype == torch.float32:
         cfg = tuning.fixed(kind, d_pad, args[0].dtype == torch.float32)
         blk = cfg.kwargs["BLOCK_N" if kind == "bwd" else "BLOCK_M"]
+        if kind == "bwd":
+            _dq_block(dict(meta, DQd=args[5], **cfg.kwargs))
         kernel[(triton.cdiv(grid_rows, blk), bh)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                                   num_stages=cfg.num_stages)
     else:
@@ -181,9 +210,22 @@ def _launch(kernel, tuned, kind, grid_rows, bh, args, meta, d_pad):
         tuned[lambda M: (triton.cdiv(grid_rows, M[key]), bh)](*args, **meta)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def dq_tma_usable(q: torch.Tensor, d_pad: int) -> bool:
+    """TMA reductions of dQ need sm90+, a power-of-two head dim and a Triton with host tensor descriptors (the
+    interpreter has no descriptor reduce)."""
+    return (TensorDescriptor is not None and not tuning.INTERPRET and q.is_cuda and q.dtype != torch.float32
+            and q.shape[-1] == d_pad and _has_tma(q.device.index if q.device.index is not None else 0))
+
+
 def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float, bias: float,
-               log_n_bias: bool, causal: bool, deterministic: bool | None = None):
-    """Gradients (dq, dk, dv) for 4-D padded or 3-D varlen tensors (last dim contiguous)."""
+               log_n_bias: bool, causal: bool, deterministic: bool | None = None, dq_tma: bool | None = None):
+    """Gradients (dq, dk, dv) for 4-D padded or 3-D varlen tensors (last dim contiguous). ``dq_tma``: dQ by TMA
+    reductions where usable (default: ``SIGATTN_DQ_TMA``)."""
     D = q.shape[-1]
     H, H_kv = q.shape[-2], k.shape[-2]
     det = tuning.deterministic() if deterministic is None else deterministic
@@ -209,10 +251,16 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
                 CAUSAL=bool(causal), DOT_FP32=q.dtype == torch.float32 or tuning.INTERPRET,
                 FAST_SIGMOID=tuning.fast_sigmoid(q.dtype))
     head = (float(scale), float(bias), N, tuning.seq_bucket(max_seqlen))
-    kv_args = (q, k, v, do, dq_buf, dk, dv, seq_info, *head, *sb(q), *sb(k), *sb(v), *sb(do), *sb(dq_buf),
-               *sb(dk), *sb(dv), H_kv, H // H_kv)
+    use_tma = (not det and dq_buf.dtype == torch.float32 and (tuning.dq_tma() if dq_tma is None else dq_tma)
+               and dq_tma_usable(q, d_pad))
+    dq_desc = None
+    if use_tma:  # DQ as [rows, H·D]; the block is set per config (_dq_block)
+        rows = dq_buf.numel() // (H * D)
+        dq_desc = TensorDescriptor(dq_buf, shape=[rows, H * D], strides=[H * D, 1], block_shape=[16, D])
+    kv_args = (q, k, v, do, dq_buf, dq_desc, dk, dv, seq_info, *head, *sb(q), *sb(k), *sb(v), *sb(do),
+               *sb(dq_buf), *sb(dk), *sb(dv), H_kv, H // H_kv)
     _launch(attn_bwd_kv_kernel, _kv_autotuned, "bwd", max_seqlen, B * H_kv, kv_args,
-            dict(meta, COMPUTE_DQ=not det), d_pad)
+            dict(meta, COMPUTE_DQ=not det, DQ_TMA=use_tma), d_pad)
     if det:
         dq_args = (q, k, v, do, dq_buf, seq_info, *head, *sb(q), *sb(k), *sb(v), *sb(do), *sb(dq_buf),
                    H, H // H_kv)

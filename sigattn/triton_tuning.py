@@ -5,6 +5,7 @@ Environment switches (read at call time):
   SIGATTN_FAST_SIGMOID=0   use 1/(1+2^t) with a MUFU reciprocal instead of the Newton reciprocal (bf16/fp16 only
                            use the fast form; see triton_common).
   SIGATTN_HOPPER_DQ_ATOMIC=1|tma|0  the opt-in Hopper backward's dQ: vector or TMA reductions, or its own kernel.
+  SIGATTN_DQ_TMA=1         the portable backward adds dQ by TMA reductions (sm90+; see triton_bwd), not atomics.
   SIGATTN_DETERMINISTIC=1  backward computes dQ in its own Q-parallel pass (no fp32 atomics, bitwise reproducible);
                            also on when ``torch.are_deterministic_algorithms_enabled()``.
 Autotune results are cached in-process per key (head-dim tile, dtype, causal, power-of-two bucket of the
@@ -34,6 +35,10 @@ def fast_sigmoid(dtype: torch.dtype) -> bool:
 
 def deterministic() -> bool:
     return _flag("SIGATTN_DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
+
+
+def dq_tma() -> bool:
+    return _flag("SIGATTN_DQ_TMA")
 
 
 def hopper_dq_atomic(default) -> bool | str:
@@ -87,6 +92,12 @@ FIXED_BWD_D128 = _cfg(64, 128, 8, 3)
 INTERPRET_CFG = _cfg(16, 16, 1, 1)
 
 
+def with_pre_hook(table: dict, hook) -> dict:
+    """``table`` with ``hook`` as every config's pre-hook (called with the launch's arguments before it)."""
+    return {k: [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=hook)
+                for c in cfgs] for k, cfgs in table.items()}
+
+
 def size_class(d_pad: int) -> str:
     return "large" if d_pad > 128 else "small"
 
@@ -99,6 +110,9 @@ def _prune_for(table):
     return prune
 
 
+KEY = ("D_PAD", "CAUSAL", "VARLEN", "HAS_LENS", "seq_bucket", "GROUP", "FAST_SIGMOID", "DOT_FP32", "DQ_TMA")
+
+
 def autotuned(kernel, table, reset_to_zero=None):
     """Wrap a jit kernel in ``triton.autotune`` over the size class's configs for its D_PAD."""
     all_cfgs = table["small"] + table["large"]
@@ -107,7 +121,7 @@ def autotuned(kernel, table, reset_to_zero=None):
         kw["cache_results"] = True
     return triton.autotune(
         configs=all_cfgs,
-        key=["D_PAD", "CAUSAL", "VARLEN", "HAS_LENS", "seq_bucket", "GROUP", "FAST_SIGMOID", "DOT_FP32"],
+        key=[k for k in KEY if k in kernel.arg_names],
         prune_configs_by={"early_config_prune": _prune_for(table)},
         reset_to_zero=reset_to_zero,
         **kw,

@@ -193,6 +193,40 @@ def test_autotuned_matches_fixed(monkeypatch):
     _, rep = run_case("padded", torch.float16, 64, 4, 2, True, 0.5, [1000, 513, 3], 1000)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_dq_by_tma_reductions(monkeypatch, dtype, D, layout, heads, causal):
+    # SIGATTN_DQ_TMA=1: dQ tiles added by bulk TMA reductions (sm90+, D a power of two; D = 96 keeps the atomics).
+    # Tiles overhang the sequence end into the next sequence's rows (varlen) and the padding (padded): their
+    # rows must add exact zeros there (NaN-poisoned padding, all-padding and one-token sequences).
+    from sigattn.triton_bwd import dq_tma_usable
+
+    monkeypatch.setenv("SIGATTN_DQ_TMA", "1")
+    q = torch.empty(1, 1, 1, D, device=DEVICE, dtype=DTYPES[dtype])
+    assert dq_tma_usable(q, D) == (D != 96 and torch.cuda.get_device_capability()[0] >= 9)
+    run_case(layout, DTYPES[dtype], D, heads[0], heads[1], causal, "log_n", [300, 225, 150, 1, 0], 300)
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_dq_by_tma_reductions_long_and_autotuned(monkeypatch, layout):
+    from sigattn.triton_bwd import launch_bwd
+
+    monkeypatch.setenv("SIGATTN_DQ_TMA", "1")
+    run_case(layout, torch.bfloat16, 128, 8, 1, False, "log_n", [2048, 1500, 777], 2048)
+    monkeypatch.delenv("SIGATTN_NO_AUTOTUNE")                       # every config's block through the pre-hook
+    ours, _ = run_case(layout, torch.bfloat16, 64, 4, 2, False, "log_n", [1000, 513, 3], 1000, seed=11)
+    # the same gradients as the atomics, up to the order of fp32 additions (and the tuned tiles, keyed by DQ_TMA)
+    q, k, v, do = _make([1000, 513, 3], 1000, 4, 2, 64, torch.bfloat16, 11)
+    seq = torch.tensor([1000, 513, 3], dtype=torch.int32, device=DEVICE)
+    kw = dict(varlen=False, max_seqlen=1000, scale=0.125, bias=0.0, log_n_bias=True, causal=False)
+    a = launch_bwd(do, q, k, v, seq, dq_tma=True, **kw)
+    b = launch_bwd(do, q, k, v, seq, dq_tma=False, **kw)
+    assert all(_rel(x, y) < 1e-2 for x, y in zip(a, b))
+
+
 # ---- through the registered ops (needs the C++ schemas from csrc/ and sigattn/ops.py) ----
 
 def _sigattn():

@@ -165,3 +165,28 @@ def test_triton_interpreter(name):
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
     print(json.dumps(_sigmoid_child() if sys.argv[1] == "sigmoid" else _child(sys.argv[1])))
+
+
+def test_dq_tma_plumbing_on_cpu():
+    # The TMA-reduce dQ path runs on sm90+ only (tests/sigattn/test_gpu_kernels.py); here: its switch stays off on
+    # the CPU, every autotune config carries the descriptor hook, and the hook sizes the block per config.
+    import torch
+
+    from sigattn import triton_bwd, triton_tuning
+
+    q = torch.randn(3, 2, 64)
+    assert not triton_bwd.dq_tma_usable(q, 64)
+    hooked = triton_tuning.with_pre_hook(triton_tuning.BWD_CONFIGS, triton_bwd._dq_block)
+    for cls, cfgs in triton_tuning.BWD_CONFIGS.items():
+        assert [(c.kwargs, c.num_warps, c.num_stages) for c in hooked[cls]] == [
+            (c.kwargs, c.num_warps, c.num_stages) for c in cfgs]
+        assert all(c.pre_hook is triton_bwd._dq_block for c in hooked[cls]) and all(c.pre_hook is None for c in cfgs)
+    assert "DQ_TMA" in triton_bwd._kv_autotuned.keys and "DQ_TMA" not in triton_bwd._dq_autotuned.keys
+
+    class Desc:
+        block_shape = [16, 64]
+
+    d = Desc()
+    triton_bwd._dq_block({"DQd": d, "BLOCK_M": 32, "D": 128})
+    assert d.block_shape == [32, 128]
+    triton_bwd._dq_block({"DQd": None, "BLOCK_M": 32, "D": 128})      # the atomics path: nothing to size
