@@ -294,7 +294,7 @@ def plot(table: dict, path: Path, title: str) -> Path:
                         ys = [entry[a]["per_seed"].get(s) for a in KINDS]
                         if None not in ys:
                             ax.plot([0, 1], ys, color="0.6", lw=0.7, zorder=1)
-                ax.set_xticks(range(len(arms)), arms)
+                ax.set_xticks(range(len(arms)), arms, fontsize=8)
                 ax.set_xlim(-0.5, len(arms) - 0.3)
                 ax.set_title(f"{name}: {label}", fontsize=9)
                 ax.grid(alpha=0.3, axis="y")
