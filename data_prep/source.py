@@ -1,8 +1,11 @@
 """Open one h5ad out-of-core, pick its raw-count matrix and stream validated, QC-filtered row chunks.
 
 Counts must be finite, ≥ 0 and integral: a value is accepted when ``|x − round(x)| ≤ COUNT_TOL``
-(1e-3, for counts stored as float) and stored rounded as int32. ``X`` is used when it holds counts;
-otherwise ``raw.X`` when that does; a file with neither (normalised / log / scaled data) is refused.
+(1e-3, for counts stored as float) and stored rounded as int32. Where the counts are looked for, in order
+(:func:`count_candidates`, the same rule for ``training.embed`` and the PCA baseline): ``X``, then ``raw.X``, then
+the layers, conventional count names first (``layers["counts"]`` is where scanpy/scvi-tools workflows keep them
+before normalising ``X``). A file with counts in none of them (normalised / log / scaled data) is refused, naming
+what each holds.
 The choice is made on the first ``PROBE_CELLS`` cells; every later chunk is checked again, so a
 file that turns bad half way is refused with the row where it does.
 
@@ -31,6 +34,24 @@ PROBE_CELLS = 2000
 # so ≈ 200 MB, whether a chunk is 20,000 10x cells of 800 genes or 1,700 Smart-seq cells of 10,000.
 CHUNK_NNZ = 1 << 24
 INT32_MAX = np.iinfo(np.int32).max
+# Layer names that usually hold raw counts, tried before any other layer.
+COUNT_LAYERS = ("counts", "raw_counts", "count", "umi_counts", "umis", "umi", "raw")
+
+
+def count_candidates(has_raw: bool, layers) -> list[str]:
+    """Where raw counts are looked for, in order: ``X``, ``raw/X``, then ``layers/<name>`` (the names of
+    :data:`COUNT_LAYERS` first, case-insensitively, then the others in sorted order)."""
+    layers = list(layers)
+    known = [n for c in COUNT_LAYERS for n in layers if n.lower() == c]
+    rest = sorted(n for n in layers if n not in known)
+    return ["X", *(["raw/X"] if has_raw else []), *(f"layers/{n}" for n in known + rest)]
+
+
+def source_name(key: str) -> str:
+    """``raw/X`` → ``raw.X``, ``layers/counts`` → ``layers["counts"]`` (as users write them)."""
+    if key.startswith("layers/"):
+        return f'layers["{key[len("layers/"):]}"]'
+    return key.replace("/", ".")
 
 
 class SourceError(ValueError):
@@ -156,20 +177,20 @@ class Source:
                 # current format: only obs/var are loaded, the matrices stay on disk
                 self.obs = ad.io.read_elem(self._file["obs"]) if load_obs else None
                 self.var = ad.io.read_elem(self._file["var"])
-                x, raw_x = self._matrix("X"), self._matrix("raw/X")
+                x = self._matrix("X")
                 self.n_obs = len(self.obs) if load_obs else (x.shape[0] if x is not None else 0)
-                raw_var = ad.io.read_elem(self._file["raw/var"]) if raw_x is not None else None
+                layers = list(self._file["layers"].keys()) if "layers" in self._file else []
+                candidates = count_candidates("raw/X" in self._file, layers)
             else:  # legacy layouts (pre-0.7 anndata, e.g. raw.X/raw.var): anndata's backed reader knows them
                 self._file.close()
                 self._file = None
                 self._adata = ad.read_h5ad(self.path, backed="r")
                 self.obs, self.var = self._adata.obs, self._adata.var
                 x = self._adata.X
-                raw_x = self._adata.raw.X if self._adata.raw is not None else None
-                raw_var = self._adata.raw.var if self._adata.raw is not None else None
-                for key, m in (("X", x), ("raw.X", raw_x)):
-                    if getattr(m, "format", None) == "csc":
-                        raise SourceError(self._csc_message(key))
+                candidates = count_candidates(self._adata.raw is not None, list(self._adata.layers.keys()))
+                for key in (k for k in candidates if k in ("X", "raw/X")):   # CSC layers are skipped later
+                    if getattr(self._legacy(key), "format", None) == "csc":
+                        raise SourceError(self._csc_message(source_name(key)))
         except SourceError:
             raise
         except Exception as e:  # h5py/anndata raise many types for damaged files
@@ -177,17 +198,26 @@ class Source:
                               f"{type(e).__name__}: {e}") from e
         if self.obs is not None:
             self.n_obs = len(self.obs)
-        self.matrix, self.count_source = self._choose_matrix(x, raw_x)
-        key = {"X": "X", "raw.X": "raw/X"}[self.count_source]
+        if x is None:
+            raise SourceError(f"{self.path}: has no X matrix")
+        key, self.matrix = self._choose_matrix(candidates)
+        self.count_source = source_name(key)
         self._rows = _CSRRows(self._file[key]) if getattr(self, "_file", None) is not None \
             and isinstance(self._file[key], h5py.Group) else None
-        if self.count_source == "raw.X":
-            self.var = raw_var
+        if key == "raw/X":
+            self.var = (ad.io.read_elem(self._file["raw/var"]) if getattr(self, "_file", None) is not None
+                        else self._adata.raw.var)
 
     def _csc_message(self, key: str) -> str:
         return (f"{self.path}: {key} is stored as CSC (column-major); reading cells in chunks would re-read the "
                 "whole matrix for every chunk. Convert it to CSR first (adata.X = adata.X.tocsr(); "
                 "adata.write_h5ad(...)).")
+
+    def _legacy(self, key: str):
+        """Matrix ``key`` of a legacy-layout file (anndata's backed reader)."""
+        if key.startswith("layers/"):
+            return self._adata.layers[key[len("layers/"):]]
+        return self._adata.X if key == "X" else self._adata.raw.X
 
     def _matrix(self, key: str):
         """On-disk matrix ``key``: a backed CSR dataset, an h5py dense dataset, or None."""
@@ -211,22 +241,32 @@ class Source:
                               f"{type(e).__name__}: {e}") from e
         return count_problem(block.data)
 
-    def _choose_matrix(self, x, raw_x):
-        if x is None:
-            raise SourceError(f"{self.path}: has no X matrix")
-        x_problem = self._probe(x)
-        if x_problem is None:
-            return x, "X"
-        if raw_x is not None:
-            raw_problem = self._probe(raw_x)
-            if raw_problem is None:
-                return raw_x, "raw.X"
-            raise SourceError(
-                f"{self.path}: no raw counts: X has {x_problem} and raw.X has {raw_problem} "
-                "(looks normalised/log-transformed/scaled). Provide the file with raw integer counts.")
+    def _choose_matrix(self, candidates: list[str]):
+        """The first of ``candidates`` that holds counts (on the first PROBE_CELLS cells): ``(key, matrix)``."""
+        problems = []
+        for key in candidates:
+            if getattr(self, "_file", None) is None:
+                m = self._legacy(key)
+                if key.startswith("layers/") and getattr(m, "format", None) == "csc":
+                    problems.append(f"{source_name(key)} is unreadable row by row (stored as CSC)")
+                    continue
+            else:
+                try:
+                    m = self._matrix(key)
+                except SourceError as e:        # a CSC or oddly encoded layer: say so if nothing else has counts
+                    if key in ("X", "raw/X"):
+                        raise
+                    problems.append(f"{source_name(key)} is unreadable row by row ({e})")
+                    continue
+                if m is None or m.shape[0] != self.n_obs or (key != "raw/X" and m.shape[1] != len(self.var)):
+                    continue                    # not a cells × genes matrix of this file
+            problem = self._probe(m)
+            if problem is None:
+                return key, m
+            problems.append(f"{source_name(key)} has {problem}")
         raise SourceError(
-            f"{self.path}: no raw counts: X has {x_problem} and there is no raw.X "
-            "(looks normalised/log-transformed/scaled). Provide the file with raw integer counts.")
+            f"{self.path}: no raw counts: " + "; ".join(problems) + " (looks normalised/log-transformed/scaled; "
+            "looked in X, raw.X and every layer). Provide the file with raw integer counts.")
 
     def keep_mask_obs(self) -> np.ndarray:
         """Cells that pass the metadata part of QC (``is_primary_data``)."""

@@ -17,15 +17,33 @@ N_HVG = 2000
 N_PCS = 30
 
 
+def raw_counts(adata: ad.AnnData) -> tuple[sp.csr_matrix, str]:
+    """The raw-count matrix of ``adata`` and where it was found, by the corpus builder's rule
+    (``data_prep.source.count_candidates``: X, raw.X, then the layers, conventional count names first)."""
+    from data_prep.source import count_candidates, count_problem, source_name
+
+    problems = []
+    for key in count_candidates(adata.raw is not None, adata.layers.keys()):
+        x = adata.X if key == "X" else adata.raw.X if key == "raw/X" else adata.layers[key[len("layers/"):]]
+        if x is None:
+            continue
+        data = x.data if sp.issparse(x) else np.asarray(x).ravel()
+        if (problem := count_problem(np.asarray(data))) is None:
+            return sp.csr_matrix(x, dtype=np.float32), source_name(key)
+        problems.append(f"{source_name(key)} has {problem}")
+    raise ValueError("the PCA baseline needs raw counts: none in X, raw.X or any layer (" + "; ".join(problems) + ")")
+
+
 def pca_embedding(counts: ad.AnnData, seed: int = 0) -> np.ndarray:
-    """``[n_cells, ≤ 30]`` float32 PCA embedding of the raw counts in ``counts.X`` (not modified)."""
+    """``[n_cells, ≤ 30]`` float32 PCA embedding of the raw counts of ``counts`` (:func:`raw_counts`; not
+    modified)."""
     import scanpy as sc
 
-    x = counts.X
-    data = x.data if sp.issparse(x) else np.asarray(x)
-    if data.size and (data.min() < 0 or not np.array_equal(data, np.round(data))):
-        raise ValueError("the PCA baseline needs raw counts in X (found negative or non-integer values)")
-    a = ad.AnnData(X=sp.csr_matrix(x, dtype=np.float32), obs=counts.obs[[]].copy(), var=counts.var[[]].copy())
+    x, where = raw_counts(counts)
+    x = x.copy()
+    x.data = np.rint(x.data)                      # counts stored as floats within the builder's tolerance
+    var = counts.raw.var if where == "raw.X" else counts.var
+    a = ad.AnnData(X=x, obs=counts.obs[[]].copy(), var=var[[]].copy())
     sc.pp.normalize_total(a, target_sum=1e4)
     sc.pp.log1p(a)
     sc.pp.highly_variable_genes(a, n_top_genes=min(N_HVG, a.n_vars), subset=True)

@@ -4,8 +4,9 @@
 [--pooling cls|mean] [--batch-size 64] [--device auto] [--vocab VOCAB.tsv] [--layer counts]``
 
 Steps: the input's genes are mapped to the corpus vocabulary (``GeneVocab.map_var``; the vocabulary is
-``<corpus>/vocab.tsv`` of the checkpoint's ``data.mds`` unless ``--vocab`` is given); raw counts are read
-in row chunks straight from the file (``anndata.io.sparse_dataset``: backed, never the whole matrix),
+``<corpus>/vocab.tsv`` of the checkpoint's ``data.mds`` unless ``--vocab`` is given); raw counts (found where the
+corpus builder finds them: ``X``, ``raw.X`` or a layer, ``data_prep.source.count_candidates``; ``--layer`` names
+one) are read in row chunks straight from the file (``anndata.io.sparse_dataset``: backed, never the whole matrix),
 mapped like the training corpus (``data_prep.mds.VocabMap``: unmapped genes dropped, duplicates summed),
 tokenised by the checkpoint's ``CellTokenizer`` (epoch 0, no masking), packed into varlen batches and
 embedded with ``model.embed`` under ``torch.no_grad()``: the CLS token's final state or the mean of the gene
@@ -64,20 +65,52 @@ class CellMatrix:
         if layer is None:
             if "X" not in root:
                 raise ValueError(f"{self.path}: no X matrix (pass --layer)")
-            node = root["X"]
+            self.source = self._find_counts(root)
         else:
             if "layers" not in root or layer not in root["layers"]:
                 have = list(root["layers"].keys()) if "layers" in root else []
                 raise KeyError(f"layer {layer!r} not found in {self.path}; available: {have}")
-            node = root["layers"][layer]
+            self._x = self._open(root[f"layers/{layer}"])
+            self.source = f'layers["{layer}"]'
+        self.shape = tuple(self._x.shape)
+        if self.shape != (len(self.obs), len(self.var)):
+            raise ValueError(f"{self.path}: matrix {self.shape} does not match obs×var {len(self.obs)}×{len(self.var)}")
+
+    def _open(self, node):
         kind = dict(node.attrs).get("encoding-type", "array")
         if kind == "csc_matrix":
             raise ValueError(f"{self.path}: the count matrix is CSC; row-wise reading needs CSR (convert with "
                              "adata.X = adata.X.tocsr())")
-        self._x = ad.io.sparse_dataset(node) if kind == "csr_matrix" else node
-        self.shape = tuple(self._x.shape)
-        if self.shape != (len(self.obs), len(self.var)):
-            raise ValueError(f"{self.path}: matrix {self.shape} does not match obs×var {len(self.obs)}×{len(self.var)}")
+        return ad.io.sparse_dataset(node) if kind == "csr_matrix" else node
+
+    def _find_counts(self, root) -> str:
+        """Open the first of X, raw.X, layers (``data_prep.source.count_candidates``) that holds raw counts on its
+        first cells; ``raw.X`` brings its own genes (``raw/var``). Returns where the counts were found."""
+        from data_prep.source import PROBE_CELLS, count_candidates, count_problem, source_name
+
+        layers = list(root["layers"].keys()) if "layers" in root else []
+        problems = []
+        for key in count_candidates("raw" in root and "X" in root["raw"], layers):
+            try:
+                x = self._open(root[key])
+            except ValueError as e:
+                if key == "X":
+                    raise
+                problems.append(f"{source_name(key)}: {e}")
+                continue
+            n_var = len(ad.io.read_elem(root["raw/var"])) if key == "raw/X" else len(self.var)
+            if tuple(x.shape) != (len(self.obs), n_var):
+                continue
+            block = x[: min(PROBE_CELLS, x.shape[0])]
+            data = block.data if sp.issparse(block) else np.asarray(block).ravel()
+            if (problem := count_problem(np.asarray(data))) is None:
+                self._x = x
+                if key == "raw/X":
+                    self.var = ad.io.read_elem(root["raw/var"])
+                return source_name(key)
+            problems.append(f"{source_name(key)} has {problem}")
+        raise ValueError(f"{self.path}: no raw counts in X, raw.X or any layer (" + "; ".join(problems) + "); "
+                         "embedding needs the raw integer counts the corpus was built from")
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         block = self._x[start:stop]
@@ -89,11 +122,12 @@ class CellMatrix:
 
 
 def check_counts(block: sp.csr_matrix, where: str) -> None:
-    """Raw counts are non-negative integers; anything else (log-normalised, scaled) is refused."""
-    d = block.data
-    if d.size and (d.min() < 0 or not np.array_equal(d, np.round(d))):
-        raise ValueError(f"{where} does not hold raw counts (found non-integer or negative values); "
-                         "pass --layer with the raw-count layer")
+    """Raw counts, by the corpus builder's rule (``data_prep.source.count_problem``: integral within 1e-3, ≥ 0,
+    finite); anything else (log-normalised, scaled) is refused."""
+    from data_prep.source import count_problem
+
+    if (problem := count_problem(block.data)) is not None:
+        raise ValueError(f"{where} does not hold raw counts ({problem}); pass --layer with the raw-count layer")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,7 +164,7 @@ def embed_cells(model, tokenizer, cells: CellMatrix, vocab_ids: np.ndarray, *, b
     for c0 in range(0, n, READ_CHUNK):
         block = cells.rows(c0, min(c0 + READ_CHUNK, n))
         check_counts(block, f"{cells.path} rows {c0}–{c0 + block.shape[0]}")
-        indptr, genes, counts = vocab_map(block.indptr, block.indices, block.data.astype(np.int64))
+        indptr, genes, counts = vocab_map(block.indptr, block.indices, np.rint(block.data).astype(np.int64))
         for b0 in range(0, block.shape[0], batch_size):
             items = []
             for r in range(b0, min(b0 + batch_size, block.shape[0])):

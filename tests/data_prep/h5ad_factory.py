@@ -20,12 +20,12 @@ def ensembl(i) -> str:
     return f"ENSG{int(i):011d}"
 
 
-def write_h5ad(path, X, *, var_names=None, var=None, obs=None, raw=None) -> str:
+def write_h5ad(path, X, *, var_names=None, var=None, obs=None, raw=None, layers=None) -> str:
     n_cells, n_genes = X.shape
     var = var if var is not None else pd.DataFrame(index=var_names if var_names is not None
                                                    else [ensembl(i) for i in range(n_genes)])
     obs = obs if obs is not None else pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)])
-    a = ad.AnnData(X=X, obs=obs, var=var)
+    a = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
     if raw is not None:
         a.raw = raw
     a.write_h5ad(path)

@@ -128,6 +128,32 @@ def test_raw_preferred_when_x_is_normalised(tmp_path, rng):
     assert (z.X != counts[z.obs["source_row"].to_numpy()]).nnz == 0
 
 
+def _lognorm(counts):
+    norm = counts.multiply(1e4 / counts.sum(1)).tocsr()
+    norm.data = np.log1p(norm.data)
+    return norm.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["counts", "my_umis"])
+def test_counts_found_in_a_layer_when_x_and_raw_are_normalised(tmp_path, rng, name):
+    # the scanpy/scvi-tools layout: counts kept in a layer, X and raw.X log-normalised; any layer name is probed
+    # (conventional names first), a CSC layer is skipped and named only if nothing else holds counts
+    counts = synth_counts(rng, 90, 30)
+    norm = _lognorm(counts)
+    raw = ad.AnnData(X=norm, var=pd.DataFrame(index=[ensembl(i) for i in range(30)]))
+    layers = {"lognorm": norm, name: counts, "a_csc": counts.tocsc()}
+    p = write_h5ad(tmp_path / "n.h5ad", norm, raw=raw, layers=layers)
+    m = build([p], str(tmp_path / "c"), _opts(), **QUIET)
+    assert m["datasets"][0]["count_source"] == f'layers["{name}"]'
+    z = ad.read_zarr(tmp_path / "c" / m["datasets"][0]["zarr"])
+    assert (z.X != counts[z.obs["source_row"].to_numpy()]).nnz == 0
+    p = write_h5ad(tmp_path / "none.h5ad", norm, raw=raw, layers={"lognorm": norm, "a_csc": counts.tocsc()})
+    with pytest.raises(SourceError, match=r'no raw counts: X has non-integer.*raw\.X has non-integer.*'
+                                          r'layers\["a_csc"\] is unreadable row by row.*CSC.*'
+                                          r'layers\["lognorm"\] has non-integer'):
+        build([p], str(tmp_path / "c2"), _opts(), **QUIET)
+
+
 def test_tolerance_rounding_qc_and_primary(tmp_path, rng):
     n, g = 150, 50
     X = synth_counts(rng, n, g, density=0.3).tolil()

@@ -107,6 +107,43 @@ def test_pooling_override_is_the_cls_state_or_the_mean_of_the_gene_states(tmp_pa
         cls_model.embed(batch, "max")
 
 
+def test_counts_are_found_where_the_corpus_builder_finds_them(tmp_path):
+    # X log-normalised, counts in layers["counts"] (scanpy/scvi-tools) or in raw.X with raw's own genes: the same
+    # cells get the same embedding as from a file with the counts in X; the PCA baseline finds them too
+    from training.baseline import pca_embedding, raw_counts
+
+    rng = np.random.default_rng()
+    adata, vocab = synthetic_cells(rng, int(rng.integers(20, 40)), 50, 90)
+    counts = sp.csr_matrix(adata.X)
+    norm = counts.multiply(1e4 / np.maximum(counts.sum(1), 1)).tocsr()
+    norm.data = np.log1p(norm.data)
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    layered = ad.AnnData(X=norm.astype(np.float32), obs=adata.obs, var=adata.var, layers={"counts": counts})
+    layered.write_h5ad(tmp_path / "layer.h5ad")
+    extra = pd.DataFrame({"gene_ids": ["ENSG99999999998"]}, index=["extra"])
+    raw = ad.AnnData(X=sp.hstack([counts, sp.csr_matrix(np.ones((counts.shape[0], 1)))]).tocsr(),
+                     var=pd.concat([adata.var, extra]))
+    in_raw = ad.AnnData(X=norm.astype(np.float32), obs=adata.obs, var=adata.var)
+    in_raw.raw = raw
+    in_raw.write_h5ad(tmp_path / "raw.h5ad")
+    ad.AnnData(X=norm.astype(np.float32), obs=adata.obs, var=adata.var).write_h5ad(tmp_path / "none.h5ad")
+    tok = CellTokenizer(len(vocab), context_length=24, n_bins=11, seed=5)
+    model = tiny_model(tok)
+    embs = {}
+    for name, where in (("x", "X"), ("layer", 'layers["counts"]'), ("raw", "raw.X")):
+        cells = CellMatrix(tmp_path / f"{name}.h5ad")
+        assert cells.source == where and cells.shape[1] == (51 if name == "raw" else 50)
+        embs[name], _ = embed_cells(model, tok, cells, vocab.map_var(cells.var), batch_size=8, device=CPU,
+                                    progress=False)
+        cells.close()
+    np.testing.assert_array_equal(embs["layer"], embs["x"])
+    np.testing.assert_array_equal(embs["raw"], embs["x"])      # the extra raw gene is not in the vocabulary
+    with pytest.raises(ValueError, match=r"no raw counts in X, raw.X or any layer \(X has non-integer"):
+        CellMatrix(tmp_path / "none.h5ad")
+    assert raw_counts(layered)[1] == 'layers["counts"]' and raw_counts(in_raw)[1] == "raw.X"
+    np.testing.assert_allclose(pca_embedding(layered, seed=1), pca_embedding(adata, seed=1), rtol=1e-4, atol=1e-4)
+
+
 def test_real_pbmc_cells_are_independent_of_batch_size_and_read_chunk(tmp_path, monkeypatch):
     import training.embed as E
 
