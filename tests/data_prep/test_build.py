@@ -154,6 +154,20 @@ def test_counts_found_in_a_layer_when_x_and_raw_are_normalised(tmp_path, rng, na
         build([p], str(tmp_path / "c2"), _opts(), **QUIET)
 
 
+def test_counts_in_a_layer_of_a_legacy_layout_file(tmp_path, rng):
+    # no root encoding attributes (pre-0.7 anndata): read through anndata's backed reader, layers included
+    import h5py
+
+    counts = synth_counts(rng, 70, 25)
+    p = write_h5ad(tmp_path / "legacy.h5ad", _lognorm(counts), layers={"counts": counts})
+    with h5py.File(p, "r+") as f:
+        del f.attrs["encoding-type"], f.attrs["encoding-version"]
+    m = build([p], str(tmp_path / "c"), _opts(), **QUIET)
+    assert m["datasets"][0]["count_source"] == 'layers["counts"]'
+    z = ad.read_zarr(tmp_path / "c" / m["datasets"][0]["zarr"])
+    assert (z.X != counts[z.obs["source_row"].to_numpy()]).nnz == 0
+
+
 def test_tolerance_rounding_qc_and_primary(tmp_path, rng):
     n, g = 150, 50
     X = synth_counts(rng, n, g, density=0.3).tolil()
