@@ -47,6 +47,39 @@ def count_candidates(has_raw: bool, layers) -> list[str]:
     return ["X", *(["raw/X"] if has_raw else []), *(f"layers/{n}" for n in known + rest)]
 
 
+class Unreadable(Exception):
+    """A candidate count matrix that cannot be read row by row (the reason in its message)."""
+
+
+def anndata_matrix(adata: ad.AnnData, key: str):
+    """Matrix ``key`` (a :func:`count_candidates` key) of an in-memory or backed AnnData."""
+    if key.startswith("layers/"):
+        return adata.layers[key[len("layers/"):]]
+    return adata.X if key == "X" else adata.raw.X
+
+
+def first_counts(candidates: list[str], open_matrix) -> tuple[str | None, object, list[str]]:
+    """The first of ``candidates`` whose first ``PROBE_CELLS`` rows hold raw counts: ``(key, matrix, problems)``,
+    or ``(None, None, problems)`` when none does; ``problems`` says what each candidate looked at holds.
+    ``open_matrix(key)`` returns the matrix, None to pass over it (absent, or not this file's cells × genes), or
+    raises :class:`Unreadable` to have it noted and passed over. The one probe behind ``data_prep build``,
+    ``training.embed`` and the PCA baseline."""
+    problems = []
+    for key in candidates:
+        try:
+            m = open_matrix(key)
+        except Unreadable as e:
+            problems.append(f"{source_name(key)} is unreadable row by row ({e})")
+            continue
+        if m is None:
+            continue
+        problem = count_problem(_as_csr(m[: min(PROBE_CELLS, m.shape[0])]).data)
+        if problem is None:
+            return key, m, problems
+        problems.append(f"{source_name(key)} has {problem}")
+    return None, None, problems
+
+
 def source_name(key: str) -> str:
     """``raw/X`` → ``raw.X``, ``layers/counts`` → ``layers["counts"]`` (as users write them)."""
     if key.startswith("layers/"):
@@ -189,7 +222,7 @@ class Source:
                 x = self._adata.X
                 candidates = count_candidates(self._adata.raw is not None, list(self._adata.layers.keys()))
                 for key in (k for k in candidates if k in ("X", "raw/X")):   # CSC layers are skipped later
-                    if getattr(self._legacy(key), "format", None) == "csc":
+                    if getattr(anndata_matrix(self._adata, key), "format", None) == "csc":
                         raise SourceError(self._csc_message(source_name(key)))
         except SourceError:
             raise
@@ -213,12 +246,6 @@ class Source:
                 "whole matrix for every chunk. Convert it to CSR first (adata.X = adata.X.tocsr(); "
                 "adata.write_h5ad(...)).")
 
-    def _legacy(self, key: str):
-        """Matrix ``key`` of a legacy-layout file (anndata's backed reader)."""
-        if key.startswith("layers/"):
-            return self._adata.layers[key[len("layers/"):]]
-        return self._adata.X if key == "X" else self._adata.raw.X
-
     def _matrix(self, key: str):
         """On-disk matrix ``key``: a backed CSR dataset, an h5py dense dataset, or None."""
         if key not in self._file:
@@ -233,37 +260,34 @@ class Source:
             raise SourceError(f"{self.path}: {key} has unsupported encoding {fmt!r}")
         return ad.io.sparse_dataset(elem)
 
-    def _probe(self, matrix) -> str | None:
+    def _candidate(self, key: str):
+        """Count-matrix candidate ``key`` for :func:`first_counts`."""
+        if getattr(self, "_file", None) is None:
+            m = anndata_matrix(self._adata, key)
+            if key.startswith("layers/") and getattr(m, "format", None) == "csc":
+                raise Unreadable("stored as CSC")
+            return m
         try:
-            block = _as_csr(matrix[: min(PROBE_CELLS, self.n_obs)])
-        except Exception as e:
-            raise SourceError(f"{self.path}: cannot read the count matrix (corrupt or truncated?): "
-                              f"{type(e).__name__}: {e}") from e
-        return count_problem(block.data)
+            m = self._matrix(key)
+        except SourceError as e:                # a CSC or oddly encoded layer: say so if nothing else has counts
+            if key in ("X", "raw/X"):
+                raise
+            raise Unreadable(e) from e
+        if m is None or m.shape[0] != self.n_obs or (key != "raw/X" and m.shape[1] != len(self.var)):
+            return None                         # not a cells × genes matrix of this file
+        return m
 
     def _choose_matrix(self, candidates: list[str]):
         """The first of ``candidates`` that holds counts (on the first PROBE_CELLS cells): ``(key, matrix)``."""
-        problems = []
-        for key in candidates:
-            if getattr(self, "_file", None) is None:
-                m = self._legacy(key)
-                if key.startswith("layers/") and getattr(m, "format", None) == "csc":
-                    problems.append(f"{source_name(key)} is unreadable row by row (stored as CSC)")
-                    continue
-            else:
-                try:
-                    m = self._matrix(key)
-                except SourceError as e:        # a CSC or oddly encoded layer: say so if nothing else has counts
-                    if key in ("X", "raw/X"):
-                        raise
-                    problems.append(f"{source_name(key)} is unreadable row by row ({e})")
-                    continue
-                if m is None or m.shape[0] != self.n_obs or (key != "raw/X" and m.shape[1] != len(self.var)):
-                    continue                    # not a cells × genes matrix of this file
-            problem = self._probe(m)
-            if problem is None:
-                return key, m
-            problems.append(f"{source_name(key)} has {problem}")
+        try:
+            key, m, problems = first_counts(candidates, self._candidate)
+        except SourceError:
+            raise
+        except Exception as e:
+            raise SourceError(f"{self.path}: cannot read the count matrix (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from e
+        if key is not None:
+            return key, m
         raise SourceError(
             f"{self.path}: no raw counts: " + "; ".join(problems) + " (looks normalised/log-transformed/scaled; "
             "looked in X, raw.X and every layer). Provide the file with raw integer counts.")

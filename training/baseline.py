@@ -20,18 +20,17 @@ N_PCS = 30
 def raw_counts(adata: ad.AnnData) -> tuple[sp.csr_matrix, str]:
     """The raw-count matrix of ``adata`` and where it was found, by the corpus builder's rule
     (``data_prep.source.count_candidates``: X, raw.X, then the layers, conventional count names first)."""
-    from data_prep.source import count_candidates, count_problem, source_name
+    from data_prep.source import anndata_matrix, count_candidates, count_problem, first_counts, source_name
 
-    problems = []
-    for key in count_candidates(adata.raw is not None, adata.layers.keys()):
-        x = adata.X if key == "X" else adata.raw.X if key == "raw/X" else adata.layers[key[len("layers/"):]]
-        if x is None:
-            continue
-        data = x.data if sp.issparse(x) else np.asarray(x).ravel()
-        if (problem := count_problem(np.asarray(data))) is None:
-            return sp.csr_matrix(x, dtype=np.float32), source_name(key)
-        problems.append(f"{source_name(key)} has {problem}")
-    raise ValueError("the PCA baseline needs raw counts: none in X, raw.X or any layer (" + "; ".join(problems) + ")")
+    key, x, problems = first_counts(count_candidates(adata.raw is not None, adata.layers.keys()),
+                                    lambda k: anndata_matrix(adata, k))
+    if key is None:
+        raise ValueError("the PCA baseline needs raw counts: none in X, raw.X or any layer (" + "; ".join(problems)
+                         + ")")
+    x = sp.csr_matrix(x, dtype=np.float32)
+    if (problem := count_problem(x.data)) is not None:       # every cell, not only the probed ones
+        raise ValueError(f"the PCA baseline needs raw counts: {source_name(key)} has {problem} past its first cells")
+    return x, source_name(key)
 
 
 def pca_embedding(counts: ad.AnnData, seed: int = 0) -> np.ndarray:

@@ -84,33 +84,32 @@ class CellMatrix:
         return ad.io.sparse_dataset(node) if kind == "csr_matrix" else node
 
     def _find_counts(self, root) -> str:
-        """Open the first of X, raw.X, layers (``data_prep.source.count_candidates``) that holds raw counts on its
-        first cells; ``raw.X`` brings its own genes (``raw/var``). Returns where the counts were found."""
-        from data_prep.source import PROBE_CELLS, count_candidates, count_problem, source_name
+        """Open the first of X, raw.X, layers that holds raw counts on its first cells
+        (``data_prep.source.first_counts``); ``raw.X`` brings its own genes (``raw/var``). Returns where."""
+        from data_prep.source import Unreadable, count_candidates, first_counts, source_name
 
         layers = list(root["layers"].keys()) if "layers" in root else []
-        problems = []
-        for key in count_candidates("raw" in root and "X" in root["raw"], layers):
+        has_raw = "raw" in root and "X" in root["raw"]
+        raw_var = ad.io.read_elem(root["raw/var"]) if has_raw else None
+
+        def open_matrix(key):
             try:
                 x = self._open(root[key])
             except ValueError as e:
                 if key == "X":
                     raise
-                problems.append(f"{source_name(key)}: {e}")
-                continue
-            n_var = len(ad.io.read_elem(root["raw/var"])) if key == "raw/X" else len(self.var)
-            if tuple(x.shape) != (len(self.obs), n_var):
-                continue
-            block = x[: min(PROBE_CELLS, x.shape[0])]
-            data = block.data if sp.issparse(block) else np.asarray(block).ravel()
-            if (problem := count_problem(np.asarray(data))) is None:
-                self._x = x
-                if key == "raw/X":
-                    self.var = ad.io.read_elem(root["raw/var"])
-                return source_name(key)
-            problems.append(f"{source_name(key)} has {problem}")
-        raise ValueError(f"{self.path}: no raw counts in X, raw.X or any layer (" + "; ".join(problems) + "); "
-                         "embedding needs the raw integer counts the corpus was built from")
+                raise Unreadable(e) from e
+            n_var = len(raw_var) if key == "raw/X" else len(self.var)
+            return x if tuple(x.shape) == (len(self.obs), n_var) else None
+
+        key, x, problems = first_counts(count_candidates(has_raw, layers), open_matrix)
+        if key is None:
+            raise ValueError(f"{self.path}: no raw counts in X, raw.X or any layer (" + "; ".join(problems) + "); "
+                             "embedding needs the raw integer counts the corpus was built from")
+        self._x = x
+        if key == "raw/X":
+            self.var = raw_var
+        return source_name(key)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         block = self._x[start:stop]
