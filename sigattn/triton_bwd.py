@@ -251,7 +251,7 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
                 CAUSAL=bool(causal), DOT_FP32=q.dtype == torch.float32 or tuning.INTERPRET,
                 FAST_SIGMOID=tuning.fast_sigmoid(q.dtype))
     head = (float(scale), float(bias), N, tuning.seq_bucket(max_seqlen))
-    use_tma = (not det and dq_buf.dtype == torch.float32 and (tuning.dq_tma() if dq_tma is None else dq_tma)
+    use_tma = (not det and (tuning.dq_tma() if dq_tma is None else dq_tma)   # not det: dq_buf is fp32
                and dq_tma_usable(q, d_pad))
     dq_desc = None
     if use_tma:  # DQ as [rows, H·D]; the block is set per config (_dq_block)
