@@ -1,4 +1,5 @@
-"""Compile the Gluon Hopper forward for sm90 without a GPU (ahead of time), and report registers/spills/smem.
+"""Compile the Gluon Hopper forward for sm90 without a GPU (ahead of time), and report registers/spills/smem
+(``--bwd``: the Gluon backward; ``--portable-bwd``: the portable Triton backward's K/V kernel).
 
 Needs a Triton whose Gluon API matches the GPU image's (3.6): e.g. ``pip install --target /tmp/tri36 triton==3.6.0``
 then ``PYTHONPATH=/tmp/tri36:$PWD python benchmarks/attention_hopper_compile.py [--ptx out.ptx] [--bwd]``. The kernel
@@ -35,6 +36,25 @@ def compile_fwd(D, varlen, config=None, dtype="bf16", probe=0):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8 if C == 1 else 4})
 
 
+def compile_portable_bwd(D, varlen, BM, BN, warps, stages, tma, dtype="bf16"):
+    """The portable backward's K/V kernel (sigattn/triton_bwd.py) for sm90, dQ by atomics or by TMA reductions."""
+    from triton.compiler import ASTSource
+
+    from sigattn import triton_bwd
+
+    sig = {n: "i32" for n in triton_bwd.attn_bwd_kv_kernel.arg_names}
+    sig.update({n: f"*{dtype}" for n in ("Q", "K", "V", "DO", "DK", "DV")})
+    sig.update(DQ="*fp32", SeqInfo="*i32", scale="fp32", bias="fp32",
+               DQd=f"tensordesc<fp32[{BM},{D}]>" if tma else "constexpr")
+    const = dict(D=D, D_PAD=D, VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, CAUSAL=False, COMPUTE_DQ=True,
+                 DQ_TMA=tma, DOT_FP32=False, FAST_SIGMOID=True, BLOCK_M=BM, BLOCK_N=BN)
+    if not tma:
+        const["DQd"] = None
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(triton_bwd.attn_bwd_kv_kernel, sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
 def resource_usage(k) -> str:
     """Registers/spills per function from ``cuobjdump -res-usage`` (Triton's bundled copy) on the cubin."""
     import os
@@ -59,7 +79,28 @@ def main():
     ap.add_argument("--bwd", action="store_true", help="the backward's kernels (sigattn/hopper_bwd.py; every dQ variant) instead")
     ap.add_argument("--kv-blocks", help="with --bwd: BLOCK_M,BLOCK_N of the kv kernel (default: hopper_bwd.KV_BLOCKS; "
                                         "e.g. 128,128 at --d 64)")
+    ap.add_argument("--portable-bwd", action="store_true",
+                    help="the portable backward's K/V kernel (sigattn/triton_bwd.py) over its autotune tiles, dQ by "
+                         "atomics and by TMA reductions: registers, stack (spills), shared memory, global atomics")
     args = ap.parse_args()
+    if args.portable_bwd:
+        import re
+
+        from sigattn import triton_tuning
+
+        for D in args.d:
+            for c in triton_tuning.BWD_CONFIGS[triton_tuning.size_class(D)]:
+                bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                for varlen in (False, True):
+                    for tma in (False, True):
+                        k = compile_portable_bwd(D, varlen, bm, bn, c.num_warps, c.num_stages, tma)
+                        ptx = k.asm["ptx"]
+                        print(f"portable bwd D={D} ({bm}, {bn}, {c.num_warps} warps, {c.num_stages} stages) "
+                              f"{'varlen' if varlen else 'padded'} dQ by {'TMA' if tma else 'atomics'}: "
+                              f"smem {k.metadata.shared} B; {resource_usage(k)}; global atomics "
+                              f"{len(re.findall(r'atom[.]global|red[.]global', ptx))}, "
+                              f"TMA reduces {ptx.count('cp.reduce.async.bulk.tensor')}", flush=True)
+        return
     if args.bwd:
         from sigattn import hopper_bwd
 

@@ -68,8 +68,8 @@ FWD_CONFIGS = {
     "large": [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(32, 32, 4, 2)],
 }
 # Backward K/V-parallel: k/v tile BLOCK_N, q tiles BLOCK_M (BLOCK_N % BLOCK_M == 0).
-# At D = 128 every tile hits 255 registers; (64, 64, 8 warps) and (32, 64, 8 warps) spill least (16–72 B of stack
-# against 464–584 B for (64, 128, 8 warps); offline sm90 build, session 17), so autotuning gets to time them.
+# At D = 128 every tile hits 255 registers; (64, 64, 8 warps) and (32, 64, 8 warps) spill least (8–72 B of stack
+# against 272–584 B for (64, 128, 8 warps); benchmarks/results/portable_bwd_sm90_compile.txt), so autotuning times them.
 BWD_CONFIGS = {
     "small": [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(16, 128, 4, 3),
               _cfg(64, 64, 8, 3), _cfg(32, 64, 8, 3)],
