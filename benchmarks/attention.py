@@ -12,8 +12,9 @@ alone take),
 ``hopper_bwd5_probe2`` = the 5-GEMM one without its dQ reductions, ``hopper_bwd_oX_padded``/``hopper_bwd_o0_probe`` =
 the 7-GEMM one at overlap level X (``hopper_bwd.OVERLAP``; the unsuffixed names use the default),
 ``hopper_bwd_sig2_padded``/``hopper_bwd5_sig2_padded`` = σ by ex2 + rcp.approx (``hopper_bwd.SIG_BWD``),
-``ours_padded``/``ours_varlen`` = the portable Triton kernels, ``ours_dqtma_padded``/``ours_dqtma_varlen`` = their
-backward with dQ by TMA reductions (``launch_bwd(dq_tma=True)``, ``SIGATTN_DQ_TMA=1``; backward rows only).
+``ours_padded``/``ours_varlen`` = the portable Triton kernels as the ops run them (dQ by TMA reductions for varlen
+on sm90, atomics for padded: ``triton_tuning.dq_tma``), ``ours_dqtma_*``/``ours_dqatomic_*`` = their backward with
+dQ by TMA reductions / by atomics forced (``launch_bwd(dq_tma=True|False)``; backward rows only).
 
 Setup (issue 3): bf16, 16,384 tokens per step, hidden 2048 (H = 2048/D), non-causal, −log n bias on for sigmoid
 kernels. Padding p ∈ {0, 25, 50}%: B = 16384/N sequences with lengths evenly spread over [(1−2p)·N, N] (mean
@@ -50,7 +51,8 @@ KERNELS = ["hopper_padded", "hopper_varlen", "hopper_bwd_padded", "hopper_bwd_va
            "hopper_bwd5t_m128_padded", "hopper_bwd5t_m128_varlen", "hopper_bwd_m128_padded", "hopper_bwd_m128_varlen",
            "hopper_bwd_probe", "hopper_bwd5_probe", "hopper_bwd_o0_padded", "hopper_bwd_o1_padded",
            "hopper_bwd_o2_padded", "hopper_bwd_o0_probe", "hopper_bwd5_probe2", "hopper_bwd_sig2_padded",
-           "hopper_bwd5_sig2_padded", "ours_padded", "ours_varlen", "ours_dqtma_padded", "ours_dqtma_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig",
+           "hopper_bwd5_sig2_padded", "ours_padded", "ours_varlen", "ours_dqtma_padded", "ours_dqtma_varlen",
+           "ours_dqatomic_padded", "ours_dqatomic_varlen", "sdpa_flash", "sdpa_cudnn", "ours_padded_det", "tsig",
            "flex"]
 
 
@@ -86,8 +88,8 @@ def make_runner(kernel, D, N, pad):
         return None
     if "_m128" in kernel and D != 64:  # 128-row query tiles fit the shared memory at D = 64 only
         return None
-    tma = "_dqtma" in kernel
-    if kernel in ("ours_padded", "ours_padded_det", "ours_dqtma_padded"):
+    tma = True if "_dqtma" in kernel else False if "_dqatomic" in kernel else None  # None: the ops' default
+    if kernel in ("ours_padded", "ours_padded_det", "ours_dqtma_padded", "ours_dqatomic_padded"):
         det = kernel.endswith("det")
         return (lambda: launch_fwd(q, k, v, seq, varlen=False, max_seqlen=N, **kw),
                 lambda: launch_bwd(do, q, k, v, seq, varlen=False, max_seqlen=N, deterministic=det, dq_tma=tma,
@@ -120,7 +122,7 @@ def make_runner(kernel, D, N, pad):
                     lambda: bwd_fn(dop, qp, kp, vp, cu, varlen=True, max_seqlen=max(lens), **kw))
         return (lambda: hopper_fwd.launch_fwd(q, k, v, seq, varlen=False, max_seqlen=N, **hkw),
                 lambda: bwd_fn(do, q, k, v, seq, varlen=False, max_seqlen=N, **kw))
-    if kernel in ("ours_varlen", "ours_dqtma_varlen"):
+    if kernel in ("ours_varlen", "ours_dqtma_varlen", "ours_dqatomic_varlen"):
         pack = lambda t: torch.cat([t[i, :L] for i, L in enumerate(lens)])  # noqa: E731
         qp, kp, vp, dop = pack(q), pack(k), pack(v), pack(do)
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -247,8 +249,7 @@ def main(argv=None):
         lens = lengths(N, p / 100)
         fl = flops_fwd(HIDDEN // D, D, lens)
         for mode, fn in zip(("fwd", "bwd"), fns):
-            if mode not in args.modes or (kern in ("ours_padded_det", "ours_dqtma_padded", "ours_dqtma_varlen")
-                                          and mode == "fwd") or (
+            if mode not in args.modes or ((kern == "ours_padded_det" or "_dq" in kern) and mode == "fwd") or (
                     kern in ("hopper_padded", "hopper_varlen") and mode == "bwd"):  # their backward is ours_*'s
                 continue
             try:

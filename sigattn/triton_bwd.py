@@ -9,7 +9,7 @@ holds a k/v tile, loops over the GQA group's query heads and their query tiles, 
 Deterministic mode (``SIGATTN_DETERMINISTIC=1``): the same kernel without dQ (4 GEMMs) plus a Q-parallel dQ kernel
 (3 GEMMs: S, dP, dQ) that writes dQ directly. Padding rows get exact zeros; tiles in padding are skipped.
 
-dQ by TMA reductions (``dq_tma``, sm90+, D a power of two; opt-in with ``SIGATTN_DQ_TMA=1`` until timed): each
+dQ by TMA reductions (``dq_tma``, sm90+, D a power of two; the default for varlen calls, ``SIGATTN_DQ_TMA``): each
 [BLOCK_M, D] dQ tile goes to shared memory and one bulk ``cp.reduce.async.bulk.tensor.add.f32`` per tile adds it
 into the fp32 buffer (``desc.atomic_add``), instead of one ``red.global.add.f32`` per element. The tile's rows past
 the sequence's end hold exact zeros (q = dO = 0 there, so dSᵀ's columns vanish), so adding them into the next
@@ -225,7 +225,7 @@ def dq_tma_usable(q: torch.Tensor, d_pad: int) -> bool:
 def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: float, bias: float,
                log_n_bias: bool, causal: bool, deterministic: bool | None = None, dq_tma: bool | None = None):
     """Gradients (dq, dk, dv) for 4-D padded or 3-D varlen tensors (last dim contiguous). ``dq_tma``: dQ by TMA
-    reductions where usable (default: ``SIGATTN_DQ_TMA``)."""
+    reductions where usable (default: ``tuning.dq_tma(varlen)``)."""
     D = q.shape[-1]
     H, H_kv = q.shape[-2], k.shape[-2]
     det = tuning.deterministic() if deterministic is None else deterministic
@@ -251,7 +251,7 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
                 CAUSAL=bool(causal), DOT_FP32=q.dtype == torch.float32 or tuning.INTERPRET,
                 FAST_SIGMOID=tuning.fast_sigmoid(q.dtype))
     head = (float(scale), float(bias), N, tuning.seq_bucket(max_seqlen))
-    use_tma = (not det and (tuning.dq_tma() if dq_tma is None else dq_tma)   # not det: dq_buf is fp32
+    use_tma = (not det and (tuning.dq_tma(varlen) if dq_tma is None else dq_tma)   # not det: dq_buf is fp32
                and dq_tma_usable(q, d_pad))
     dq_desc = None
     if use_tma:  # DQ as [rows, H·D]; the block is set per config (_dq_block)

@@ -5,7 +5,9 @@ Environment switches (read at call time):
   SIGATTN_FAST_SIGMOID=0   use 1/(1+2^t) with a MUFU reciprocal instead of the Newton reciprocal (bf16/fp16 only
                            use the fast form; see triton_common).
   SIGATTN_HOPPER_DQ_ATOMIC=1|tma|0  the opt-in Hopper backward's dQ: vector or TMA reductions, or its own kernel.
-  SIGATTN_DQ_TMA=1         the portable backward adds dQ by TMA reductions (sm90+; see triton_bwd), not atomics.
+  SIGATTN_DQ_TMA=1|0       the portable backward adds dQ by TMA reductions (sm90+; see triton_bwd) or by atomics;
+                           unset: TMA reductions for varlen (packed) calls, atomics for padded ones (H200, bf16,
+                           session 18: varlen +1–3 % at D = 128, +2–9 % at D = 64; padded −3–5 % at D = 128).
   SIGATTN_DETERMINISTIC=1  backward computes dQ in its own Q-parallel pass (no fp32 atomics, bitwise reproducible);
                            also on when ``torch.are_deterministic_algorithms_enabled()``.
 Autotune results are cached in-process per key (head-dim tile, dtype, causal, power-of-two bucket of the
@@ -37,8 +39,9 @@ def deterministic() -> bool:
     return _flag("SIGATTN_DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
 
 
-def dq_tma() -> bool:
-    return _flag("SIGATTN_DQ_TMA")
+def dq_tma(varlen: bool) -> bool:
+    """dQ by TMA reductions in the portable backward: ``SIGATTN_DQ_TMA`` if set, else for varlen calls only."""
+    return _flag("SIGATTN_DQ_TMA", "1" if varlen else "0")
 
 
 def hopper_dq_atomic(default) -> bool | str:

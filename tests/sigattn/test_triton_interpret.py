@@ -176,6 +176,16 @@ def test_dq_tma_plumbing_on_cpu():
 
     q = torch.randn(3, 2, 64)
     assert not triton_bwd.dq_tma_usable(q, 64)
+    env = os.environ.pop("SIGATTN_DQ_TMA", None)
+    try:  # default: TMA reductions for varlen calls only (where they measured faster); the variable overrides both
+        assert triton_tuning.dq_tma(True) and not triton_tuning.dq_tma(False)
+        for value, want in (("1", True), ("0", False)):
+            os.environ["SIGATTN_DQ_TMA"] = value
+            assert triton_tuning.dq_tma(True) is want and triton_tuning.dq_tma(False) is want
+    finally:
+        os.environ.pop("SIGATTN_DQ_TMA", None)
+        if env is not None:
+            os.environ["SIGATTN_DQ_TMA"] = env
     hooked = triton_tuning.with_pre_hook(triton_tuning.BWD_CONFIGS, triton_bwd._dq_block)
     for cls, cfgs in triton_tuning.BWD_CONFIGS.items():
         assert [(c.kwargs, c.num_warps, c.num_stages) for c in hooked[cls]] == [
