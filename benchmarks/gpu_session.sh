@@ -127,10 +127,13 @@ for phase in "$@"; do
       # Each arm is packed into $OUT as soon as its trained.json (written last) appears, so the arms finished
       # before a call is cut off still come back (session 16 lost four when the call's limit hit the fourth).
       Q=runs/reproduce/quality-gpu; mkdir -p /tmp/qpack
+      # An arm whose values came out non-finite comes back as its failed.json and train.log (trained again next call).
       pack() { for arm in "$Q"/arms/*/; do a=$(basename "$arm")
-        [ -f "$arm/trained.json" ] && [ ! -f "$OUT/quality-$a.tgz" ] \
-          && tar czf "/tmp/qpack/$a.tgz" -C "$Q/arms" "$a/trained.json" "$a/train.log" "$a/embeddings" \
-          && mv "/tmp/qpack/$a.tgz" "$OUT/quality-$a.tgz"; done; }
+        [ -f "$OUT/quality-$a.tgz" ] && continue
+        if [ -f "$arm/trained.json" ]; then files=("$a/trained.json" "$a/train.log" "$a/embeddings")
+        elif [ -f "$arm/failed.json" ]; then files=("$a/failed.json" "$a/train.log")
+        else continue; fi
+        tar czf "/tmp/qpack/$a.tgz" -C "$Q/arms" "${files[@]}" && mv "/tmp/qpack/$a.tgz" "$OUT/quality-$a.tgz"; done; }
       ( while sleep 5; do pack; done ) & packer=$!
       timeout "${QUALITY_TIMEOUT:-500}" python3 -m training.reproduce quality --scale gpu --stage device ${QUALITY_ARGS} \
         --out "$Q" 2>&1 | tee "$OUT/quality.log" | tail -5

@@ -201,6 +201,10 @@ def _write_atomic(adata: ad.AnnData, out: Path) -> None:
             tmp.unlink()
 
 
+class NonFiniteEmbeddings(RuntimeError):
+    """The model gave some cells NaN/inf embeddings (nothing is written)."""
+
+
 def embed(checkpoint: str | os.PathLike, input: str | os.PathLike, out: str | os.PathLike, *,
           obsm_key: str = "X_sigattn", batch_size: int = 64, device: str = "auto",
           vocab: str | os.PathLike | None = None, layer: str | None = None, progress: bool = True,
@@ -238,6 +242,13 @@ def embed(checkpoint: str | os.PathLike, input: str | os.PathLike, out: str | os
         emb, n_empty = embed_cells(model, tokenizer, cells, vocab_ids, batch_size=batch_size, device=dev,
                                    progress=progress, pooling=pooling)
         seconds = time.perf_counter() - t0
+        if not (finite := np.isfinite(emb).all(axis=1)).all():
+            bad = np.flatnonzero(~finite)
+            names = ", ".join(map(str, cells.obs.index[bad[:5]]))
+            raise NonFiniteEmbeddings(
+                f"{len(bad)} of {len(emb)} cells of {input} got non-finite embeddings (rows {bad[:5].tolist()}: "
+                f"{names}{', …' if len(bad) > 5 else ''}); {out} not written. The checkpoint's weights or the "
+                f"forward pass on {dev} gave NaN/inf: check the weights are finite and embed again")
         if n_empty:
             how = "embedded from CLS alone" if pooling == "cls" else "zero vectors: no gene to average"
             warnings.warn(f"{n_empty} cells have no gene in the corpus vocabulary ({how})", stacklevel=2)
@@ -275,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    except NonFiniteEmbeddings as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     info = res.uns["sigattn_embed"]
     print(f"embedded {res.n_obs} cells → obsm[{a.obsm_key!r}] {res.obsm[a.obsm_key].shape} "
           f"({info['genes_mapped']}/{info['genes_total']} genes mapped, {info['seconds']:.1f} s) → {a.out}")

@@ -202,3 +202,44 @@ def test_cuda_embeddings_match_cpu(tmp_path, attention):
     cells.close()
     cos = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
     assert cos.min() > 0.99
+
+
+def test_non_finite_embeddings_are_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    # A model that gives some cells NaN (bad weights, or a kernel fault) must not leave a file that scIB would
+    # read as embeddings: a clear error naming the cells, and the previous output kept.
+    import re
+    import types
+
+    import training.checkpoint
+    import training.embed as E
+
+    rng = np.random.default_rng()
+    adata, vocab = synthetic_cells(rng, int(rng.integers(12, 30)), 40, 60)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    vocab.save(tmp_path / "vocab.tsv")
+    tok = CellTokenizer(len(vocab), context_length=16, n_bins=11, seed=0)
+    model = tiny_model(tok)
+    cfg = types.SimpleNamespace(model=model.cfg, data=types.SimpleNamespace(mds=None))
+    monkeypatch.setattr(training.checkpoint, "load_for_inference", lambda path: (model, cfg, tok))
+    bad = sorted(rng.choice(adata.n_obs, 2, replace=False).tolist())
+    real = E.embed_cells
+
+    def poisoned(*a, **k):
+        emb, n_empty = real(*a, **k)
+        emb[bad[0], 3] = np.nan
+        emb[bad[1], 0] = np.inf
+        return emb, n_empty
+
+    out = tmp_path / "emb.h5ad"
+    assert E.main(["ckpt", str(tmp_path / "cells.h5ad"), "--out", str(out), "--vocab", str(tmp_path / "vocab.tsv"),
+                   "--no-progress"]) == 0
+    before = out.read_bytes()
+    monkeypatch.setattr(E, "embed_cells", poisoned)
+    with pytest.raises(E.NonFiniteEmbeddings, match=re.escape(f"rows {bad}: c{bad[0]}, c{bad[1]}")) as e:
+        E.embed("ckpt", tmp_path / "cells.h5ad", out, vocab=tmp_path / "vocab.tsv", progress=False)
+    assert str(e.value).startswith(f"2 of {adata.n_obs} cells of ") and f"{out} not written" in str(e.value)
+    assert E.main(["ckpt", str(tmp_path / "cells.h5ad"), "--out", str(out), "--vocab", str(tmp_path / "vocab.tsv"),
+                   "--no-progress"]) == 1
+    assert "non-finite embeddings" in capsys.readouterr().err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "cells.h5ad", "emb.h5ad", "vocab.tsv"]

@@ -150,9 +150,11 @@ def test_quality_recipe_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_quality_recipe_in_stages(tmp_path, capsys):
+def test_quality_recipe_in_stages(tmp_path, capsys, monkeypatch):
     # prepare (CPU) → device (training, val loss, embeddings; the datasets' package and scanpy need not be there)
     # → host (scIB, PCA, report): the lent GPUs hold neither the data package nor scanpy
+    from training.reproduce import quality
+
     out = tmp_path / "q"
     tiny = ["--seeds", "0", "1", "--steps", "2", "--batch-size", "8", "--context", "32", "--max-cells", "150",
             "--mask-patterns", "1", "--datasets", "pbmc3k", "--quiet", "--out", str(out)]
@@ -162,7 +164,16 @@ def test_quality_recipe_in_stages(tmp_path, capsys):
     assert (out / "corpus" / "manifest.json").is_file() and (out / "heldout" / "pbmc3k.h5ad").is_file()
     assert main(["quality", "--stage", "host", *tiny]) == 2                     # not trained yet
     assert "--stage device" in capsys.readouterr().err
-    assert main(["quality", "--stage", "device", *tiny]) == 0
+    real_val_loss = quality.val_loss                # one arm's values come out NaN (a kernel fault, bad weights)
+    monkeypatch.setattr(quality, "val_loss", lambda run_dir, *a: {n: math.nan if "untrained_seed1" in str(run_dir)
+                                                                   else v for n, v in real_val_loss(run_dir, *a).items()})
+    with pytest.warns(UserWarning, match="arm untrained seed 1: non-finite: validation loss is not finite on pbmc3k"):
+        assert main(["quality", "--stage", "device", *tiny]) == 0              # recorded; the call goes on
+    assert "FAILED untrained_seed1: non-finite" in capsys.readouterr().out
+    failed = out / "arms" / "untrained_seed1"
+    assert (failed / "failed.json").is_file() and not (failed / "trained.json").exists()
+    assert (out / "arms" / "untrained_seed0" / "trained.json").is_file()
+    monkeypatch.setattr(quality, "val_loss", real_val_loss)
     t = json.loads((out / "arms" / "sigmoid_seed0" / "trained.json").read_text())
     assert t["val_loss"]["pbmc3k"] > 0 and (out / "arms" / "softmax_seed0" / "embeddings" / "pbmc3k.h5ad").is_file()
     assert not (out / "arms" / "sigmoid_seed0" / "result.json").exists() and not (out / "summary.json").exists()
@@ -183,6 +194,15 @@ def test_quality_recipe_in_stages(tmp_path, capsys):
     assert r["metrics"]["pbmc3k"]["val_loss"] == json.loads(
         (out / "arms" / "softmax_seed0" / "trained.json").read_text())["val_loss"]["pbmc3k"]
     assert 0 <= r["metrics"]["pbmc3k"]["bio_conservation"] <= 1 and "PCA" in s["table"]["pbmc3k"]["bio_conservation"]
+    # the failed arm is listed, not scored; the next device call trains it (and only it) again
+    assert list(s["not_scored"]) == ["untrained_seed1"] and "- untrained_seed1: non-finite: validation loss" in md
+    assert s["table"]["pbmc3k"]["bio_conservation"]["untrained"]["n"] == 1
+    assert main(["quality", "--stage", "device", *tiny]) == 0
+    assert (failed / "trained.json").is_file() and not (failed / "failed.json").exists()
+    assert main(["quality", "--stage", "host", *tiny]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["not_scored"] == {} and s["table"]["pbmc3k"]["bio_conservation"]["untrained"]["n"] == 2
+    assert "Not scored" not in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,7 @@ PAPER = {"claim": "sigmoid attention: +25 % cell-type separation (scIB bio-conse
                   "silhouette) and lower validation loss on six datasets",
          "bio_conservation_gain_pct": 25.0}
 OBSM_KEY = "X_sigattn"
+FAILED = "failed.json"      # an arm whose validation loss or embeddings came out non-finite (trained again next call)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ def _reusable(done: Path, scale: Scale) -> dict | None:
     return r if _budget(r.get("scale", {})) == _budget(as_record(scale)) else None
 
 
+class NonFiniteLoss(RuntimeError):
+    """A model's validation loss came out NaN/inf."""
+
+
 def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: dict[str, Path], arm: Path,
               *, force: bool, progress: bool) -> dict:
     """The GPU half of an arm: train (a fresh process), the validation loss, the held-out cells' embeddings →
@@ -132,7 +139,7 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
 
     from launch.configs import resolve_config
     from training.demo import run_logged
-    from training.embed import embed
+    from training.embed import NonFiniteEmbeddings, embed
 
     done = arm / "trained.json"
     if not force and (r := _reusable(done, scale)) is not None:
@@ -152,16 +159,35 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
                arm / "train.log",
                 f"training ({attention}, seed {seed})", quiet=not progress)
     t_train = time.perf_counter() - t0
-    losses = val_loss(run_dir, corpus, scale.mask_patterns)
-    for name, cells in heldout.items():
-        for pooling, suffix in POOLINGS.items():
-            embed(run_dir, cells, arm / "embeddings" / f"{name}{suffix}.h5ad", obsm_key=OBSM_KEY, progress=False,
-                  pooling=pooling)
+    try:
+        losses = val_loss(run_dir, corpus, scale.mask_patterns)
+        if bad := [n for n, v in losses.items() if not math.isfinite(v)]:
+            raise NonFiniteLoss(f"validation loss is not finite on {', '.join(bad)}: {losses}")
+        for name, cells in heldout.items():
+            for pooling, suffix in POOLINGS.items():
+                embed(run_dir, cells, arm / "embeddings" / f"{name}{suffix}.h5ad", obsm_key=OBSM_KEY,
+                      progress=False, pooling=pooling)
+    except (NonFiniteLoss, NonFiniteEmbeddings) as e:   # recorded, not raised: the call goes on with the next arm
+        r = {"attention": attention, "seed": seed, "failed": f"non-finite: {e}", "run_dir": str(run_dir),
+             "seconds": round(time.perf_counter() - t0, 1), "provenance": provenance()}
+        write_json(arm / FAILED, r)
+        warnings.warn(f"arm {attention} seed {seed}: {r['failed']} (recorded in {arm / FAILED}; the next "
+                      "--stage device call trains it again)", stacklevel=2)
+        return r
     r = {"attention": attention, "seed": seed, "val_loss": losses, "train_seconds": round(t_train, 1),
          "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir), "provenance": provenance(),
          "scale": dataclasses.asdict(scale)}
     write_json(done, r)
     return r
+
+
+def unscored(attention: str, seed: int, arm: Path) -> str | None:
+    """Why ``arm`` cannot be scored (not trained, or its training ended in non-finite values), or None."""
+    if (arm / "trained.json").is_file():
+        return None
+    if (arm / FAILED).is_file():
+        return read_json(arm / FAILED)["failed"]
+    return f"not trained ({arm / 'trained.json'} is missing: run --stage device)"
 
 
 def score_arm(attention: str, seed: int, scale: Scale, heldout: dict[str, Path], arm: Path, *, force: bool) -> dict:
@@ -173,8 +199,8 @@ def score_arm(attention: str, seed: int, scale: Scale, heldout: dict[str, Path],
     if not force and (r := _reusable(done, scale)) is not None:
         return r
     trained = arm / "trained.json"
-    if not trained.is_file():
-        raise FileNotFoundError(f"{trained}: arm {attention} seed {seed} is not trained (run --stage device first)")
+    if why := unscored(attention, seed, arm):
+        raise FileNotFoundError(f"{trained}: arm {attention} seed {seed}: {why}")
     t = read_json(trained)
     t0 = time.perf_counter()
     metrics = {}
@@ -341,6 +367,9 @@ def markdown(summary: dict) -> str:
                          f"{'–' if d.get('p_value') is None else format(d['p_value'], '.3g')} | "
                          f"{fmt_ci(e.get('training_gain', {}), '+.4f')} |")
         lines.append("")
+    if s.get("not_scored"):
+        lines += ["Not scored (each row's n says how many seeds it has):", "",
+                  *[f"- {k}: {v}" for k, v in s["not_scored"].items()], ""]
     lines += ["Mean ± half-width of the 95 % Student-t interval over seeds; the difference is paired by seed. "
               "Higher is better except for the validation loss.", "", s["verdict"], "",
               f"![per-seed points]({s['plots'][0]})", "", f"Paper: {PAPER['claim']}. " + s["caveat"], ""]
@@ -395,11 +424,19 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
             if stage == "all" and not force and _reusable(arm / "result.json", scale) is not None:
                 continue                       # scored earlier: nothing to train
             train_arm(a, s, scale, corpus, heldout, arm, force=force, progress=progress)
+        failed = {f"{a}_seed{s}": why for a, s in pairs if (why := unscored(a, s, out / "arms" / f"{a}_seed{s}"))}
         if stage == "device":
-            return {"stage": "device", "arms": [f"{a}_seed{s}" for a, s in pairs],
-                    "verdict": f"trained {len(pairs)} models into {out / 'arms'}; score them with --stage host"}
+            return {"stage": "device", "arms": [f"{a}_seed{s}" for a, s in pairs], "failed": failed,
+                    "verdict": f"trained {len(pairs) - len(failed)} models into {out / 'arms'}; score them with "
+                               "--stage host" + "".join(f"\nFAILED {k}: {v}" for k, v in failed.items())}
+    # Arms another call has still to train (or that failed) are listed in the report, not scored; none: an error.
+    missing = {f"{a}_seed{s}": why for a, s in pairs if (why := unscored(a, s, out / "arms" / f"{a}_seed{s}"))}
+    if len(missing) == len(pairs):
+        a, s = pairs[0]
+        raise FileNotFoundError(f"no arm to score: {a} seed {s}: {missing[f'{a}_seed{s}']}")
     results = [score_arm(a, s, scale, heldout, out / "arms" / f"{a}_seed{s}", force=force)
-               for a, s in tqdm(pairs, desc="quality arms (score)", unit="model", disable=not progress)]
+               for a, s in tqdm(pairs, desc="quality arms (score)", unit="model", disable=not progress)
+               if f"{a}_seed{s}" not in missing]
     for s in scale.seeds:
         results.append(pca_arm(s, heldout, out / "arms" / f"pca_seed{s}", scale))
     table = aggregate(results, list(heldout))
@@ -408,7 +445,8 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
               "A short single-GPU budget per model, not the paper's pre-training on ~130M cells.")
     summary = {"recipe": "quality", "scale_name": scale_name, "settings": dataclasses.asdict(scale), "arms": list(kinds),
                "provenance": provenance(), "datasets": {n: DATASETS[n].about for n in scale.datasets},
-               "heldout_cells": {n: str(p) for n, p in heldout.items()}, "results": results, "table": table,
+               "heldout_cells": {n: str(p) for n, p in heldout.items()}, "results": results, "not_scored": missing,
+               "table": table,
                "verdict": verdict_line(table), "paper": PAPER, "caveat": caveat, "plots": ["quality.png"],
                "seconds": round(time.perf_counter() - t0, 1)}
     plot(table, out / "quality.png", f"{scale.preset}, {len(scale.seeds)} seeds")
