@@ -14,10 +14,10 @@
 #   tests       GPU-marked op tests (tests/sigattn), pytest-xdist over $TEST_WORKERS (8) workers     -> gpu_tests.log
 #               (SIGATTN_HOPPER_BWD=1 in the environment: every op test's backward through the Hopper kernel;
 #               ~600 tests take ~300 s on 8 workers: raise TEST_TIMEOUT, or TEST_WORKERS on a 16-core machine)
-#   dqtma-tests  GPU tests of the portable backward's dQ by TMA reductions (test_gpu_kernels.py -k tma) and of the
-#               default path it must not disturb (-k "matrix and bf16")                           -> dqtma_tests.log
-#               then time it: BENCH_ARGS="--d 128 64 --modes bwd --pad 0 25 --kernels ours_padded ours_varlen
-#               ours_dqtma_padded ours_dqtma_varlen tsig sdpa_cudnn" ... bench-hopper
+#   dqtma-tests  GPU tests of the portable backward's dQ by TMA reductions (test_dq_by_tma_*, by node id: a -k
+#               expression matched the whole file on the device) and of the API's sync-free calls   -> dqtma_tests.log
+#               then time it: BENCH_ARGS="--d 128 64 --modes bwd --pad 0 25 --kernels ours_dqatomic_padded
+#               ours_dqatomic_varlen ours_dqtma_padded ours_dqtma_varlen tsig sdpa_cudnn" ... bench-hopper
 #   trainer-tests  every gpu-marked test under tests/training and tests/launch (by marker; trainer, validation loss,
 #               embeddings, CUDA graphs), serial, kit versions first; needs the kit (bash benchmarks/gpu_wheels.sh)
 #                                                                                     -> trainer_gpu_tests.log
@@ -41,11 +41,14 @@
 #   quality     python -m training.reproduce quality --scale gpu --stage device $QUALITY_ARGS (e.g. "--seeds 0 1"): the
 #               GPU half of the quality recipe (training, val loss, embeddings) on the corpus and held-out cells that
 #               `--stage prepare` wrote here (carry runs/reproduce/quality-gpu/corpus/mds, …/corpus/manifest.json,
-#               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; ~5 MB), packed as
-#               soon as it is trained; a call fits 4 trained arms ("--seeds 0 1 --arms sigmoid softmax") or 5 untrained
-#               ones ("--arms untrained"), within 600 s and the 8 files that come back: unpack into
-#               runs/reproduce/quality-gpu/arms, then `--stage host` on a CPU
+#               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; ~10 MB with
+#               both poolings), packed as soon as it is trained; a call fits 3 trained arms (~125–165 s each) or 5
+#               untrained ones (~65–100 s), within 600 s and the 8 files that come back (build.log goes into
+#               quality.log; remove header.txt at the end of the command for a fifth untrained arm); unpack into runs/reproduce/quality-gpu/arms, then `--stage host` on a CPU
 #                                                                                     -> quality-*.tgz, quality.log
+#   stress      benchmarks/stress_attention.py: the kernels called again and again on the same inputs, compared bitwise with
+#               the first call (a race shows as a mismatch or a NaN), with a second process loading the GPU ($STRESS_LOAD=""
+#               turns it off), $STRESS_SECONDS (20) per case                             -> stress_attention.json
 #   speed       python -m training.reproduce speed --scale gpu $SPEED_ARGS: sigmoid vs softmax trainer tokens/s at
 #               2K/4K/8K (160m) and the paper's GPU-hour table; the folder comes back as a tarball (7 files) -> speed-gpu.tgz
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS, $PROFILE_ARGS
@@ -90,7 +93,8 @@ for phase in "$@"; do
           -n "${TEST_WORKERS:-8}" tests/sigattn; } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
     dqtma-tests)
       { cat "$OUT/header.txt"; timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -rfE -m gpu \
-          -n "${TEST_WORKERS:-8}" tests/sigattn/test_gpu_kernels.py -k "tma or (matrix and bf16)"; } 2>&1 \
+          -n "${TEST_WORKERS:-8}" tests/sigattn/test_gpu_kernels.py::test_dq_by_tma_reductions \
+          tests/sigattn/test_gpu_kernels.py::test_dq_by_tma_reductions_long_and_autotuned tests/sigattn/test_gpu_host_sync.py; } 2>&1 \
         | tee "$OUT/dqtma_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
     trainer-tests)
       { cat "$OUT/header.txt"
@@ -137,7 +141,12 @@ for phase in "$@"; do
       ( while sleep 5; do pack; done ) & packer=$!
       timeout "${QUALITY_TIMEOUT:-500}" python3 -m training.reproduce quality --scale gpu --stage device ${QUALITY_ARGS} \
         --out "$Q" 2>&1 | tee "$OUT/quality.log" | tail -5
-      kill $packer 2>/dev/null; wait $packer 2>/dev/null; pack ;;
+      kill $packer 2>/dev/null; wait $packer 2>/dev/null; pack
+      { cat "$OUT/header.txt" "$OUT/build.log" 2>/dev/null; cat "$OUT/quality.log"; } > /tmp/qpack/quality.log
+      mv /tmp/qpack/quality.log "$OUT/quality.log"; rm -f "$OUT/build.log" ;;
+    stress)
+      timeout "${STRESS_TIMEOUT:-300}" python3 benchmarks/stress_attention.py --seconds "${STRESS_SECONDS:-20}" \
+        ${STRESS_LOAD---load} --out "$OUT/stress_attention.json" 2>&1 | tail -12 ;;
     speed)
       rm -rf /tmp/speed-gpu
       timeout "${SPEED_TIMEOUT:-540}" python3 -m training.reproduce speed --scale gpu ${SPEED_ARGS} --quiet \

@@ -449,7 +449,8 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
                "table": table,
                "verdict": verdict_line(table), "paper": PAPER, "caveat": caveat, "plots": ["quality.png"],
                "seconds": round(time.perf_counter() - t0, 1)}
-    plot(table, out / "quality.png", f"{scale.preset}, {len(scale.seeds)} seeds")
+    plot(table, out / "quality.png", f"{scale.preset}, {len(scale.seeds)} seeds"
+         + (f" (not scored: {', '.join(missing)})" if missing else ""))
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", markdown(summary))
     return json.loads(json.dumps(summary, default=str))

@@ -1,0 +1,55 @@
+"""benchmarks/stress_attention.py: finds a call that differs from the first or holds NaN, and runs end to end on
+the CPU (Triton interpreter, tiny shapes; no rates asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import stress_attention  # noqa: E402
+
+
+def _flaky(bad_calls, nan=False):
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(40, 2, 8, generator=g) for _ in range(4)]
+    n = [0]
+
+    def fn():
+        n[0] += 1
+        out = [t.clone() for t in ref]
+        if n[0] in bad_calls:
+            out[2][17, 1, 3] = float("nan") if nan else out[2][17, 1, 3] + 1e-3   # dK, row 17
+        out[1] += 1e-6 * torch.randn(out[1].shape, generator=g)                     # dQ: any order of adds
+        return out
+    return fn
+
+
+def test_a_call_that_differs_or_holds_nan_is_counted():
+    s = stress_attention.run_case(_flaky(set()), seconds=0.2)
+    assert s["calls"] > 3 and s["mismatch_calls"] == s["nonfinite_calls"] == s["dq_far_calls"] == 0
+    assert s["first"] is None
+    s = stress_attention.run_case(_flaky({3, 5}), seconds=0.2)
+    assert s["mismatch_calls"] == 2 and s["nonfinite_calls"] == 0
+    assert s["first"] == {"call": 3, "rows": {"dk": [17]}, "nonfinite": False, "dq_far": False}
+    s = stress_attention.run_case(_flaky({4}, nan=True), seconds=0.2)
+    assert s["mismatch_calls"] == 1 and s["nonfinite_calls"] == 1 and s["first"]["rows"] == {"dk": [17]}
+
+
+def test_stress_script_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "stress.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stress_attention.py"), "--device", "cpu",
+                        "--seconds", "0.3", "--cells", "3", "--max-len", "33", "--cases", "op:varlen:16:2",
+                        "portable:padded:16:2", "--out", str(out)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert {"device", "commit", "date", "load", "cases"} <= set(res) and res["device"] == "cpu"
+    assert [(c["kernel"], c["layout"]) for c in res["cases"]] == [("op", "varlen"), ("portable", "padded")]
+    assert all(c["calls"] >= 2 and c["mismatch_calls"] == 0 and c["ref_nonfinite"] == 0 for c in res["cases"])
