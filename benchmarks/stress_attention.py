@@ -9,7 +9,8 @@ reused) — which contention on the GPU makes likelier.
 
 Per case (kernel × layout × head dim, batches shaped like the trainer's: packed cells of 300–2048 genes), the
 first call's output is the reference; later calls are compared bitwise (forward: O; backward: dK, dV; dQ only for
-being finite and within 1e-2 of the first). ``--load`` runs a second process on the same GPU (bf16 GEMMs and
+being finite and within 1e-2 of the first). Before every call the outputs' memory is poisoned with NaN (freed
+NaN blocks of their size), so rows a kernel never writes show as NaN. ``--load`` runs a second process on the same GPU (bf16 GEMMs and
 device copies in a loop) for the whole run. Writes JSON (device, commit, per case: calls, mismatching calls,
 non-finite calls, the first mismatch's rows) and exits 1 if any case failed.
 
@@ -75,8 +76,8 @@ def make_case(kernel, layout, D, H, cells, max_len, seed, device="cuda"):
     kw = dict(scale=scale, bias=0.0, log_n_bias=True, causal=False)
     if kernel == "portable":          # the Triton kernels every GPU runs (on sm90 the ops' backward is this one)
         info, vl, ms = (cu, True, max(lens)) if layout == "varlen" else (seq, False, max(lens))
-        return lambda: (triton_fwd.launch_fwd(q, k, v, info, varlen=vl, max_seqlen=ms, **kw),
-                        *triton_bwd.launch_bwd(do, q, k, v, info, varlen=vl, max_seqlen=ms, **kw))
+        return (lambda: (triton_fwd.launch_fwd(q, k, v, info, varlen=vl, max_seqlen=ms, **kw),
+                         *triton_bwd.launch_bwd(do, q, k, v, info, varlen=vl, max_seqlen=ms, **kw))), q.shape
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
 
     def op():                         # the public API as the trainer calls it (forward: Hopper kernel on sm90)
@@ -88,7 +89,7 @@ def make_case(kernel, layout, D, H, cells, max_len, seed, device="cuda"):
             o = api.sigmoid_attention(qg, kg, vg, seq_lens=seq, scale=scale)
         o.backward(do)
         return o.detach(), qg.grad, kg.grad, vg.grad
-    return op
+    return op, q.shape
 
 
 def _rows(a, b):
@@ -98,12 +99,25 @@ def _rows(a, b):
     return torch.nonzero(diff).flatten()[:8].tolist()
 
 
-def run_case(fn, seconds):
+def poisoner(shape, device, copies=4):
+    """Before a call: NaN-filled blocks of the outputs' size, freed, so the caching allocator hands them to the
+    kernels' ``torch.empty`` outputs: rows a kernel never writes then read NaN instead of an earlier call's
+    (identical) answer."""
+    def poison():
+        blocks = [torch.full(shape, float("nan"), dtype=torch.bfloat16, device=device) for _ in range(copies)]
+        del blocks
+    return poison
+
+
+def run_case(fn, seconds, poison=None):
+    poison = poison or (lambda: None)
+    poison()
     ref = [t.clone() for t in fn()]
     stats = {"calls": 1, "mismatch_calls": 0, "nonfinite_calls": 0, "dq_far_calls": 0, "first": None,
              "ref_nonfinite": int(sum((~torch.isfinite(t)).sum().item() for t in ref))}
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
+        poison()
         out = fn()
         stats["calls"] += 1
         o, dq, dk, dv = out
@@ -148,7 +162,8 @@ def main(argv=None):
     failed = False
     try:
         for i, (kernel, layout, D, H) in enumerate(cases):
-            s = run_case(make_case(kernel, layout, D, H, a.cells, a.max_len, seed=i, device=a.device), a.seconds)
+            fn, shape = make_case(kernel, layout, D, H, a.cells, a.max_len, seed=i, device=a.device)
+            s = run_case(fn, a.seconds, poisoner(shape, a.device))
             s.update(kernel=kernel, layout=layout, D=D, H=H)
             result["cases"].append(s)
             bad = s["mismatch_calls"] or s["nonfinite_calls"] or s["dq_far_calls"] or s["ref_nonfinite"]

@@ -30,6 +30,18 @@ def _flaky(bad_calls, nan=False):
     return fn
 
 
+def test_unwritten_rows_read_the_poison():
+    # a "kernel" that leaves its output's last row unwritten: the poisoned allocator hands it NaN, so it counts
+    shape = (40, 2, 8)
+
+    def lazy():
+        out = torch.empty(shape, dtype=torch.bfloat16)
+        out[:-1] = 1.0
+        return out, out.clone(), out.clone(), out.clone()
+    s = stress_attention.run_case(lazy, seconds=0.1, poison=stress_attention.poisoner(shape, "cpu"))
+    assert s["ref_nonfinite"] > 0 or s["nonfinite_calls"] > 0
+
+
 def test_a_call_that_differs_or_holds_nan_is_counted():
     s = stress_attention.run_case(_flaky(set()), seconds=0.2)
     assert s["calls"] > 3 and s["mismatch_calls"] == s["nonfinite_calls"] == s["dq_far_calls"] == 0
