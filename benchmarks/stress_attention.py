@@ -37,15 +37,22 @@ CASES = [  # (kernel, layout, D, H): 160m has D = 64 (768 / 12 heads); 1.4b D = 
 
 
 def _load(stop, ready):
-    """Contention: GEMMs and large copies on the same GPU until ``stop`` is set."""
+    """Contention: GEMMs, large copies and our own attention (forward + backward: TMA, wgmma, atomics) on the same
+    GPU until ``stop`` is set, as the GPU tests did beside the quality arm that gave NaN."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sigattn import api
+
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     big = torch.empty(1 << 28, device="cuda", dtype=torch.uint8)
+    q, k, v = (torch.randn(16384, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cu = torch.arange(0, 16385, 2048, dtype=torch.int32, device="cuda")
     ready.set()
     while not stop.is_set():
-        for _ in range(8):
+        for _ in range(4):
             a @ b
             big.copy_(big.flip(0))
+            api.sigmoid_attention_varlen(q, k, v, cu, 2048).sum().backward()
         torch.cuda.synchronize()
 
 
