@@ -135,6 +135,7 @@ for phase in "$@"; do
       pack() { for arm in "$Q"/arms/*/; do a=$(basename "$arm")
         [ -f "$OUT/quality-$a.tgz" ] && continue
         if [ -f "$arm/trained.json" ]; then files=("$a/trained.json" "$a/train.log" "$a/embeddings")
+          [ -f "$arm/run/metrics.jsonl" ] && files+=("$a/run/metrics.jsonl")    # per-step loss, tokens/s, MFU
         elif [ -f "$arm/failed.json" ]; then files=("$a/failed.json" "$a/train.log")
         else continue; fi
         tar czf "/tmp/qpack/$a.tgz" -C "$Q/arms" "${files[@]}" && mv "/tmp/qpack/$a.tgz" "$OUT/quality-$a.tgz"; done; }
