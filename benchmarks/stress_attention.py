@@ -10,11 +10,11 @@ reused) — which contention on the GPU makes likelier.
 Per case (kernel × layout × head dim, batches shaped like the trainer's: packed cells of 300–2048 genes), the
 first call's output is the reference; later calls are compared bitwise (forward: O; backward: dK, dV; dQ only for
 being finite and within 1e-2 of the first). Before every call the outputs' memory is poisoned with NaN (freed
-NaN blocks of their size), so rows a kernel never writes show as NaN. ``--load`` runs a second process on the same GPU (bf16 GEMMs and
-device copies in a loop) for the whole run. Writes JSON (device, commit, per case: calls, mismatching calls,
-non-finite calls, the first mismatch's rows) and exits 1 if any case failed.
+NaN blocks of their size), so rows a kernel never writes show as NaN. ``--load P`` runs P other processes on the
+same GPU (bf16 GEMMs, device copies and our attention in a loop) for the whole run. Writes JSON (device, commit,
+per case: calls, mismatching calls, non-finite calls, the first mismatch's rows); exits 1 if any case failed.
 
-    python benchmarks/stress_attention.py --load --seconds 20 --out stress.json
+    python benchmarks/stress_attention.py --load 4 --seconds 20 --out stress.json
 """
 
 import argparse
@@ -145,7 +145,9 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=20.0, help="per case")
     ap.add_argument("--cells", type=int, default=64, help="cells per batch (the embed/eval batch)")
     ap.add_argument("--max-len", type=int, default=2048)
-    ap.add_argument("--load", action="store_true", help="a second process keeps the GPU busy meanwhile")
+    ap.add_argument("--load", type=int, default=0, metavar="P",
+                    help="P other processes keep the GPU busy meanwhile (the NaN arm ran beside 8 pytest workers, "
+                         "each its own CUDA context: the GPU time-slices between contexts)")
     ap.add_argument("--cases", nargs="+", help="kernel:layout:D:H (default: the built-in list)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script (TRITON_INTERPRET=1, tiny shapes)")
     ap.add_argument("--out", type=Path, required=True)
@@ -159,13 +161,15 @@ def main(argv=None):
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else a.device, "commit": commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "load": a.load,
               "seconds_per_case": a.seconds, "cells": a.cells, "max_len": a.max_len, "cases": []}
-    stop = ready = proc = None
+    procs = []
     if a.load:
         ctx = mp.get_context("spawn")
-        stop, ready = ctx.Event(), ctx.Event()
-        proc = ctx.Process(target=_load, args=(stop, ready), daemon=True)
-        proc.start()
-        ready.wait(120)
+        stop = ctx.Event()
+        for _ in range(a.load):
+            ready = ctx.Event()
+            procs.append(ctx.Process(target=_load, args=(stop, ready), daemon=True))
+            procs[-1].start()
+            ready.wait(180)
     failed = False
     try:
         for i, (kernel, layout, D, H) in enumerate(cases):
@@ -181,9 +185,10 @@ def main(argv=None):
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(result, indent=1))
     finally:
-        if proc is not None:
+        if procs:
             stop.set()
-            proc.join(30)
+            for p in procs:
+                p.join(30)
     return 1 if failed else 0
 
 
