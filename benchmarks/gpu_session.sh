@@ -44,7 +44,9 @@
 #               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; ~10 MB with
 #               both poolings), packed as soon as it is trained; a call fits 3 trained arms (~125–165 s each) or 5
 #               untrained ones (~65–100 s), within 600 s and the 8 files that come back (build.log goes into
-#               quality.log; remove header.txt at the end of the command for a fifth untrained arm); unpack into runs/reproduce/quality-gpu/arms, then `--stage host` on a CPU
+#               quality.log; remove header.txt at the end of the command for a fifth untrained arm). Another budget
+#               (e.g. "--steps 1600") goes to its own $QUALITY_DIR holding a copy of corpus/ and heldout/ (a finished
+#               arm of another budget is refused, never overwritten); unpack into runs/reproduce/quality-gpu/arms, then `--stage host` on a CPU
 #                                                                                     -> quality-*.tgz, quality.log
 #   stress      benchmarks/stress_attention.py: the kernels called again and again on the same inputs, compared bitwise with
 #               the first call (a race shows as a mismatch or a NaN), with $STRESS_LOAD (4) other processes loading the GPU
@@ -130,7 +132,7 @@ for phase in "$@"; do
     quality)
       # Each arm is packed into $OUT as soon as its trained.json (written last) appears, so the arms finished
       # before a call is cut off still come back (session 16 lost four when the call's limit hit the fourth).
-      Q=runs/reproduce/quality-gpu; mkdir -p /tmp/qpack
+      Q=${QUALITY_DIR:-runs/reproduce/quality-gpu}; mkdir -p /tmp/qpack
       # An arm whose values came out non-finite comes back as its failed.json and train.log (trained again next call).
       pack() { for arm in "$Q"/arms/*/; do a=$(basename "$arm")
         [ -f "$OUT/quality-$a.tgz" ] && continue
