@@ -19,6 +19,7 @@ resumes and one rebuilt in place with other inputs or options does not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -185,12 +186,30 @@ def check_resume(ckpt_dir: str | Path, cfg) -> dict[str, tuple]:
     return changed
 
 
+_WEIGHTS: dict | None = None          # {(checkpoints dir, tag): fp32 state dict} inside cached_weights()
+
+
+@contextlib.contextmanager
+def cached_weights():
+    """Inside the block ``load_for_inference`` consolidates each checkpoint's ZeRO shards once: several evaluations
+    of one checkpoint (the quality recipe's validation loss over K masking patterns and its embeddings) share the
+    fp32 weights instead of re-reading the shards each time. Each call still builds its own model."""
+    global _WEIGHTS
+    outer = _WEIGHTS
+    _WEIGHTS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _WEIGHTS = outer
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     """``(model, cfg, tokenizer)`` from a run dir (its ``latest``), its ``checkpoints/`` dir or one tag dir,
     built with the config that checkpoint was trained with.
 
     Weights are consolidated to fp32 with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
-    (any ZeRO stage); the model is returned in eval mode on ``device``.
+    (any ZeRO stage; once per checkpoint inside ``cached_weights()``); the model is returned in eval mode on
+    ``device``.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -206,7 +225,13 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
         if tag is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     cfg, _ = trained_config(ckpt_dir / tag)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    key = (str(Path(ckpt_dir).resolve()), tag)
+    if _WEIGHTS is not None and key in _WEIGHTS:
+        state = _WEIGHTS[key]
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        if _WEIGHTS is not None:
+            _WEIGHTS[key] = state
     model = build_model(cfg.model)
     model.load_state_dict(state)
     d = cfg.data

@@ -40,7 +40,7 @@ def records(run_dir):
 
 
 @pytest.mark.parametrize("stage, clip, gas, ac", [(1, 1.0, 1, False), (2, None, 1, 2), (3, 0.5, 2, True)])  # ac 2: selective
-def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, stage, clip, gas, ac):
+def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, stage, clip, gas, ac, monkeypatch):
     import logging
 
     from deepspeed.utils import logger as ds_logger
@@ -73,6 +73,24 @@ def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, s
     with torch.no_grad():
         live = t.engine.module.eval().embed(batch)
     torch.testing.assert_close(model.embed(batch), live.float())
+    # inside cached_weights() each checkpoint's shards are consolidated once; every call still gets its own model
+    import deepspeed.utils.zero_to_fp32 as z2f
+
+    from training.checkpoint import cached_weights
+    real, calls = z2f.get_fp32_state_dict_from_zero_checkpoint, []
+    monkeypatch.setattr(z2f, "get_fp32_state_dict_from_zero_checkpoint",
+                        lambda d, tag: calls.append(tag) or real(d, tag=tag))
+    with cached_weights():
+        a = load_for_inference(tmp_path)[0]
+        b = load_for_inference(tmp_path / "checkpoints" / "step_00000004")[0]
+        a.to(torch.bfloat16)                                                   # a caller's cast stays its own
+        old = load_for_inference(tmp_path / "checkpoints" / "step_00000002")[0]
+    assert calls == ["step_00000004", "step_00000002"]
+    with torch.no_grad():
+        torch.testing.assert_close(b.embed(batch), model.embed(batch), rtol=0, atol=0)
+        assert not torch.equal(old.embed(batch), model.embed(batch))
+    load_for_inference(tmp_path)
+    assert calls == ["step_00000004", "step_00000002", "step_00000004"]       # no cache outside the block
 
 
 def _nan_loss_once(module):

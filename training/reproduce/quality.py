@@ -138,6 +138,7 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
     import sys
 
     from launch.configs import resolve_config
+    from training.checkpoint import cached_weights
     from training.demo import run_logged
     from training.embed import NonFiniteEmbeddings, embed
 
@@ -160,13 +161,14 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
                 f"training ({attention}, seed {seed})", quiet=not progress)
     t_train = time.perf_counter() - t0
     try:
-        losses = val_loss(run_dir, corpus, scale.mask_patterns)
-        if bad := [n for n, v in losses.items() if not math.isfinite(v)]:
-            raise NonFiniteLoss(f"validation loss is not finite on {', '.join(bad)}: {losses}")
-        for name, cells in heldout.items():
-            for pooling, suffix in POOLINGS.items():
-                embed(run_dir, cells, arm / "embeddings" / f"{name}{suffix}.h5ad", obsm_key=OBSM_KEY,
-                      progress=False, pooling=pooling)
+        with cached_weights():     # the checkpoint's shards consolidated once for the K + 2·datasets passes
+            losses = val_loss(run_dir, corpus, scale.mask_patterns)
+            if bad := [n for n, v in losses.items() if not math.isfinite(v)]:
+                raise NonFiniteLoss(f"validation loss is not finite on {', '.join(bad)}: {losses}")
+            for name, cells in heldout.items():
+                for pooling, suffix in POOLINGS.items():
+                    embed(run_dir, cells, arm / "embeddings" / f"{name}{suffix}.h5ad", obsm_key=OBSM_KEY,
+                          progress=False, pooling=pooling)
     except (NonFiniteLoss, NonFiniteEmbeddings) as e:   # recorded, not raised: the call goes on with the next arm
         r = {"attention": attention, "seed": seed, "failed": f"non-finite: {e}", "run_dir": str(run_dir),
              "seconds": round(time.perf_counter() - t0, 1), "provenance": provenance()}
