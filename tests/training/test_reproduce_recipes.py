@@ -181,6 +181,8 @@ def test_quality_recipe_in_stages(tmp_path, capsys, monkeypatch):
     assert main(["quality", "--stage", "device", *longer]) == 2                 # another budget: refused, arm kept
     assert "steps 2 → 3" in capsys.readouterr().err and t == json.loads(
         (out / "arms" / "sigmoid_seed0" / "trained.json").read_text())
+    assert main(["quality", "--stage", "host", *longer]) == 2                   # nor scored as the other budget's
+    assert "steps 2 → 3" in capsys.readouterr().err and not list(out.glob("arms/*/result.json"))
     for f in (out / "arms").glob("*/embeddings/*_mean.h5ad"):                 # as if trained before mean pooling
         f.unlink()
     for f in (out / "arms").glob("*/trained.json"):                             # as if trained on a GPU machine

@@ -204,6 +204,8 @@ def score_arm(attention: str, seed: int, scale: Scale, heldout: dict[str, Path],
     if why := unscored(attention, seed, arm):
         raise FileNotFoundError(f"{trained}: arm {attention} seed {seed}: {why}")
     t = read_json(trained)
+    if _budget(t.get("scale", {})) != _budget(as_record(scale)):      # never score another budget's model as this one
+        raise other_budget(arm, _budget(t.get("scale", {})), _budget(as_record(scale)))
     t0 = time.perf_counter()
     metrics = {}
     for name in heldout:
