@@ -202,11 +202,13 @@ def test_dq_by_tma_reductions(monkeypatch, dtype, D, layout, heads, causal):
     # SIGATTN_DQ_TMA=1: dQ tiles added by bulk TMA reductions (sm90+, D a power of two; D = 96 keeps the atomics).
     # Tiles overhang the sequence end into the next sequence's rows (varlen) and the padding (padded): their
     # rows must add exact zeros there (NaN-poisoned padding, all-padding and one-token sequences).
+    import triton
+
     from sigattn.triton_bwd import dq_tma_usable
 
     monkeypatch.setenv("SIGATTN_DQ_TMA", "1")
     q = torch.empty(1, 1, 1, D, device=DEVICE, dtype=DTYPES[dtype])
-    assert dq_tma_usable(q, max(16, 1 << (D - 1).bit_length())) == (D != 96 and torch.cuda.get_device_capability()[0] >= 9)
+    assert dq_tma_usable(q, max(16, triton.next_power_of_2(D))) == (D != 96 and torch.cuda.get_device_capability()[0] >= 9)
     run_case(layout, DTYPES[dtype], D, heads[0], heads[1], causal, "log_n", [300, 225, 150, 1, 0], 300)
 
 

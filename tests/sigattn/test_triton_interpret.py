@@ -167,7 +167,7 @@ if __name__ == "__main__":
     print(json.dumps(_sigmoid_child() if sys.argv[1] == "sigmoid" else _child(sys.argv[1])))
 
 
-def test_dq_tma_plumbing_on_cpu():
+def test_dq_tma_plumbing_on_cpu(monkeypatch):
     # The TMA-reduce dQ path runs on sm90+ only (tests/sigattn/test_gpu_kernels.py); here: its switch stays off on
     # the CPU, every autotune config carries the descriptor hook, and the hook sizes the block per config.
     import torch
@@ -176,16 +176,12 @@ def test_dq_tma_plumbing_on_cpu():
 
     q = torch.randn(3, 2, 64)
     assert not triton_bwd.dq_tma_usable(q, 64)
-    env = os.environ.pop("SIGATTN_DQ_TMA", None)
-    try:  # default: TMA reductions for varlen calls only (where they measured faster); the variable overrides both
-        assert triton_tuning.dq_tma(True) and not triton_tuning.dq_tma(False)
-        for value, want in (("1", True), ("0", False)):
-            os.environ["SIGATTN_DQ_TMA"] = value
-            assert triton_tuning.dq_tma(True) is want and triton_tuning.dq_tma(False) is want
-    finally:
-        os.environ.pop("SIGATTN_DQ_TMA", None)
-        if env is not None:
-            os.environ["SIGATTN_DQ_TMA"] = env
+    # default: TMA reductions for varlen calls only (where they measured faster); the variable overrides both
+    monkeypatch.delenv("SIGATTN_DQ_TMA", raising=False)
+    assert triton_tuning.dq_tma(True) and not triton_tuning.dq_tma(False)
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("SIGATTN_DQ_TMA", value)
+        assert triton_tuning.dq_tma(True) is want and triton_tuning.dq_tma(False) is want
     hooked = triton_tuning.with_pre_hook(triton_tuning.BWD_CONFIGS, triton_bwd._dq_block)
     for cls, cfgs in triton_tuning.BWD_CONFIGS.items():
         assert [(c.kwargs, c.num_warps, c.num_stages) for c in hooked[cls]] == [

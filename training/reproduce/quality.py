@@ -428,13 +428,12 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
             if stage == "all" and not force and _reusable(arm / "result.json", scale) is not None:
                 continue                       # scored earlier: nothing to train
             train_arm(a, s, scale, corpus, heldout, arm, force=force, progress=progress)
-        failed = {f"{a}_seed{s}": why for a, s in pairs if (why := unscored(a, s, out / "arms" / f"{a}_seed{s}"))}
-        if stage == "device":
-            return {"stage": "device", "arms": [f"{a}_seed{s}" for a, s in pairs], "failed": failed,
-                    "verdict": f"trained {len(pairs) - len(failed)} models into {out / 'arms'}; score them with "
-                               "--stage host" + "".join(f"\nFAILED {k}: {v}" for k, v in failed.items())}
     # Arms another call has still to train (or that failed) are listed in the report, not scored; none: an error.
     missing = {f"{a}_seed{s}": why for a, s in pairs if (why := unscored(a, s, out / "arms" / f"{a}_seed{s}"))}
+    if stage == "device":
+        return {"stage": "device", "arms": [f"{a}_seed{s}" for a, s in pairs], "failed": missing,
+                "verdict": f"trained {len(pairs) - len(missing)} models into {out / 'arms'}; score them with "
+                           "--stage host" + "".join(f"\nFAILED {k}: {v}" for k, v in missing.items())}
     if len(missing) == len(pairs):
         a, s = pairs[0]
         raise FileNotFoundError(f"no arm to score: {a} seed {s}: {missing[f'{a}_seed{s}']}")
