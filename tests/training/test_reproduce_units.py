@@ -35,6 +35,17 @@ def test_paired_difference_uses_matching_seeds_only():
     assert d["ci_low"] > 0                                                  # a clear shift of +0.5
 
 
+def test_quality_verdict_names_one_seed_and_starts_clean():
+    """One seed has no interval (not "CI includes 0"); with no softmax arm the line starts with its first clause."""
+    from training.reproduce.quality import verdict_line
+
+    one = paired_difference({0: 0.3}, {0: 0.2})
+    line = verdict_line({"pbmc3k": {"bio_conservation": {"training_gain": one}}})
+    assert line.startswith("What training added") and "one seed: no interval" in line and "CI" not in line
+    many = paired_difference({s: 0.3 + 0.01 * s for s in range(4)}, {s: 0.1 for s in range(4)})
+    assert "(CI excludes 0)" in verdict_line({"pbmc3k": {"bio_conservation": {"training_gain": many}}})
+
+
 def _records(rng, n, **extra):
     g = rng.lognormal(0.0, 0.3, size=n)
     loss = 4.0 * np.exp(-np.arange(n) / (n / 3)) + 1.0 + 0.01 * rng.normal(size=n)

@@ -268,7 +268,9 @@ def aggregate(results: list[dict], datasets: list[str]) -> dict:
 
 
 def _sig(d: dict) -> str:
-    return "CI excludes 0" if d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0) else "CI includes 0"
+    if d["ci_low"] is None:                     # one pair: no interval, so nothing to say about 0
+        return "one seed: no interval"
+    return "CI excludes 0" if d["ci_low"] > 0 or d["ci_high"] < 0 else "CI includes 0"
 
 
 def verdict_line(table: dict) -> str:
@@ -284,9 +286,9 @@ def verdict_line(table: dict) -> str:
             d = t.get(key, {}).get("training_gain")
             if d is not None and d["mean"] is not None:
                 gains.append(f"{name} {label} {fmt_ci(d, '+.4f')} ({_sig(d)})")
-    line = "; ".join(parts) + "."
+    line = "; ".join(parts) + "." if parts else ""
     if gains:
-        line += " What training added to bio-conservation (sigmoid − its untrained initial weights): " + \
+        line += (" " if line else "") + "What training added to bio-conservation (sigmoid − its untrained initial weights): " + \
             "; ".join(gains) + "."
     return line
 
