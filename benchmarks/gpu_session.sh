@@ -50,7 +50,8 @@
 #                                                                                     -> quality-*.tgz, quality.log
 #   stress      benchmarks/stress_attention.py: the kernels called again and again on the same inputs, compared bitwise with
 #               the first call (a race shows as a mismatch or a NaN), with $STRESS_LOAD (4) other processes loading the GPU
-#               (0: none), $STRESS_SECONDS (20) per case                             -> stress_attention.json
+#               (0: none), $STRESS_SECONDS (20) per case, $STRESS_ARGS (e.g. "--fill-uninitialized": every torch.empty
+#               NaN-filled; "--cases encoder:160m op:varlen:64:12")                 -> stress_attention.json
 #   speed       python -m training.reproduce speed --scale gpu $SPEED_ARGS: sigmoid vs softmax trainer tokens/s at
 #               2K/4K/8K (160m) and the paper's GPU-hour table; the folder comes back as a tarball (7 files) -> speed-gpu.tgz
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS, $PROFILE_ARGS
@@ -149,7 +150,7 @@ for phase in "$@"; do
       mv /tmp/qpack/quality.log "$OUT/quality.log"; rm -f "$OUT/build.log" ;;
     stress)
       timeout "${STRESS_TIMEOUT:-300}" python3 benchmarks/stress_attention.py --seconds "${STRESS_SECONDS:-20}" \
-        --load "${STRESS_LOAD:-4}" --out "$OUT/stress_attention.json" 2>&1 | tail -12 ;;
+        --load "${STRESS_LOAD:-4}" ${STRESS_ARGS} --out "$OUT/stress_attention.json" 2>&1 | tail -12 ;;
     speed)
       rm -rf /tmp/speed-gpu
       timeout "${SPEED_TIMEOUT:-540}" python3 -m training.reproduce speed --scale gpu ${SPEED_ARGS} --quiet \
