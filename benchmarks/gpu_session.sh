@@ -37,14 +37,17 @@
 #               continuing the committed $STAB_DIR (default docs/reproduce/stability-gpu; finished arms are reused,
 #               another budget is refused: a constant-LR ladder, "--min-lr-ratio 1", goes to its own STAB_DIR, e.g.
 #               docs/reproduce/stability-gpu-constant); the arms come back as a tarball (the device's copy-back drops
-#               the arm folders)                                       -> stability-gpu/, stability-gpu-arms.tgz
+#               the arm folders; on a multi-GPU kind the arms train side by side, one per GPU)
+#                                                                      -> stability-gpu/, stability-gpu-arms.tgz
 #   quality     python -m training.reproduce quality --scale gpu --stage device $QUALITY_ARGS (e.g. "--seeds 0 1"): the
 #               GPU half of the quality recipe (training, val loss, embeddings) on the corpus and held-out cells that
 #               `--stage prepare` wrote here (carry runs/reproduce/quality-gpu/corpus/mds, …/corpus/manifest.json,
 #               …/corpus/vocab.tsv and …/heldout); each arm comes back as quality-ARM.tgz (no checkpoints; ~10 MB with
 #               both poolings), packed as soon as it is trained; a call fits 3 trained arms (~125–165 s each) or 5
 #               untrained ones (~65–100 s), within 600 s and the 8 files that come back (build.log goes into
-#               quality.log; remove header.txt at the end of the command for a fifth untrained arm). Another budget
+#               quality.log; remove header.txt at the end of the command for a fifth untrained arm). On a multi-GPU
+#               kind the arms train side by side, one per GPU (the recipe's --gpus auto): nvidia-h200-x2 fits twice
+#               the arms per call (the 8 files then cap it: 7 arms at most with quality.log). Another budget
 #               (e.g. "--steps 1600") goes to its own $QUALITY_DIR holding a copy of corpus/ and heldout/ (a finished
 #               arm of another budget is refused, never overwritten); unpack into runs/reproduce/quality-gpu/arms, then `--stage host` on a CPU
 #                                                                                     -> quality-*.tgz, quality.log

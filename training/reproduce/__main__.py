@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attentions to train (finished arms in --out are reused, also by a later run with a "
                         "longer ladder)")
     s.add_argument("--force", action="store_true", help="re-train finished arms")
+    s.add_argument("--gpus", default="auto",
+                   help="arms trained at once, one per GPU (default auto: every visible GPU; without CUDA, 1)")
     s.add_argument("--collect", type=Path, help="judge runs trained elsewhere: a folder of run dirs")
     s.add_argument("--nodes", type=int, default=2, help="cluster scale: nodes per run")
     s.add_argument("--gpus-per-node", type=int, default=8, help="cluster scale: GPUs per node")
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what this invocation trains/scores: the two attentions and the untrained encoder (initial "
                         "weights: what training added)")
     q.add_argument("--force", action="store_true", help="re-train and re-evaluate finished arms")
+    q.add_argument("--gpus", default="auto",
+                   help="arms trained at once, one per GPU (default auto: every visible GPU; without CUDA, 1)")
     q.add_argument("--quiet", action="store_true")
 
     v = sub.add_parser("speed", help="sigmoid vs softmax training tokens/s per context + projected GPU-hours")
@@ -87,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.reproduce.parallel import resolve_gpus
+
     a = build_parser().parse_args(argv)
     out = a.out or Path("runs/reproduce") / f"{a.recipe}-{a.scale}"
     try:
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                "batch_size": "batch_size", "steps": "steps", "warmup": "warmup", "lrs": "lrs",
                                "seed": "seed", "min_lr_ratio": "min_lr_ratio"})
                 summary = stability.run(a.scale, out, scale=scale, attentions=tuple(a.attention), force=a.force,
-                                        progress=not a.quiet, seeds=tuple(a.seeds) if a.seeds else None)
+                                        progress=not a.quiet, seeds=tuple(a.seeds) if a.seeds else None,
+                                        gpus=resolve_gpus(a.gpus))
                 print(summary["verdict"])
         elif a.recipe == "quality":
             from training.reproduce import quality
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                            "context": "context", "max_cells": "max_cells", "mask_patterns": "mask_patterns",
                            "datasets": "datasets"})
             summary = quality.run(a.scale, out, scale=scale, force=a.force, progress=not a.quiet, stage=a.stage,
-                                  arms=tuple(a.arms))
+                                  arms=tuple(a.arms), gpus=resolve_gpus(a.gpus) if a.stage in ("all", "device") else 1)
             print(summary["verdict"])
             if a.stage in ("prepare", "device"):
                 return 0                           # no report yet

@@ -21,6 +21,7 @@ arm (``result.json``) is reused on a re-run, so a long run can be spread over se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -32,6 +33,7 @@ import numpy as np
 
 from training.reproduce.datasets import DATASETS, LABEL_KEY, prepare
 from training.reproduce.heldout import heldout_cells
+from training.reproduce.parallel import on_gpus
 from training.reproduce.output import (as_record, budget, other_budget, provenance, read_json, write_json,
                                        write_text)
 from training.reproduce.stats import fmt_ci, mean_ci, paired_difference
@@ -397,13 +399,14 @@ def _prepared(scale: Scale, out: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progress: bool = True,
-        stage: str = "all", arms: tuple[str, ...] = ARMS) -> dict:
+        stage: str = "all", arms: tuple[str, ...] = ARMS, gpus: int = 1) -> dict:
     """The recipe, or one ``stage`` of it for machines that hold only part of what it needs (the lent GPUs have
     neither the datasets' package nor scanpy): ``prepare`` (CPU: corpus + held-out cells), ``device`` (GPU:
     training, validation loss, embeddings; carries ``out/corpus`` and ``out/heldout`` in, ``out/arms`` back),
     ``host`` (CPU: scIB of the returned embeddings, PCA, statistics, report). ``all`` runs the three in turn.
     ``arms``: which of sigmoid, softmax and the untrained encoder this invocation trains and scores (a device
-    call can train the untrained arms, ~45 s each on a GPU, apart from the trained ones)."""
+    call can train the untrained arms, ~45 s each on a GPU, apart from the trained ones). ``gpus``: arms trained
+    at once, one per GPU (``training.reproduce.parallel``)."""
     from tqdm.auto import tqdm
 
     if stage not in STAGES:
@@ -425,11 +428,11 @@ def run(scale_name: str, out: Path, *, scale: Scale, force: bool = False, progre
     kinds = tuple(a for a in ARMS if a in arms)
     pairs = [(a, s) for s in scale.seeds for a in kinds]
     if stage in ("all", "device"):
-        for a, s in tqdm(pairs, desc="quality arms (train)", unit="model", disable=not progress):
-            arm = out / "arms" / f"{a}_seed{s}"
-            if stage == "all" and not force and _reusable(arm / "result.json", scale) is not None:
-                continue                       # scored earlier: nothing to train
-            train_arm(a, s, scale, corpus, heldout, arm, force=force, progress=progress)
+        todo = [(a, s) for a, s in pairs          # an arm scored earlier has nothing to train
+                if stage != "all" or force or _reusable(out / "arms" / f"{a}_seed{s}" / "result.json", scale) is None]
+        on_gpus(functools.partial(train_arm, force=force, progress=progress and gpus == 1),
+                [(a, s, scale, corpus, heldout, out / "arms" / f"{a}_seed{s}") for a, s in todo], gpus,
+                desc="quality arms (train)", names=[f"{a}_seed{s}" for a, s in todo], progress=progress)
     # Arms another call has still to train (or that failed) are listed in the report, not scored; none: an error.
     missing = {f"{a}_seed{s}": why for a, s in pairs if (why := unscored(a, s, out / "arms" / f"{a}_seed{s}"))}
     if stage == "device":

@@ -18,6 +18,7 @@ ladder can be spread over several invocations; ``--force`` re-trains them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shlex
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 from training.reproduce.divergence import SPIKE_FACTOR, assess
 from training.reproduce.output import (as_record, budget, other_budget, provenance, read_json, write_json,
                                        write_text)
+from training.reproduce.parallel import on_gpus
 
 KINDS = ("sigmoid", "softmax")
 PAPER = {"model": "160m", "context": 8192, "steps": 80_000, "softmax_diverges_at_step": 55_000,
@@ -231,19 +233,18 @@ def verdict_line(rows: list[dict]) -> str:
 
 
 def run(scale_name: str, out: Path, *, scale: Scale, attentions=KINDS, force: bool = False,
-        progress: bool = True, seeds: tuple[int, ...] | None = None) -> dict:
+        progress: bool = True, seeds: tuple[int, ...] | None = None, gpus: int = 1) -> dict:
     """Train every arm of the ladder (skipping finished ones) and write summary.json, the plot and report.md.
-    ``seeds``: every (attention, lr) arm once per seed (the scale's own seed keeps the plain arm name)."""
-    from tqdm.auto import tqdm
-
+    ``seeds``: every (attention, lr) arm once per seed (the scale's own seed keeps the plain arm name); ``gpus``:
+    arms trained at once, one per GPU (``training.reproduce.parallel``)."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
     seeds = tuple(seeds) if seeds else (scale.seed,)
     arms = [(a, lr, sd) for lr in scale.lrs for sd in seeds for a in attentions]
-    for a, lr, sd in tqdm(arms, desc="stability arms", unit="arm", disable=not progress):
-        name = arm_name(a, lr, None if sd == scale.seed else sd)
-        rows.append(run_arm(dataclasses.replace(scale, seed=sd), a, lr, out / "arms" / name, force=force,
-                            progress=progress))
+    names = [arm_name(a, lr, None if sd == scale.seed else sd) for a, lr, sd in arms]
+    rows = on_gpus(functools.partial(run_arm, force=force, progress=progress and gpus == 1),
+                   [(dataclasses.replace(scale, seed=sd), a, lr, out / "arms" / name)
+                    for (a, lr, sd), name in zip(arms, names)], gpus, desc="stability arms", names=names,
+                   progress=progress)
     caveat = ("Demo scale on a CPU (a tiny model, a few hundred steps) says nothing about the paper's 80K-step "
               "claim: it checks the recipe end to end." if scale_name == "demo" else
               "One seed and a few hundred steps per arm: a learning-rate ladder makes instability show early; "
