@@ -82,6 +82,10 @@ def main():
     ap.add_argument("--portable-bwd", action="store_true",
                     help="the portable backward's K/V kernel (sigattn/triton_bwd.py) over its autotune tiles, dQ by "
                          "atomics and by TMA reductions: registers, stack (spills), shared memory, global atomics")
+    ap.add_argument("--tiles", nargs="+", metavar="BM,BN,WARPS,STAGES",
+                    help="with --portable-bwd: these tiles instead of the autotune set (e.g. 32,256,8,3)")
+    ap.add_argument("--layouts", nargs="+", choices=("padded", "varlen"), default=["padded", "varlen"])
+    ap.add_argument("--dq", nargs="+", choices=("atomics", "tma"), default=["atomics", "tma"])
     args = ap.parse_args()
     if args.portable_bwd:
         import re
@@ -89,10 +93,13 @@ def main():
         from sigattn import triton_tuning
 
         for D in args.d:
-            for c in triton_tuning.BWD_CONFIGS[triton_tuning.size_class(D)]:
-                bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                for varlen in (False, True):
-                    for tma in (False, True):
+            tiles = ([tuple(int(x) for x in t.split(",")) for t in args.tiles] if args.tiles else
+                     [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                      for c in triton_tuning.BWD_CONFIGS[triton_tuning.size_class(D)]])
+            for bm, bn, warps, stages in tiles:
+                c = triton_tuning._cfg(bm, bn, warps, stages)
+                for varlen in [layout == "varlen" for layout in args.layouts]:
+                    for tma in [dq == "tma" for dq in args.dq]:
                         k = compile_portable_bwd(D, varlen, bm, bn, c.num_warps, c.num_stages, tma)
                         ptx = k.asm["ptx"]
                         print(f"portable bwd D={D} ({bm}, {bn}, {c.num_warps} warps, {c.num_stages} stages) "

@@ -55,6 +55,10 @@
 #               the first call (a race shows as a mismatch or a NaN), with $STRESS_LOAD (4) other processes loading the GPU
 #               (0: none), $STRESS_SECONDS (20) per case, $STRESS_ARGS (e.g. "--fill-uninitialized": every torch.empty
 #               NaN-filled; "--cases encoder:160m op:varlen:64:12")                 -> stress_attention.json
+#   configs     benchmarks/attention_configs.py $CONFIGS_ARGS (default: the 160m preset's backward, D=64, varlen, N 4K/8K,
+#               the autotune set's best tile and the candidates built offline without spills or with few:
+#               32,128,8,3 / 32,256,8,3 / 32,256,16,3 / 64,128,8,2 / 64,128,8,4): each tile timed and checked
+#               against the autotuned call                                              -> attention_configs.json
 #   speed       python -m training.reproduce speed --scale gpu $SPEED_ARGS: sigmoid vs softmax trainer tokens/s at
 #               2K/4K/8K (160m) and the paper's GPU-hour table; the folder comes back as a tarball (7 files) -> speed-gpu.tgz
 #   profile     where a training step's time goes (torch.profiler by kernel category), $PROFILE_RUNS, $PROFILE_ARGS
@@ -154,6 +158,10 @@ for phase in "$@"; do
     stress)
       timeout "${STRESS_TIMEOUT:-300}" python3 benchmarks/stress_attention.py --seconds "${STRESS_SECONDS:-20}" \
         --load "${STRESS_LOAD:-4}" ${STRESS_ARGS} --out "$OUT/stress_attention.json" 2>&1 | tail -12 ;;
+    configs)
+      timeout "${CONFIGS_TIMEOUT:-400}" python3 benchmarks/attention_configs.py ${CONFIGS_ARGS:---d 64 --n 4096 8192 \
+        --layout varlen --kinds bwd --tiles 64,128,8,3 64,64,8,3 32,64,8,3 32,128,8,3 32,256,8,3 32,256,16,3 \
+        64,128,8,2 64,128,8,4} --out "$OUT/attention_configs.json" 2>&1 | tail -20 ;;
     speed)
       rm -rf /tmp/speed-gpu
       timeout "${SPEED_TIMEOUT:-540}" python3 -m training.reproduce speed --scale gpu ${SPEED_ARGS} --quiet \
