@@ -92,6 +92,47 @@ def alone_us(labelled: list[tuple[float, float, str]]) -> dict[str, float]:
     return out
 
 
+PHASE = "trainer/"   # the trainer's record_function scopes (training/trainer.py): data, mask_copy, forward, ...
+
+
+def idle_by_phase(events, n_steps: int) -> dict[str, float]:
+    """GPU idle time per step (ms) by the trainer phase the host was in meanwhile: each stretch of a profiled step
+    with no kernel running is split over the ``trainer/…`` scopes it overlaps (``outside``: none, e.g. the loop's
+    own work and logging). Says what the GPU waits for: the next batch, DeepSpeed's optimizer step after its sync..."""
+    steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("ProfilerStep"))
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events if str(e.device_type).endswith("CUDA"))
+    scopes = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE):]) for e in events
+                    if e.name.startswith(PHASE) and not str(e.device_type).endswith("CUDA"))
+    merged: list[list[float]] = []
+    for a, b in busy:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    idle = []
+    for s0, s1 in steps:             # the complement of the busy union inside each step
+        t = s0
+        for a, b in merged:
+            if b <= t or a >= s1:
+                continue
+            if a > t:
+                idle.append((t, a))
+            t = max(t, b)
+        if t < s1:
+            idle.append((t, s1))
+    out: dict[str, float] = {}
+    for a, b in idle:
+        covered = 0.0
+        for c0, c1, name in scopes:
+            lo, hi = max(a, c0), min(b, c1)
+            if hi > lo:
+                out[name] = out.get(name, 0.0) + (hi - lo)
+                covered += hi - lo
+        out["outside"] = out.get("outside", 0.0) + max(0.0, (b - a) - covered)
+    n = max(1, n_steps)
+    return {k: v / n / 1e3 for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     """Per-category ms per step and share of the step wall time, from a profiler's event list."""
     steps = [e for e in events if e.name.startswith("ProfilerStep")]
@@ -101,7 +142,7 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     busy = []
     labelled = []
     for e in events:
-        if (e.name.startswith("ProfilerStep") or e.name.startswith("[memory]")
+        if (e.name.startswith("ProfilerStep") or e.name.startswith("[memory]") or e.name.startswith(PHASE)
                 or getattr(e, "is_python_function", False)):       # with_stack's Python frames (not ops)
             continue
         if on_gpu:
@@ -121,6 +162,7 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     n = max(1, n_steps)
     alone = alone_us(labelled) if on_gpu else {}
     return {"step_ms": wall_us / n / 1e3, "busy_ms": busy_us / n / 1e3,
+            **({"idle_by_phase_ms": idle_by_phase(events, n_steps)} if on_gpu else {}),
             "categories": {c: {"ms_per_step": v / n / 1e3, "share": v / wall_us if wall_us else None}
                            | ({"alone_ms_per_step": alone.get(c, 0.0) / n / 1e3} if on_gpu and c != "idle" else {})
                            for c, v in per_cat.items()},
@@ -200,6 +242,15 @@ def _table(rows: list[dict]) -> str:
                  for c in ORDER]
         lines.append(f"| {r['size']} | {r['context']} | {r['attention']} | {r['batch_size']} | {r['step_ms']:.1f} | "
                      + " | ".join(cells) + " |")
+    phased = [r for r in rows if r.get("idle_by_phase_ms")]
+    if phased:
+        names = sorted({k for r in phased for k in r["idle_by_phase_ms"]},
+                       key=lambda k: -max(r["idle_by_phase_ms"].get(k, 0.0) for r in phased))
+        lines += ["", "GPU idle by the trainer phase the host was in (ms per step):", "",
+                  "| preset | context | attention | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+        for r in phased:
+            lines.append(f"| {r['size']} | {r['context']} | {r['attention']} | "
+                         + " | ".join(f"{r['idle_by_phase_ms'].get(k, 0.0):.1f}" for k in names) + " |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,11 @@ Context parallelism (``parallel.context_parallel_degree`` P, :mod:`training.para
 and masks come from the DP rank, each micro-batch is cut into P equal token shards after masking, the loss
 logged is the DP ranks' mean (each CP rank contributes its share).
 
+Profiler scopes (``torch.profiler.record_function``, a few microseconds each when no profiler runs): each
+micro-batch's ``trainer/data`` (next batch), ``trainer/mask_copy`` (masking, host→device copies),
+``trainer/forward``, ``trainer/backward`` and each step's ``trainer/update`` (DeepSpeed's optimizer step), so
+``benchmarks/training_profile.py`` can say which host phase the GPU waits on when it idles.
+
 Exactness: masking uses a generator seeded from (seed, step, micro-batch, DP rank); the data order
 is the loader's resumable state; no other randomness is used in training (no dropout).
 """
@@ -46,6 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from training import checkpoint
@@ -245,23 +251,27 @@ class Trainer:
                 loss_sum, cell_ids, grad_norm, host = None, [], None, None
                 lr = self.engine.get_lr()[0]                 # the LR this step applies
                 for micro in range(gas):
-                    batch = next(batches)                    # host tensors (page-locked on CUDA)
-                    if cells_log is not None:
-                        cell_ids += batch["cell_id"].tolist()
-                    masked = choose_masked(batch["cu_seqlens"], r.mask_ratio,
-                                           mask_generator(r.seed, (step - 1) * gas + micro, self.parallel.dp_rank))
-                    window.add(batch, masked, gas, cp)
-                    if cp > 1:      # this rank's equal share of the micro-batch's tokens (training.parallel)
-                        batch, masked = shard_batch(batch, masked, cp, self.parallel.cp_rank)
-                    # Indices picked on the host: a bool mask on the GPU would cost a sync in the model.
-                    idx = to_device(masked.nonzero().squeeze(1), self.device)
-                    batch = {k: to_device(v, self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    loss, _ = self.engine(batch, idx)
-                    lv = loss.detach()
-                    loss_sum = lv.double() if loss_sum is None else loss_sum + lv.double()
+                    with record_function("trainer/data"):
+                        batch = next(batches)                # host tensors (page-locked on CUDA)
+                    with record_function("trainer/mask_copy"):
+                        if cells_log is not None:
+                            cell_ids += batch["cell_id"].tolist()
+                        masked = choose_masked(batch["cu_seqlens"], r.mask_ratio,
+                                               mask_generator(r.seed, (step - 1) * gas + micro, self.parallel.dp_rank))
+                        window.add(batch, masked, gas, cp)
+                        if cp > 1:  # this rank's equal share of the micro-batch's tokens (training.parallel)
+                            batch, masked = shard_batch(batch, masked, cp, self.parallel.cp_rank)
+                        # Indices picked on the host: a bool mask on the GPU would cost a sync in the model.
+                        idx = to_device(masked.nonzero().squeeze(1), self.device)
+                        batch = {k: to_device(v, self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    with record_function("trainer/forward"):
+                        loss, _ = self.engine(batch, idx)
+                        lv = loss.detach()
+                        loss_sum = lv.double() if loss_sum is None else loss_sum + lv.double()
                     # A non-finite loss multiplies the backward by NaN: every gradient turns NaN, so the step
                     # boundary drops the update (DeepSpeed's overflow check, or ours below) without a host read here.
-                    self.engine.backward(loss * torch.where(torch.isfinite(lv), scale, math.nan))
+                    with record_function("trainer/backward"):
+                        self.engine.backward(loss * torch.where(torch.isfinite(lv), scale, math.nan))
                     if micro == gas - 1 and self._plain_optimizer:
                         # ZeRO 0 + fp32: nothing in DeepSpeed checks the norm, so the trainer reads it (with the
                         # logged values when this step is logged): the one read the wrapped optimizers make themselves.
@@ -271,7 +281,8 @@ class Trainer:
                             self.engine.zero_grad()           # no update, no LR-schedule advance,
                             self.engine.micro_steps += 1      # and the micro-step DeepSpeed's step() would count
                             continue
-                    self.engine.step()
+                    with record_function("trainer/update"):
+                        self.engine.step()
                 if self._plain_optimizer:
                     skipped = not math.isfinite(grad_norm)
                 else:   # DeepSpeed's wrapped optimizers checked the norm (their own host read) and skipped the update

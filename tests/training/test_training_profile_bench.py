@@ -65,3 +65,26 @@ def test_alone_time_is_what_no_other_category_overlaps():
     got = training_profile.alone_us([(0, 10, "copies"), (2, 8, "attention"), (9, 11, "attention"),
                                      (12, 14, "gemm")])
     assert got == {"copies": 3, "attention": 1, "gemm": 2}
+
+
+class _Ev:
+    def __init__(self, name, start, end, cuda=False):
+        self.name, self.device_type = name, "DeviceType.CUDA" if cuda else "DeviceType.CPU"
+        self.time_range = type("R", (), {"start": start, "end": end})()
+
+
+def test_gpu_idle_is_put_on_the_host_phase_it_waits_on():
+    # one step 0–100 µs; kernels 10–40 and 35–55 (overlapping) and 70–90; host: data 0–12, forward 12–50,
+    # update 50–95 → idle 0–10 (data), 55–70 (update), 90–100 (update 90–95, outside 95–100); scopes and the
+    # step itself are not kernels, and a second step doubles nothing but the denominator
+    ev = [_Ev("ProfilerStep#3", 0, 100), _Ev("k1", 10, 40, cuda=True), _Ev("k2", 35, 55, cuda=True),
+          _Ev("k3", 70, 90, cuda=True), _Ev("trainer/data", 0, 12), _Ev("trainer/forward", 12, 50),
+          _Ev("trainer/update", 50, 95), _Ev("aten::mm", 20, 30)]
+    got = training_profile.idle_by_phase(ev, 1)
+    assert got == pytest.approx({"data": 10e-3, "update": 20e-3, "outside": 5e-3})
+    assert list(got) == ["update", "data", "outside"]                      # largest first
+    assert training_profile.idle_by_phase(ev, 2)["update"] == pytest.approx(10e-3)
+    table = training_profile._table([{"size": "160m", "context": 8192, "attention": "sigmoid", "batch_size": 8,
+                                      "step_ms": 0.1, "categories": {c: {"share": 0.1} for c in training_profile.ORDER},
+                                      "idle_by_phase_ms": got}])
+    assert "| update | data | outside |" in table and "| 160m | 8192 | sigmoid | 0.0 | 0.0 | 0.0 |" in table
