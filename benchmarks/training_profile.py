@@ -63,16 +63,19 @@ def event_category(e) -> str:
     return cat
 
 
-def _union_us(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, None
+def _merged(intervals) -> list[list[float]]:
+    """The union of ``(start, end)`` intervals as disjoint, sorted ``[start, end]`` pieces."""
+    out: list[list[float]] = []
     for a, b in sorted(intervals):
-        if end is None or a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in _merged(intervals))
 
 
 def alone_us(labelled: list[tuple[float, float, str]]) -> dict[str, float]:
@@ -100,15 +103,9 @@ def idle_by_phase(events, n_steps: int) -> dict[str, float]:
     with no kernel running is split over the ``trainer/…`` scopes it overlaps (``outside``: none, e.g. the loop's
     own work and logging). Says what the GPU waits for: the next batch, DeepSpeed's optimizer step after its sync..."""
     steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("ProfilerStep"))
-    busy = sorted((e.time_range.start, e.time_range.end) for e in events if str(e.device_type).endswith("CUDA"))
+    merged = _merged((e.time_range.start, e.time_range.end) for e in events if str(e.device_type).endswith("CUDA"))
     scopes = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE):]) for e in events
                     if e.name.startswith(PHASE) and not str(e.device_type).endswith("CUDA"))
-    merged: list[list[float]] = []
-    for a, b in busy:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
     idle = []
     for s0, s1 in steps:             # the complement of the busy union inside each step
         t = s0

@@ -128,6 +128,14 @@ def _reusable(done: Path, scale: Scale) -> dict | None:
     return r if _budget(r.get("scale", {})) == _budget(as_record(scale)) else None
 
 
+def _require_budget(arm: Path, record: dict, scale: Scale) -> dict:
+    """``record`` (an arm's stored JSON) if it was made with this budget; else the refusal naming what differs."""
+    old, new = _budget(record.get("scale", {})), _budget(as_record(scale))
+    if old != new:
+        raise other_budget(arm, old, new)
+    return record
+
+
 class NonFiniteLoss(RuntimeError):
     """A model's validation loss came out NaN/inf."""
 
@@ -145,10 +153,8 @@ def train_arm(attention: str, seed: int, scale: Scale, corpus: Path, heldout: di
     from training.embed import NonFiniteEmbeddings, embed
 
     done = arm / "trained.json"
-    if not force and (r := _reusable(done, scale)) is not None:
-        return r
-    if not force and done.is_file():
-        raise other_budget(arm, _budget(read_json(done).get("scale", {})), _budget(as_record(scale)))
+    if not force and done.is_file():              # finished: reused, or refused if trained with another budget
+        return _require_budget(arm, read_json(done), scale)
     if arm.exists():
         shutil.rmtree(arm)
     t0 = time.perf_counter()
@@ -205,9 +211,7 @@ def score_arm(attention: str, seed: int, scale: Scale, heldout: dict[str, Path],
     trained = arm / "trained.json"
     if why := unscored(attention, seed, arm):
         raise FileNotFoundError(f"{trained}: arm {attention} seed {seed}: {why}")
-    t = read_json(trained)
-    if _budget(t.get("scale", {})) != _budget(as_record(scale)):      # never score another budget's model as this one
-        raise other_budget(arm, _budget(t.get("scale", {})), _budget(as_record(scale)))
+    t = _require_budget(arm, read_json(trained), scale)     # never score another budget's model as this one
     t0 = time.perf_counter()
     metrics = {}
     for name in heldout:
@@ -288,11 +292,11 @@ def verdict_line(table: dict) -> str:
             d = t.get(key, {}).get("training_gain")
             if d is not None and d["mean"] is not None:
                 gains.append(f"{name} {label} {fmt_ci(d, '+.4f')} ({_sig(d)})")
-    line = "; ".join(parts) + "." if parts else ""
+    sentences = ["; ".join(parts) + "."] if parts else []
     if gains:
-        line += (" " if line else "") + "What training added to bio-conservation (sigmoid − its untrained initial weights): " + \
-            "; ".join(gains) + "."
-    return line
+        sentences.append("What training added to bio-conservation (sigmoid − its untrained initial weights): "
+                         + "; ".join(gains) + ".")
+    return " ".join(sentences)
 
 
 def _measured(entry: dict) -> bool:
