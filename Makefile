@@ -24,10 +24,17 @@ $(VENV)/.installed: requirements.txt constraints.txt setup.py $(wildcard csrc/*.
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# The GPU image's Triton, beside the venv's: the Hopper kernels are Gluon for its API, and
+# tests/sigattn/test_hopper_smem.py builds them for sm90 with it ahead of time (no GPU; ~190 MB, no CUDA torch).
+TRITON_GPU := 3.6.0
+$(VENV)/triton-sm90/.installed: | $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps --target $(VENV)/triton-sm90 triton==$(TRITON_GPU)
+	touch $@
+
 build: venv
 	$(BIN)/python setup.py build_ext --inplace -q
 
-test: venv
+test: venv $(VENV)/triton-sm90/.installed
 	$(BIN)/python -m pytest -q tests
 
 demo: venv

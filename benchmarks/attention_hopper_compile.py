@@ -55,6 +55,113 @@ def compile_portable_bwd(D, varlen, BM, BN, warps, stages, tma, dtype="bf16"):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+_BYTES = {"i1": 1, "i8": 1, "i16": 2, "i32": 4, "i64": 8, "bf16": 2, "f16": 2, "f32": 4, "f64": 8,
+          "f8E4M3FN": 1, "f8E5M2": 1}
+
+
+def shared_layout(k) -> tuple:
+    """Where the shared-memory allocator put each buffer of a compiled kernel ``k`` (Triton's own
+    AllocateSharedMemory pass re-run on its TTGIR) and which are mbarriers the kernel uses:
+    ``([{name, op, offset, size, barrier, used}], text)``. ``size``: exact for ``local_alloc`` buffers, 1 byte (the
+    start) for an op's scratch (its extent is not in the IR); ``barrier``: ``init_barrier`` runs on it or a view of
+    it; ``used``: something other than that init reads it (a wait, arrive, TMA load, or a warp_specialize capture)."""
+    import re
+    import tempfile
+
+    from triton._C.libtriton import ir, nvidia, passes
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    nvidia.load_dialects(ctx)
+    with tempfile.NamedTemporaryFile("w", suffix=".ttgir") as f:
+        f.write(k.asm["ttgir"])
+        f.flush()
+        mod = ir.parse_mlir_module(f.name, ctx)
+    pm = ir.pass_manager(ctx)          # make_llir's passes up to and including the allocation (Triton 3.6)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    passes.ttgpuir.add_allocate_warp_groups(pm)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, 90, 87)
+    pm.run(mod, "shared_layout")
+    lines = str(mod).splitlines()
+
+    bufs, root = [], {}
+    for line in lines:
+        a = re.search(r"(%[\w.]+) = ttg\.local_alloc\b[^{]*\{[^}]*allocation\.offset = (\d+) : i32[^}]*\}.*?"
+                      r"-> !ttg\.memdesc<([\dx]+)x(\w+),", line)
+        if a:
+            size = _BYTES[a[4]]
+            for d in a[3].split("x"):
+                size *= int(d)
+            root[a[1]] = a[1]
+            bufs.append(dict(name=a[1], op="local_alloc", offset=int(a[2]), size=size, barrier=False, used=False))
+            continue
+        o = re.search(r"(?:(%[\w.]+) = )?([\w.]+)\b[^{]*\{[^}]*allocation\.offset = (\d+) : i32", line)
+        if o and "tt.func" not in line:
+            bufs.append(dict(name=o[1] or o[2], op=o[2], offset=int(o[3]), size=1, barrier=False, used=False))
+        v = re.search(r"(%[\w.]+) = ttg\.memdesc_\w+ (%[\w.]+)", line)
+        if v and v[2] in root:
+            root[v[1]] = root[v[2]]
+    by_name = {b["name"]: b for b in bufs if b["op"] == "local_alloc"}
+    for line in lines:
+        if "ttg.local_alloc" in line or re.search(r"= ttg\.memdesc_\w+ ", line):
+            continue
+        init = "ttng.init_barrier" in line
+        for name in set(re.findall(r"%[\w.]+", line)) & root.keys():
+            b = by_name[root[name]]
+            b["barrier" if init else "used"] = True
+    return bufs
+
+
+def barrier_problems(k) -> list:
+    """What breaks the rule that an initialised mbarrier owns its bytes until it is invalidated (PTX ISA; any other
+    access to them is undefined): a barrier the kernel initialises but never uses (the allocator ends its life at
+    the init and gives its bytes to later buffers or scratch), or one whose bytes another buffer's overlap."""
+    bufs = shared_layout(k)
+    out = [f"{b['name']} is initialised and never used" for b in bufs if b["barrier"] and not b["used"]]
+    out += [f"{b['name']} shares bytes with {o['name']} ({o['op']})" for b in bufs if b["barrier"] for o in bufs
+            if o is not b and o["offset"] < b["offset"] + b["size"] and b["offset"] < o["offset"] + o["size"]]
+    return out
+
+
+# What check_barriers builds: the forward's configs (D 64/128 defaults, two-consumer ping-pong on mbarriers and on
+# named barriers, a D = 64 variant) and the Gluon backward's kernels (dQ pass and dQ by TMA), both layouts.
+BARRIER_FWD = [(64, None), (128, None), (128, (128, 64, 3, 2, 3, 3)), (128, (128, 64, 4, 2, 3, 4)),
+               (64, (128, 128, 3, 1, 3, 1))]
+
+
+def check_barriers(fwd_source: Path | None = None) -> dict:
+    """``{case: {problems, used_barriers, scratch}}`` for every kernel of BARRIER_FWD and the backward (see
+    ``barrier_problems``); ``fwd_source``: take the forward kernel from another file (e.g. an older
+    sigattn/hopper_fwd.py), to show the check fails on it."""
+    import importlib.util
+
+    from sigattn import hopper_bwd
+
+    if fwd_source is not None:
+        spec = importlib.util.spec_from_file_location("hopper_fwd_other", fwd_source)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        hopper_fwd.hopper_fwd_kernel = mod.hopper_fwd_kernel
+    kernels = {}
+    for varlen in (False, True):
+        layout = "varlen" if varlen else "padded"
+        for D, config in BARRIER_FWD:
+            kernels[f"fwd D={D} {config or 'default'} {layout}"] = compile_fwd(D, varlen, config)
+        if fwd_source is None:
+            for D in (64, 128):
+                for dq in (False, "tma1"):
+                    for name, k in hopper_bwd.compiled_for_sm90(D, varlen, dq).items():
+                        kernels[f"bwd {name} D={D} dq={dq or 'pass'} {layout}"] = k
+    out = {}
+    for case, k in kernels.items():
+        bufs = shared_layout(k)
+        out[case] = {"problems": barrier_problems(k), "used_barriers": sum(b["barrier"] and b["used"] for b in bufs),
+                     "scratch": sum(b["op"] == "ttg.convert_layout" for b in bufs)}
+    return out
+
+
 def resource_usage(k) -> str:
     """Registers/spills per function from ``cuobjdump -res-usage`` (Triton's bundled copy) on the cubin."""
     import os
@@ -86,7 +193,15 @@ def main():
                     help="with --portable-bwd: these tiles instead of the autotune set (e.g. 32,256,8,3)")
     ap.add_argument("--layouts", nargs="+", choices=("padded", "varlen"), default=["padded", "varlen"])
     ap.add_argument("--dq", nargs="+", choices=("atomics", "tma"), default=["atomics", "tma"])
+    ap.add_argument("--barriers", action="store_true",
+                    help="check the shared-memory layout of every Hopper kernel (check_barriers): JSON on stdout")
+    ap.add_argument("--fwd-source", type=Path, help="with --barriers: the forward kernel from this file instead")
     args = ap.parse_args()
+    if args.barriers:
+        import json
+
+        print(json.dumps(check_barriers(args.fwd_source)))
+        return
     if args.portable_bwd:
         import re
 
@@ -125,7 +240,8 @@ def main():
     for D in args.d:
         for varlen in (False, True):
             k = compile_fwd(D, varlen, tuple(int(x) for x in args.config.split(",")) if args.config else None)
-            print(f"D={D} varlen={varlen}: smem {k.metadata.shared} B; {resource_usage(k)}")
+            print(f"D={D} varlen={varlen}: smem {k.metadata.shared} B; {resource_usage(k)}; barrier "
+                  f"problems: {barrier_problems(k) or 'none'}")
             if args.ptx:
                 args.ptx.with_suffix(f".d{D}{'v' if varlen else 'p'}.ptx").write_text(k.asm["ptx"])
 

@@ -655,10 +655,16 @@ if HAVE_GLUON:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=CONSUMERS)
             mbarrier.init(v_empty.index(i), count=CONSUMERS)
-        mbarrier.init(v_clean, count=CONSUMERS)
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
+        # Only the barriers a config uses are initialised: an initialised mbarrier must not share its bytes with
+        # anything else until it is invalidated (PTX ISA, mbarrier), and the allocator gives a barrier that has no
+        # use after its init the same bytes as the epilogue's layout-conversion scratch. Initialised there, ``turn``
+        # and ``v_clean`` corrupted rows 0-1 of some query tiles' output, now and then (NaN under
+        # benchmarks/stress_attention.py --fill-uninitialized); tests/sigattn/test_hopper_smem.py checks it.
+        if CLEAN_V:
+            mbarrier.init(v_clean, count=CONSUMERS)
         if DEPTH == 3:
+            for i in gl.static_range(2):
+                mbarrier.init(turn.index(i), count=1)
             mbarrier.arrive(turn.index(0))  # consumer 0 takes the first turn
         fence_async_shared()
         if DEPTH == 2:
