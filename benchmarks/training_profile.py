@@ -98,12 +98,26 @@ def alone_us(labelled: list[tuple[float, float, str]]) -> dict[str, float]:
 PHASE = "trainer/"   # the trainer's record_function scopes (training/trainer.py): data, mask_copy, forward, ...
 
 
+def _annotation(e) -> bool:
+    """Not an op or kernel: the profiler's step ranges, memory records, record_function scopes (ours and any
+    library's; each also shows on the GPU timeline as an annotation spanning its kernels) and with_stack's Python
+    frames."""
+    return (e.name.startswith("ProfilerStep") or e.name.startswith("[memory]") or e.name.startswith(PHASE)
+            or bool(getattr(e, "is_user_annotation", False)) or getattr(e, "is_python_function", False))
+
+
+def _kernels(events) -> list:
+    """The device-side events that are work: kernels, copies, memsets (annotations left out)."""
+    return [e for e in events if str(e.device_type).endswith("CUDA") and not _annotation(e)]
+
+
 def idle_by_phase(events, n_steps: int) -> dict[str, float]:
     """GPU idle time per step (ms) by the trainer phase the host was in meanwhile: each stretch of a profiled step
     with no kernel running is split over the ``trainer/…`` scopes it overlaps (``outside``: none, e.g. the loop's
     own work and logging). Says what the GPU waits for: the next batch, DeepSpeed's optimizer step after its sync..."""
-    steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("ProfilerStep"))
-    merged = _merged((e.time_range.start, e.time_range.end) for e in events if str(e.device_type).endswith("CUDA"))
+    steps = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.name.startswith("ProfilerStep") and not str(e.device_type).endswith("CUDA"))
+    merged = _merged((e.time_range.start, e.time_range.end) for e in _kernels(events))
     scopes = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE):]) for e in events
                     if e.name.startswith(PHASE) and not str(e.device_type).endswith("CUDA"))
     idle = []
@@ -132,15 +146,14 @@ def idle_by_phase(events, n_steps: int) -> dict[str, float]:
 
 def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     """Per-category ms per step and share of the step wall time, from a profiler's event list."""
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]
+    steps = [e for e in events if e.name.startswith("ProfilerStep") and not str(e.device_type).endswith("CUDA")]
     wall_us = sum(e.time_range.end - e.time_range.start for e in steps)
     per_cat: dict[str, float] = {c: 0.0 for c in ORDER}
     top: dict[str, float] = {}
     busy = []
     labelled = []
     for e in events:
-        if (e.name.startswith("ProfilerStep") or e.name.startswith("[memory]") or e.name.startswith(PHASE)
-                or getattr(e, "is_python_function", False)):       # with_stack's Python frames (not ops)
+        if _annotation(e):
             continue
         if on_gpu:
             if str(e.device_type).endswith("CUDA"):

@@ -79,7 +79,10 @@ def test_gpu_idle_is_put_on_the_host_phase_it_waits_on():
     # step itself are not kernels, and a second step doubles nothing but the denominator
     ev = [_Ev("ProfilerStep#3", 0, 100), _Ev("k1", 10, 40, cuda=True), _Ev("k2", 35, 55, cuda=True),
           _Ev("k3", 70, 90, cuda=True), _Ev("trainer/data", 0, 12), _Ev("trainer/forward", 12, 50),
-          _Ev("trainer/update", 50, 95), _Ev("aten::mm", 20, 30)]
+          _Ev("trainer/update", 50, 95), _Ev("aten::mm", 20, 30),
+          # on a GPU the step and each scope also show on the device timeline, as annotations over their kernels
+          # (the first H200 run counted them as busy: 1.5 ms of idle per step where 577 were)
+          _Ev("ProfilerStep#3", 0, 100, cuda=True), _Ev("trainer/update", 50, 95, cuda=True)]
     got = training_profile.idle_by_phase(ev, 1)
     assert got == pytest.approx({"data": 10e-3, "update": 20e-3, "outside": 5e-3})
     assert list(got) == ["update", "data", "outside"]                      # largest first
@@ -88,3 +91,18 @@ def test_gpu_idle_is_put_on_the_host_phase_it_waits_on():
                                       "step_ms": 0.1, "categories": {c: {"share": 0.1} for c in training_profile.ORDER},
                                       "idle_by_phase_ms": got}])
     assert "| update | data | outside |" in table and "| 160m | 8192 | sigmoid | 0.0 | 0.0 | 0.0 |" in table
+
+
+def test_gpu_breakdown_counts_the_host_step_once_and_annotations_as_nothing():
+    # host step 0–100 µs; on the device its annotation 10–90 and a phase scope's 10–40 (not work), kernels 10–40
+    # (GEMM) and 70–90 (attention): busy 50, idle 50 of one 100 µs step. The first H200 profiles summed the step's
+    # host range and its device annotation (a step ~2× too long) and counted annotations as busy.
+    ev = [_Ev("ProfilerStep#3", 0, 100), _Ev("ProfilerStep#3", 10, 90, cuda=True),
+          _Ev("trainer/forward", 10, 40, cuda=True), _Ev("nvjet_sm90_tst_192x192", 10, 40, cuda=True),
+          _Ev("hopper_fwd_kernel", 70, 90, cuda=True)]
+    got = training_profile.breakdown(ev, 1, on_gpu=True)
+    assert got["step_ms"] == pytest.approx(0.1) and got["busy_ms"] == pytest.approx(0.05)
+    assert got["categories"]["idle"]["share"] == pytest.approx(0.5)
+    assert got["categories"]["gemm"]["ms_per_step"] == pytest.approx(0.03)
+    assert got["categories"]["attention"]["ms_per_step"] == pytest.approx(0.02)
+    assert got["idle_by_phase_ms"] == pytest.approx({"outside": 0.05})
