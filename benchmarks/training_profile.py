@@ -144,6 +144,24 @@ def idle_by_phase(events, n_steps: int) -> dict[str, float]:
     return {k: v / n / 1e3 for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
+def host_by_phase(events, n_steps: int, top: int = 4) -> dict[str, dict]:
+    """Host time per step (ms) in each ``trainer/…`` scope, with the ops directly under it that took most of it
+    (inclusive times): what the host does while the GPU waits on that phase."""
+    out: dict[str, dict] = {}
+    for e in events:
+        if not e.name.startswith(PHASE) or str(e.device_type).endswith("CUDA"):
+            continue
+        d = out.setdefault(e.name[len(PHASE):], {"us": 0.0, "ops": {}})
+        d["us"] += e.time_range.end - e.time_range.start
+        for c in getattr(e, "cpu_children", None) or []:
+            d["ops"][c.name] = d["ops"].get(c.name, 0.0) + (c.time_range.end - c.time_range.start)
+    n = max(1, n_steps)
+    return {name: {"ms_per_step": d["us"] / n / 1e3,
+                   "top": [{"name": k[:80], "ms_per_step": v / n / 1e3}
+                           for k, v in sorted(d["ops"].items(), key=lambda kv: -kv[1])[:top]]}
+            for name, d in sorted(out.items(), key=lambda kv: -kv[1]["us"])}
+
+
 def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     """Per-category ms per step and share of the step wall time, from a profiler's event list."""
     steps = [e for e in events if e.name.startswith("ProfilerStep") and not str(e.device_type).endswith("CUDA")]
@@ -173,6 +191,7 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     alone = alone_us(labelled) if on_gpu else {}
     return {"step_ms": wall_us / n / 1e3, "busy_ms": busy_us / n / 1e3,
             **({"idle_by_phase_ms": idle_by_phase(events, n_steps)} if on_gpu else {}),
+            "host_by_phase": host_by_phase(events, n_steps),
             "categories": {c: {"ms_per_step": v / n / 1e3, "share": v / wall_us if wall_us else None}
                            | ({"alone_ms_per_step": alone.get(c, 0.0) / n / 1e3} if on_gpu and c != "idle" else {})
                            for c, v in per_cat.items()},
@@ -261,6 +280,14 @@ def _table(rows: list[dict]) -> str:
         for r in phased:
             lines.append(f"| {r['size']} | {r['context']} | {r['attention']} | "
                          + " | ".join(f"{r['idle_by_phase_ms'].get(k, 0.0):.1f}" for k in names) + " |")
+    hosted = [r for r in rows if r.get("host_by_phase")]
+    if hosted:
+        lines += ["", "Host time by trainer phase (ms per step) and the ops under it that took most:", ""]
+        for r in hosted:
+            lines.append(f"- {r['size']} @ {r['context']} {r['attention']}: " + "; ".join(
+                f"{name} {d['ms_per_step']:.1f}"
+                + (" (" + ", ".join(f"{o['name']} {o['ms_per_step']:.1f}" for o in d["top"]) + ")" if d["top"] else "")
+                for name, d in r["host_by_phase"].items()))
     return "\n".join(lines)
 
 

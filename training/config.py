@@ -99,6 +99,7 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     compile: bool = False               # regional torch.compile of each encoder block (training/compile.py)
+    prefetch: bool = True               # mask and copy the next micro-batch while the GPU runs this backward
 
     def __post_init__(self):
         if self.nan_policy not in ("stop", "skip"):

@@ -334,3 +334,28 @@ def test_resume_refuses_overrides_that_change_the_checkpoint_and_records_the_oth
     _, cfg_old, _ = load_for_inference(tmp_path / "checkpoints" / "step_00000002")
     _, cfg_new, _ = load_for_inference(tmp_path)
     assert cfg_old == cfg2 and cfg_old.run.max_steps == 2 and cfg_new.run.max_steps == 4 and cfg_new.optim.lr == 1e-3
+
+
+def test_the_look_ahead_changes_when_the_host_works_not_what_is_trained(corpus, tmp_path):
+    """run.prefetch masks and copies the next micro-batch during this one's backward. Same losses, gradient norms and
+    cells as without it, also across a stop-and-resume: a step that saves takes no batch ahead, so the loader position
+    a checkpoint records counts only trained batches (with a batch taken ahead, the resumed run would skip it)."""
+    extra = {"optim.grad_accum": 2, "run.max_steps": 5, "run.ckpt_every": 2, "run.log_cell_ids": True}
+    off = make_trainer(corpus, tmp_path / "off", **extra, **{"run.prefetch": False})
+    assert off.train() == "finished"
+    off.close()
+    cut = make_trainer(corpus, tmp_path / "cut", callbacks=[lambda tr, rec: rec["step"] == 2 and tr.request_stop()],
+                       **extra)
+    assert cut.train() == "stopped" and cut.step == 3            # the stop agreed at step 3's start: saved after it
+    cut.close()
+    on = make_trainer(corpus, tmp_path / "cut", **extra)
+    assert on.step == 3 and on.train() == "finished"
+    on.close()
+
+    def by_step(run_dir, name, key):
+        return {r["step"]: r[key] for r in map(json.loads, (run_dir / name).read_text().splitlines())}
+    for name, key in (("metrics.jsonl", "loss"), ("metrics.jsonl", "grad_norm"), ("cells_rank0.jsonl", "cell_ids")):
+        assert by_step(tmp_path / "cut", name, key) == by_step(tmp_path / "off", name, key), key
+    cells = by_step(tmp_path / "off", "cells_rank0.jsonl", "cell_ids")
+    seen = [c for s in range(1, 6) for c in cells[s]]
+    assert len(seen) == len(set(seen))                            # none twice (the first epoch), none skipped

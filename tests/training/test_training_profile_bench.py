@@ -48,6 +48,10 @@ def test_profile_of_a_tiny_run(tmp_path):
     assert src == sorted(src, key=lambda c: -c["ms_per_step"])
     assert any(".py(" in f for c in src for f in c["stack"])   # frames of our code ("file.py(line): function")
     assert "| tiny | 64 | sigmoid | 4 |" in (out / "profile.md").read_text()
+    phases = row["host_by_phase"]                              # the trainer's scopes, with the ops under them
+    assert {"data", "mask_copy", "forward", "backward", "update"} <= set(phases)
+    assert phases["forward"]["ms_per_step"] > 0 and phases["forward"]["top"]
+    assert "Host time by trainer phase" in (out / "profile.md").read_text()
     assert (out / "profile.png").stat().st_size > 5000
 
 
@@ -68,9 +72,10 @@ def test_alone_time_is_what_no_other_category_overlaps():
 
 
 class _Ev:
-    def __init__(self, name, start, end, cuda=False):
+    def __init__(self, name, start, end, cuda=False, children=()):
         self.name, self.device_type = name, "DeviceType.CUDA" if cuda else "DeviceType.CPU"
         self.time_range = type("R", (), {"start": start, "end": end})()
+        self.cpu_children = list(children)
 
 
 def test_gpu_idle_is_put_on_the_host_phase_it_waits_on():
@@ -106,3 +111,16 @@ def test_gpu_breakdown_counts_the_host_step_once_and_annotations_as_nothing():
     assert got["categories"]["gemm"]["ms_per_step"] == pytest.approx(0.03)
     assert got["categories"]["attention"]["ms_per_step"] == pytest.approx(0.02)
     assert got["idle_by_phase_ms"] == pytest.approx({"outside": 0.05})
+
+
+def test_host_time_by_phase_names_the_ops_under_it():
+    # two steps; mask_copy 0–30 and 100–120 µs with its children (pin_memory 5–25 and 100–110, aten::to 25–30)
+    ev = [_Ev("trainer/mask_copy", 0, 30, children=[_Ev("aten::pin_memory", 5, 25), _Ev("aten::to", 25, 30)]),
+          _Ev("trainer/mask_copy", 100, 120, children=[_Ev("aten::pin_memory", 100, 110)]),
+          _Ev("trainer/mask_copy", 0, 30, cuda=True), _Ev("trainer/forward", 30, 90)]
+    got = training_profile.host_by_phase(ev, 2)
+    assert list(got) == ["forward", "mask_copy"]                              # largest first
+    assert got["mask_copy"]["ms_per_step"] == pytest.approx(25e-3)             # (30 + 20) / 2 µs, the device copy not
+    assert got["mask_copy"]["top"] == [{"name": "aten::pin_memory", "ms_per_step": pytest.approx(15e-3)},
+                                       {"name": "aten::to", "ms_per_step": pytest.approx(2.5e-3)}]
+    assert got["forward"] == {"ms_per_step": pytest.approx(30e-3), "top": []}
