@@ -53,8 +53,9 @@
 #                                                                                     -> quality-*.tgz, quality.log
 #   stress      benchmarks/stress_attention.py: the kernels called again and again on the same inputs, compared bitwise with
 #               the first call (a race shows as a mismatch or a NaN), with $STRESS_LOAD (4) other processes loading the GPU
-#               (0: none), $STRESS_SECONDS (20) per case, $STRESS_ARGS (e.g. "--fill-uninitialized": every torch.empty
-#               NaN-filled; "--cases encoder:160m op:varlen:64:12")                 -> stress_attention.json
+#               (0: none), $STRESS_SECONDS (20) per case, $STRESS_ARGS (default "--fill-uninitialized": every
+#               torch.empty NaN-filled, which found session 20's barrier bug; set it empty for none; e.g. "--cases
+#               encoder:160m op:varlen:64:12")                                       -> stress_attention.json
 #   configs     benchmarks/attention_configs.py $CONFIGS_ARGS (default: the 160m preset's backward, D=64, varlen, N 4K/8K,
 #               the autotune set's best tile and the candidates built offline without spills or with few:
 #               32,128,8,3 / 32,256,8,3 / 32,256,16,3 / 64,128,8,2 / 64,128,8,4): each tile timed and checked
@@ -157,7 +158,7 @@ for phase in "$@"; do
       mv /tmp/qpack/quality.log "$OUT/quality.log"; rm -f "$OUT/build.log" ;;
     stress)
       timeout "${STRESS_TIMEOUT:-300}" python3 benchmarks/stress_attention.py --seconds "${STRESS_SECONDS:-20}" \
-        --load "${STRESS_LOAD:-4}" ${STRESS_ARGS} --out "$OUT/stress_attention.json" 2>&1 | tail -12 ;;
+        --load "${STRESS_LOAD:-4}" ${STRESS_ARGS---fill-uninitialized} --out "$OUT/stress_attention.json" 2>&1 | tail -12 ;;
     configs)
       timeout "${CONFIGS_TIMEOUT:-400}" python3 benchmarks/attention_configs.py ${CONFIGS_ARGS:---d 64 --n 4096 8192 \
         --layout varlen --kinds bwd --tiles 64,128,8,3 64,64,8,3 32,64,8,3 32,128,8,3 32,256,8,3 32,256,16,3 \
