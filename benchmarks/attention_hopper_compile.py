@@ -117,7 +117,11 @@ def shared_layout(k) -> tuple:
 def barrier_problems(k) -> list:
     """What breaks the rule that an initialised mbarrier owns its bytes until it is invalidated (PTX ISA; any other
     access to them is undefined): a barrier the kernel initialises but never uses (the allocator ends its life at
-    the init and gives its bytes to later buffers or scratch), or one whose bytes another buffer's overlap."""
+    the init and gives its bytes to later buffers or scratch), or one whose bytes another buffer's overlap. Not
+    caught: a barrier used for a while and then dead, under scratch that starts below it (the IR gives a scratch's
+    start, not its extent); in these kernels every used barrier is live to the end (the persistent loop, or a
+    warp_specialize capture). Triton 3.6 also has a run-time sanitizer of shared-memory accesses
+    (``TRITON_INSTRUMENTATION_MODE=consan``), not tried on these kernels yet."""
     bufs = shared_layout(k)
     out = [f"{b['name']} is initialised and never used" for b in bufs if b["barrier"] and not b["used"]]
     out += [f"{b['name']} shares bytes with {o['name']} ({o['op']})" for b in bufs if b["barrier"] for o in bufs

@@ -39,6 +39,17 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def by_step(path, key):
+    """{step: record[key]} of a run's JSON-lines file (metrics.jsonl, cells_rank0.jsonl)."""
+    return {r["step"]: r[key] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def assert_same_run(a, b):
+    """Two run folders trained the same: losses, gradient norms and cells per step, bitwise."""
+    for name, key in (("metrics.jsonl", "loss"), ("metrics.jsonl", "grad_norm"), ("cells_rank0.jsonl", "cell_ids")):
+        assert by_step(a / name, key) == by_step(b / name, key), key
+
+
 @pytest.mark.parametrize("stage, clip, gas, ac", [(1, 1.0, 1, False), (2, None, 1, 2), (3, 0.5, 2, True)])  # ac 2: selective
 def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, stage, clip, gas, ac, monkeypatch):
     import logging
@@ -285,11 +296,8 @@ def test_checkpoint_on_the_last_step_of_an_epoch_resumes_into_the_next(corpus, t
     assert resumed.train() == "finished" and resumed.step == k + 3
     resumed.close()
 
-    def by_step(run_dir, name, key):
-        return {r["step"]: r[key] for r in map(json.loads, (run_dir / name).read_text().splitlines())}
-    for name, key in (("metrics.jsonl", "loss"), ("metrics.jsonl", "grad_norm"), ("cells_rank0.jsonl", "cell_ids")):
-        assert by_step(tmp_path / "cut", name, key) == by_step(tmp_path / "ref", name, key), key
-    cells = by_step(tmp_path / "ref", "cells_rank0.jsonl", "cell_ids")
+    assert_same_run(tmp_path / "cut", tmp_path / "ref")
+    cells = by_step(tmp_path / "ref" / "cells_rank0.jsonl", "cell_ids")
     assert len(cells[k]) == n_train % bs and len(cells[k + 1]) == bs
     epoch0 = [c for s in range(1, k + 1) for c in cells[s]]
     assert len(epoch0) == len(set(epoch0)) == n_train                 # the first epoch: every train cell once
@@ -352,10 +360,7 @@ def test_the_look_ahead_changes_when_the_host_works_not_what_is_trained(corpus, 
     assert on.step == 3 and on.train() == "finished"
     on.close()
 
-    def by_step(run_dir, name, key):
-        return {r["step"]: r[key] for r in map(json.loads, (run_dir / name).read_text().splitlines())}
-    for name, key in (("metrics.jsonl", "loss"), ("metrics.jsonl", "grad_norm"), ("cells_rank0.jsonl", "cell_ids")):
-        assert by_step(tmp_path / "cut", name, key) == by_step(tmp_path / "off", name, key), key
-    cells = by_step(tmp_path / "off", "cells_rank0.jsonl", "cell_ids")
+    assert_same_run(tmp_path / "cut", tmp_path / "off")
+    cells = by_step(tmp_path / "off" / "cells_rank0.jsonl", "cell_ids")
     seen = [c for s in range(1, 6) for c in cells[s]]
     assert len(seen) == len(set(seen))                            # none twice (the first epoch), none skipped
