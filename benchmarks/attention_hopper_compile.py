@@ -136,10 +136,12 @@ BARRIER_FWD = [(64, None), (128, None), (128, (128, 64, 3, 2, 3, 3)), (128, (128
 
 
 def check_barriers(fwd_source: Path | None = None) -> dict:
-    """``{case: {problems, used_barriers, scratch}}`` for every kernel of BARRIER_FWD and the backward (see
+    """``{case: {problems, used_barriers, scratch, shared, stack}}`` (shared-memory bytes; stack bytes per thread,
+    i.e. register spills, from cuobjdump) for every kernel of BARRIER_FWD and the backward (see
     ``barrier_problems``); ``fwd_source``: take the forward kernel from another file (e.g. an older
     sigattn/hopper_fwd.py), to show the check fails on it."""
     import importlib.util
+    import re
 
     from sigattn import hopper_bwd
 
@@ -161,8 +163,10 @@ def check_barriers(fwd_source: Path | None = None) -> dict:
     out = {}
     for case, k in kernels.items():
         bufs = shared_layout(k)
+        stack = re.search(r"STACK:(\d+)", resource_usage(k))
         out[case] = {"problems": barrier_problems(k), "used_barriers": sum(b["barrier"] and b["used"] for b in bufs),
-                     "scratch": sum(b["op"] == "ttg.convert_layout" for b in bufs)}
+                     "scratch": sum(b["op"] == "ttg.convert_layout" for b in bufs), "shared": k.metadata.shared,
+                     "stack": int(stack[1]) if stack else None}
     return out
 
 

@@ -63,6 +63,19 @@ def test_every_hopper_kernel_s_barriers_own_their_bytes(layouts):
     assert all(layouts[c]["scratch"] >= 1 for c in fwd), "the forward's epilogue scratch was not found"
 
 
+H100_SMEM = 227 * 1024        # the most dynamic shared memory one CTA may have on sm90
+
+
+def test_the_default_forward_fits_and_does_not_spill(layouts):
+    """The configs the ops run (hopper_fwd.CONFIGS) within sm90's shared memory and with no register spills: a
+    change that makes ptxas spill (stack > 0) costs the forward 10-30 % and shows only on a GPU otherwise."""
+    default = [c for c in layouts if c.startswith("fwd") and " default " in c]
+    assert len(default) == 4
+    for case in default:
+        assert layouts[case]["shared"] <= H100_SMEM, case
+        assert layouts[case]["stack"] == 0, case
+
+
 def test_the_check_fails_on_the_forward_as_it_was(tmp_path):
     """The check can fail: the forward with ``v_clean`` initialised whatever the layout (as before the fix)."""
     src = (ROOT / "sigattn" / "hopper_fwd.py").read_text()
