@@ -59,10 +59,10 @@ _BYTES = {"i1": 1, "i8": 1, "i16": 2, "i32": 4, "i64": 8, "bf16": 2, "f16": 2, "
           "f8E4M3FN": 1, "f8E5M2": 1}
 
 
-def shared_layout(k) -> tuple:
+def shared_layout(k) -> list:
     """Where the shared-memory allocator put each buffer of a compiled kernel ``k`` (Triton's own
     AllocateSharedMemory pass re-run on its TTGIR) and which are mbarriers the kernel uses:
-    ``([{name, op, offset, size, barrier, used}], text)``. ``size``: exact for ``local_alloc`` buffers, 1 byte (the
+    ``[{name, op, offset, size, barrier, used}]``. ``size``: exact for ``local_alloc`` buffers, 1 byte (the
     start) for an op's scratch (its extent is not in the IR); ``barrier``: ``init_barrier`` runs on it or a view of
     it; ``used``: something other than that init reads it (a wait, arrive, TMA load, or a warp_specialize capture)."""
     import re
@@ -114,15 +114,14 @@ def shared_layout(k) -> tuple:
     return bufs
 
 
-def barrier_problems(k) -> list:
+def barrier_problems(bufs: list) -> list:
     """What breaks the rule that an initialised mbarrier owns its bytes until it is invalidated (PTX ISA; any other
     access to them is undefined): a barrier the kernel initialises but never uses (the allocator ends its life at
     the init and gives its bytes to later buffers or scratch), or one whose bytes another buffer's overlap. Not
     caught: a barrier used for a while and then dead, under scratch that starts below it (the IR gives a scratch's
     start, not its extent); in these kernels every used barrier is live to the end (the persistent loop, or a
     warp_specialize capture). Triton 3.6 also has a run-time sanitizer of shared-memory accesses
-    (``TRITON_INSTRUMENTATION_MODE=consan``), not tried on these kernels yet."""
-    bufs = shared_layout(k)
+    (``TRITON_INSTRUMENTATION_MODE=consan``), not tried on these kernels yet. ``bufs``: ``shared_layout(k)``."""
     out = [f"{b['name']} is initialised and never used" for b in bufs if b["barrier"] and not b["used"]]
     out += [f"{b['name']} shares bytes with {o['name']} ({o['op']})" for b in bufs if b["barrier"] for o in bufs
             if o is not b and o["offset"] < b["offset"] + b["size"] and b["offset"] < o["offset"] + o["size"]]
@@ -145,26 +144,30 @@ def check_barriers(fwd_source: Path | None = None) -> dict:
 
     from sigattn import hopper_bwd
 
-    if fwd_source is not None:
+    shipped = hopper_fwd.hopper_fwd_kernel
+    if fwd_source is not None:    # only for the builds below: a test process may go on to run the shipped kernel
         spec = importlib.util.spec_from_file_location("hopper_fwd_other", fwd_source)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         hopper_fwd.hopper_fwd_kernel = mod.hopper_fwd_kernel
     kernels = {}
-    for varlen in (False, True):
-        layout = "varlen" if varlen else "padded"
-        for D, config in BARRIER_FWD:
-            kernels[f"fwd D={D} {config or 'default'} {layout}"] = compile_fwd(D, varlen, config)
-        if fwd_source is None:
-            for D in (64, 128):
-                for dq in (False, "tma1"):
-                    for name, k in hopper_bwd.compiled_for_sm90(D, varlen, dq).items():
-                        kernels[f"bwd {name} D={D} dq={dq or 'pass'} {layout}"] = k
+    try:
+        for varlen in (False, True):
+            layout = "varlen" if varlen else "padded"
+            for D, config in BARRIER_FWD:
+                kernels[f"fwd D={D} {config or 'default'} {layout}"] = compile_fwd(D, varlen, config)
+            if fwd_source is None:
+                for D in (64, 128):
+                    for dq in (False, "tma1"):
+                        for name, k in hopper_bwd.compiled_for_sm90(D, varlen, dq).items():
+                            kernels[f"bwd {name} D={D} dq={dq or 'pass'} {layout}"] = k
+    finally:
+        hopper_fwd.hopper_fwd_kernel = shipped
     out = {}
     for case, k in kernels.items():
         bufs = shared_layout(k)
         stack = re.search(r"STACK:(\d+)", resource_usage(k))
-        out[case] = {"problems": barrier_problems(k), "used_barriers": sum(b["barrier"] and b["used"] for b in bufs),
+        out[case] = {"problems": barrier_problems(bufs), "used_barriers": sum(b["barrier"] and b["used"] for b in bufs),
                      "scratch": sum(b["op"] == "ttg.convert_layout" for b in bufs), "shared": k.metadata.shared,
                      "stack": int(stack[1]) if stack else None}
     return out
@@ -249,7 +252,7 @@ def main():
         for varlen in (False, True):
             k = compile_fwd(D, varlen, tuple(int(x) for x in args.config.split(",")) if args.config else None)
             print(f"D={D} varlen={varlen}: smem {k.metadata.shared} B; {resource_usage(k)}; barrier "
-                  f"problems: {barrier_problems(k) or 'none'}")
+                  f"problems: {barrier_problems(shared_layout(k)) or 'none'}")
             if args.ptx:
                 args.ptx.with_suffix(f".d{D}{'v' if varlen else 'p'}.ptx").write_text(k.asm["ptx"])
 
