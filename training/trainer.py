@@ -325,7 +325,7 @@ class Trainer:
                 if record.get("loss") is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 stop = self._stop_agreed(stop_flag)
-                if stop or (r.ckpt_every > 0 and (step % r.ckpt_every == 0 or step == r.max_steps)):
+                if stop or self._checkpoint_due(step):
                     self._save()
                 for cb in self.callbacks:
                     cb(self, record)
@@ -359,11 +359,14 @@ class Trainer:
             batch = {k: to_device(v, self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         return host, masked, batch, idx
 
+    def _checkpoint_due(self, step: int) -> bool:
+        """A periodic or final save after this step (``run.ckpt_every`` > 0)."""
+        r = self.cfg.run
+        return r.ckpt_every > 0 and (step % r.ckpt_every == 0 or step == r.max_steps)
+
     def _saves_after(self, step: int, stop_flag: torch.Tensor) -> bool:
         """Whether the step ends the run or writes a checkpoint (periodic, final, or an agreed stop)."""
-        r = self.cfg.run
-        return (step >= r.max_steps or (r.ckpt_every > 0 and step % r.ckpt_every == 0)
-                or self._stop_agreed(stop_flag))
+        return step >= self.cfg.run.max_steps or self._checkpoint_due(step) or self._stop_agreed(stop_flag)
 
     def _share_stop(self) -> torch.Tensor:
         """Start of a step: all-reduce this rank's ``request_stop`` flag. On CUDA the fill, the all-reduce and the
