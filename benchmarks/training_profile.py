@@ -98,6 +98,11 @@ def alone_us(labelled: list[tuple[float, float, str]]) -> dict[str, float]:
 PHASE = "trainer/"   # the trainer's record_function scopes (training/trainer.py): data, mask_copy, forward, ...
 
 
+def _on_device(e) -> bool:
+    """The event lies on the GPU timeline (a kernel, copy or annotation), not the host's."""
+    return str(e.device_type).endswith("CUDA")
+
+
 def _annotation(e) -> bool:
     """Not an op or kernel: the profiler's step ranges, memory records, record_function scopes (ours and any
     library's; each also shows on the GPU timeline as an annotation spanning its kernels) and with_stack's Python
@@ -108,7 +113,7 @@ def _annotation(e) -> bool:
 
 def _kernels(events) -> list:
     """The device-side events that are work: kernels, copies, memsets (annotations left out)."""
-    return [e for e in events if str(e.device_type).endswith("CUDA") and not _annotation(e)]
+    return [e for e in events if _on_device(e) and not _annotation(e)]
 
 
 def idle_by_phase(events, n_steps: int) -> dict[str, float]:
@@ -116,10 +121,10 @@ def idle_by_phase(events, n_steps: int) -> dict[str, float]:
     with no kernel running is split over the ``trainer/…`` scopes it overlaps (``outside``: none, e.g. the loop's
     own work and logging). Says what the GPU waits for: the next batch, DeepSpeed's optimizer step after its sync..."""
     steps = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.name.startswith("ProfilerStep") and not str(e.device_type).endswith("CUDA"))
+                   if e.name.startswith("ProfilerStep") and not _on_device(e))
     merged = _merged((e.time_range.start, e.time_range.end) for e in _kernels(events))
     scopes = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE):]) for e in events
-                    if e.name.startswith(PHASE) and not str(e.device_type).endswith("CUDA"))
+                    if e.name.startswith(PHASE) and not _on_device(e))
     idle = []
     for s0, s1 in steps:             # the complement of the busy union inside each step
         t = s0
@@ -149,7 +154,7 @@ def host_by_phase(events, n_steps: int, top: int = 4) -> dict[str, dict]:
     (inclusive times): what the host does while the GPU waits on that phase."""
     out: dict[str, dict] = {}
     for e in events:
-        if not e.name.startswith(PHASE) or str(e.device_type).endswith("CUDA"):
+        if not e.name.startswith(PHASE) or _on_device(e):
             continue
         d = out.setdefault(e.name[len(PHASE):], {"us": 0.0, "ops": {}})
         d["us"] += e.time_range.end - e.time_range.start
@@ -164,7 +169,7 @@ def host_by_phase(events, n_steps: int, top: int = 4) -> dict[str, dict]:
 
 def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
     """Per-category ms per step and share of the step wall time, from a profiler's event list."""
-    steps = [e for e in events if e.name.startswith("ProfilerStep") and not str(e.device_type).endswith("CUDA")]
+    steps = [e for e in events if e.name.startswith("ProfilerStep") and not _on_device(e)]
     wall_us = sum(e.time_range.end - e.time_range.start for e in steps)
     per_cat: dict[str, float] = {c: 0.0 for c in ORDER}
     top: dict[str, float] = {}
@@ -174,7 +179,7 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
         if _annotation(e):
             continue
         if on_gpu:
-            if str(e.device_type).endswith("CUDA"):
+            if _on_device(e):
                 us = e.time_range.end - e.time_range.start
                 busy.append((e.time_range.start, e.time_range.end))
                 labelled.append((e.time_range.start, e.time_range.end, event_category(e)))
