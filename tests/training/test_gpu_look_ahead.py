@@ -7,14 +7,13 @@ losses within bf16 noise."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import pytest
 import torch
 
-from trainer_helpers import ENV, synth_corpus, tiny_overrides
+from trainer_helpers import ENV, by_step, synth_corpus, tiny_overrides
 
 pytestmark = pytest.mark.gpu
 
@@ -37,9 +36,7 @@ def test_look_ahead_on_cuda_trains_the_same_batches(tmp_path):
             assert t.train() == "finished" and t.step == 6
         finally:
             t.close()
-        read = lambda name: [json.loads(x) for x in (run_dir / name).read_text().splitlines()]  # noqa: E731
-        runs[prefetch] = ({r["step"]: r["loss"] for r in read("metrics.jsonl")},
-                          {r["step"]: r["cell_ids"] for r in read("cells_rank0.jsonl")})
+        runs[prefetch] = by_step(run_dir / "metrics.jsonl", "loss"), by_step(run_dir / "cells_rank0.jsonl", "cell_ids")
     ensure_importable()
     from streaming.base.util import clean_stale_shared_memory
     clean_stale_shared_memory()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_helpers import ATTENTION_KINDS, pbmc_corpus, restore_env, set_env, skip_unless_sigattn, tiny_overrides
+from trainer_helpers import (ATTENTION_KINDS, by_step, pbmc_corpus, restore_env, set_env, skip_unless_sigattn,
+                             tiny_overrides)
 from training.config import load_config
 
 
@@ -37,11 +38,6 @@ def make_trainer(corpus, run_dir, callbacks=(), **extra):
 
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def by_step(path, key):
-    """{step: record[key]} of a run's JSON-lines file (metrics.jsonl, cells_rank0.jsonl)."""
-    return {r["step"]: r[key] for r in map(json.loads, path.read_text().splitlines())}
 
 
 def assert_same_run(a, b):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def tiny_overrides(corpus: str, run_dir, **extra) -> list[str]:
             "run.precision": "fp32", "run.progress": False, "run.tensorboard": False}
     base.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+
+
+def by_step(path, key) -> dict:
+    """{step: record[key]} of a run's JSON-lines file (metrics.jsonl, cells_rank0.jsonl)."""
+    return {r["step"]: r[key] for r in map(json.loads, Path(path).read_text().splitlines())}
 
 
 def set_env() -> dict:
