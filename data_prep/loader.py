@@ -10,8 +10,11 @@ to the tokenizer is the dataset's epoch, so resumed runs see the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from data_prep._torchvision_shim import ensure_importable
@@ -29,13 +32,42 @@ from streaming.base.dataset import _ShardState  # noqa: E402
 from data_prep.tokenize import CellTokenizer, pack_batch  # noqa: E402
 
 SPLITS = ("train", "val", "test")
+SHM_LOCK = os.path.join(tempfile.gettempdir(), "sigattn_streaming_shm.lock")
+
+
+@contextlib.contextmanager
+def streaming_shm_lock(timeout_s: float = 600.0) -> Iterator[None]:
+    """Hold a machine-wide file lock while a ``StreamingDataset`` registers its shared memory.
+
+    streaming picks the first free ``/dev/shm`` prefix, then creates it; two independent processes
+    that build a dataset at the same moment (arms trained side by side, one evaluating while another
+    starts) pick the same prefix and one dies with ``FileExistsError``. Only a rank's local leader takes
+    the lock: within one job streaming already orders the other ranks behind their leader with barriers.
+    """
+    from filelock import FileLock, Timeout
+    from streaming.base.world import World
+
+    if not World.detect().is_local_leader:
+        yield
+        return
+    lock = FileLock(SHM_LOCK, timeout=timeout_s, mode=0o666)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(f"waited {timeout_s:.0f} s for {SHM_LOCK}, held by another process building a "
+                           "StreamingDataset; is one hung?") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class TokenizedCellDataset(StreamingDataset):
     """``StreamingDataset`` whose samples are tokenised cells (dicts from ``CellTokenizer`` + labels)."""
 
     def __init__(self, *, tokenizer: CellTokenizer, **kwargs: Any):
-        super().__init__(**kwargs)
+        with streaming_shm_lock():
+            super().__init__(**kwargs)
         self.tokenizer = tokenizer
         self._epoch = 0
         self._local_shards: set[int] = set()

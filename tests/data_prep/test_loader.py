@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -170,6 +171,41 @@ def test_two_ranks_get_disjoint_samples(pbmc_corpus, tmp_path):
     assert not set(r0) & set(r1)  # disjoint
     assert len(set(r0) | set(r1)) == n  # together the whole split
     assert len(r0) == len(r1) == -(-n // 2)  # equal shares (streaming repeats a sample to pad an odd split)
+
+
+RACE_SCRIPT = """
+import os, sys, time
+from data_prep.loader import TokenizedCellDataset
+from data_prep.tokenize import CellTokenizer
+split, flag = sys.argv[1], sys.argv[2]
+open(flag + "." + sys.argv[3], "w").close()  # imports done
+while not os.path.exists(flag):
+    time.sleep(0.005)
+keep = [TokenizedCellDataset(tokenizer=CellTokenizer(40000, 16, 5), local=split, shuffle=False, batch_size=1)
+        for _ in range(3)]
+time.sleep(0.5)  # hold the shared memory while the others register theirs
+"""
+
+
+def test_independent_processes_build_datasets_at_once(pbmc_corpus, tmp_path):
+    """Six unrelated processes (no torch.distributed, like arms trained side by side) start datasets together.
+
+    streaming alone picks one free shared-memory prefix in several of them and all but one die with
+    ``FileExistsError`` (every trial of 5 here); ``streaming_shm_lock`` makes them take turns.
+    """
+    corpus, _ = pbmc_corpus
+    flag = str(tmp_path / "go")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.getcwd()
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, os.path.join(corpus, "mds", "val"), flag, str(i)],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(6)]
+    deadline = time.monotonic() + 240
+    while not all(os.path.exists(f"{flag}.{i}") for i in range(6)) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs if p.poll()]
+        time.sleep(0.05)
+    open(flag, "w").close()
+    errors = [err[-2000:] for p in procs for _, err in [p.communicate(timeout=240)] if p.returncode]
+    assert not errors, errors[0]
 
 
 def test_missing_index_is_a_clear_error(tmp_path):

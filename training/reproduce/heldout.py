@@ -23,7 +23,10 @@ def _val_rows(corpus: Path, out: Path) -> None:
     ensure_importable()
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=str(corpus / "mds" / "val"), shuffle=False, batch_size=1)
+    from data_prep.loader import streaming_shm_lock
+
+    with streaming_shm_lock():
+        ds = StreamingDataset(local=str(corpus / "mds" / "val"), shuffle=False, batch_size=1)
     rows = [[int(ds[i]["dataset"]), int(ds[i]["cell_id"])] for i in range(ds.num_samples)]
     (out / "val_cells.json").write_text(json.dumps(rows))
 
