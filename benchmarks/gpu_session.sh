@@ -68,6 +68,7 @@
 # Knobs: TRAIN_RUNS, TRAIN_STEPS, TRAIN_WORLD (e.g. "1 2 4": data-parallel rows), TRAIN_ATTENTION (default "sigmoid
 # softmax"), TRAIN_OVERRIDES (trainer overrides, e.g. "run.compile=true"), TRAIN_OUT (file name under $OUT, e.g.
 # training_compiled.json, to run the phase twice in one call), PROJECT_SIZES, and *_TIMEOUT per phase (seconds).
+# CLOCKS=0 turns off the GPU clock sampling (see below).
 # Wheels for the packages the GPU image lacks (deepspeed, mosaicml-streaming, zarr, anndata, submitit, pydantic, ...,
 # triton-sigmoid) travel in .whl/: build the kit here with `bash benchmarks/gpu_wheels.sh`, carry ".whl".
 set -o pipefail
@@ -79,12 +80,21 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi -L; date -u +%FT%TZ; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/header.txt"
+# SM clock, power, temperature and clock-event reasons for the whole call, summarised after each phase over its busy
+# samples (benchmarks/gpu_clocks.py) into the log and $OUT/clocks.jsonl; CLOCKS=0: no sampling (and one file less).
+CLOCKS_CSV=/tmp/gpu_clocks.csv; rm -f "$CLOCKS_CSV"
+if [ "${CLOCKS:-1}" != 0 ] && command -v nvidia-smi >/dev/null; then
+  q=timestamp,index,utilization.gpu,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu
+  nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv,noheader >/dev/null 2>&1 && q=$q,clocks_event_reasons.active
+  nvidia-smi --query-gpu=$q --format=csv,noheader,nounits -lms 500 > "$CLOCKS_CSV" 2>/dev/null & clocks_pid=$!
+  trap 'kill $clocks_pid 2>/dev/null' EXIT
+fi
 if ! ls sigattn/_C*.so >/dev/null 2>&1; then  # build only where no extension is built yet
   (time MAX_JOBS=16 python3 setup.py -q build_ext --inplace) > "$OUT/build.log" 2>&1 && echo "C++ extension built" \
     || { echo "C++ build failed"; tail -20 "$OUT/build.log"; exit 1; }
 fi
 for phase in "$@"; do
-  t0=$(date +%s)
+  t0=$(date +%s); ts0=$(date +%s.%N)
   case "$phase" in
     gluon-api)
       python3 -c "import triton.experimental.gluon.language.nvidia.hopper as h, triton.experimental.gluon.language as gl; print('hopper:', [n for n in dir(h) if not n.startswith('_')]); print('tma:', [n for n in dir(h.tma) if not n.startswith('_')]); print('mbarrier:', [n for n in dir(h.mbarrier) if not n.startswith('_')])" 2>&1 | tee "$OUT/gluon_api.txt" ;;
@@ -177,4 +187,6 @@ for phase in "$@"; do
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
   echo "== phase $phase: $(( $(date +%s) - t0 )) s"
+  [ -n "${clocks_pid:-}" ] && python3 benchmarks/gpu_clocks.py "$CLOCKS_CSV" --since "$ts0" --until "$(date +%s.%N)" \
+    --phase "$phase" --json "$OUT/clocks.jsonl"
 done

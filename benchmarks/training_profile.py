@@ -204,6 +204,29 @@ def breakdown(events, n_steps: int, on_gpu: bool) -> dict:
                     for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]]}
 
 
+def attention_kernels(events, n_steps: int, fwd_flops: float | None, calls_per_pass: int) -> dict:
+    """The step's attention kernels by direction (name says ``fwd``/``bwd``), next to the kernel benchmarks.
+
+    ``fwd_flops``: one forward pass's attention FLOPs per step, ``4·d·L·Σn²`` (Σn² = tokens per step × the
+    effective cell length Σn²/Σn); a backward counts 2.5× that, the convention of ``benchmarks/attention.py``.
+    ``calls_per_pass``: attention calls in one forward pass over the step (layers × micro-batches): launches per
+    step over it gives the forward passes (2 where activation checkpointing recomputes the attention).
+    """
+    out = {}
+    for direction, pat, flops_per_call in (("forward", r"fwd|forward|fprop", 1.0), ("backward", r"bwd|backward|bprop", 2.5)):
+        ks = [e for e in _kernels(events) if category(e.name) == "attention" and re.search(pat, e.name.lower())]
+        if not ks:
+            continue
+        ms = sum(e.time_range.end - e.time_range.start for e in ks) / max(1, n_steps) / 1e3
+        names = {}
+        for e in ks:
+            names[e.name[:60]] = names.get(e.name[:60], 0) + 1
+        passes = max(1, round(max(names.values()) / max(1, n_steps) / max(1, calls_per_pass)))
+        out[direction] = {"ms_per_step": ms, "passes": passes, "kernels": sorted(names),
+                          "tflops": fwd_flops * flops_per_call * passes / (ms * 1e9) if fwd_flops and ms else None}
+    return out
+
+
 class _Stop(Exception):
     pass
 
@@ -258,6 +281,12 @@ def _profile_run(size: str, context: int, attention: str, bs: int, warmup: int, 
         if trace:
             prof.export_chrome_trace(trace)
         out = breakdown(prof.events(), steps, on_gpu)
+        if on_gpu:
+            last = next((r for r in reversed(seen) if r.get("tokens_per_step")), None)
+            fwd_flops = (4.0 * cfg.model.d_model * cfg.model.n_layers * last["tokens_per_step"] * last["seq_len"]
+                         if last else None)
+            out["attention_kernels"] = attention_kernels(prof.events(), steps, fwd_flops,
+                                                         cfg.model.n_layers * cfg.optim.grad_accum)
         if copies:
             out["copy_sources"] = copy_sources(prof, steps, on_gpu)
     out["tokens_per_s"] = next((r["tokens_per_s"] for r in reversed(seen) if r.get("tokens_per_s")), None)
@@ -285,6 +314,19 @@ def _table(rows: list[dict]) -> str:
         for r in phased:
             lines.append(f"| {r['size']} | {r['context']} | {r['attention']} | "
                          + " | ".join(f"{r['idle_by_phase_ms'].get(k, 0.0):.1f}" for k in names) + " |")
+    rated = [r for r in rows if r.get("attention_kernels")]
+    if rated:
+        lines += ["", "Attention kernels in the step (TFLOP/s on the step's Σn², backward 2.5× the forward's FLOPs; "
+                  "compare with benchmarks/attention.py):", "",
+                  "| preset | context | attention | forward ms | forward TFLOP/s | backward ms | backward TFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rated:
+            cells = []
+            for d in ("forward", "backward"):
+                k = r["attention_kernels"].get(d)
+                cells += ["–", "–"] if k is None else [f"{k['ms_per_step']:.1f}", "–" if k["tflops"] is None else
+                                                      f"{k['tflops']:.0f}" + (f" ({k['passes']} passes)" if k["passes"] > 1 else "")]
+            lines.append(f"| {r['size']} | {r['context']} | {r['attention']} | " + " | ".join(cells) + " |")
     hosted = [r for r in rows if r.get("host_by_phase")]
     if hosted:
         lines += ["", "Host time by trainer phase (ms per step) and the ops under it that took most:", ""]

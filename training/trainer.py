@@ -313,6 +313,7 @@ class Trainer:
                         mfu = f * tokens_per_s / (peak * self.world)
                     record.update(loss=host["loss"] / (gas * dp), grad_norm=host["grad_norm"],
                                   tokens_per_s=tokens_per_s, cells_per_s=host["cells"] / dt, mfu=mfu,
+                                  tokens_per_step=host["tokens"] / window.steps, seq_len=window.seq_len / window.steps,
                                   mem_gb=self._mem_gb(), skipped_steps=self.skipped_steps)
                     window.reset()
                 self.step = step

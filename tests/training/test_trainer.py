@@ -59,17 +59,21 @@ def test_zero_stages_train_checkpoint_and_load_for_inference(corpus, tmp_path, s
     ds_logger.addHandler(handler)
     try:
         t = make_trainer(corpus, tmp_path, **{"run.zero_stage": stage, "optim.grad_clip": clip, "optim.grad_accum": gas,
-                                              "model.activation_checkpointing": ac})
+                                              "model.activation_checkpointing": ac, "run.log_cell_ids": True})
     finally:
         ds_logger.removeHandler(handler)
     assert not [m for m in seen if "learning rate" in m], seen  # scheduler built at iteration 0, not −1
     assert t.train() == "finished" and t.step == 4
     recs = records(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    cells = by_step(tmp_path / "cells_rank0.jsonl", "cell_ids")
     for r in recs:
+        # one step per logged window: tokens_per_step · (cells / tokens) is the step's cells
+        assert r["tokens_per_step"] * r["cells_per_s"] / r["tokens_per_s"] == pytest.approx(len(cells[r["step"]]))
         assert all(r[k] is not None for k in ("loss", "grad_norm", "lr", "tokens_per_s", "cells_per_s", "mem_gb"))
         assert torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0 and r["mfu"] is None
         assert r["cells_per_s"] > 0 and r["tokens_per_s"] > r["cells_per_s"]
+        assert r["tokens_per_step"] > 0 and 1 < r["seq_len"] <= t.cfg.data.context_length
     assert recs[0]["lr"] == 0.0 and recs[1]["lr"] == pytest.approx(3e-3 / 2)      # linear warm-up over 2 steps
     assert recs[3]["lr"] == pytest.approx(3e-3 * 0.1)                             # cosine floor at max_steps
     assert latest_tag(tmp_path / "checkpoints") == "step_00000004"

@@ -124,3 +124,21 @@ def test_host_time_by_phase_names_the_ops_under_it():
     assert got["mask_copy"]["top"] == [{"name": "aten::pin_memory", "ms_per_step": pytest.approx(15e-3)},
                                        {"name": "aten::to", "ms_per_step": pytest.approx(2.5e-3)}]
     assert got["forward"] == {"ms_per_step": pytest.approx(30e-3), "top": []}
+
+
+def test_attention_kernel_rates_count_passes_and_the_backward_convention():
+    # 2 steps × 2 layers × 1 micro-batch: forward 4 launches of 10 µs (one pass), backward 8 of 20 µs,
+    # a recomputing run launches its forward twice as often; a GEMM is not attention
+    fwd = [_Ev("hopper_fwd_kernel", 100 * i, 100 * i + 10, cuda=True) for i in range(4)]
+    bwd = [_Ev("attn_bwd_kv_kernel", 1000 + 100 * i, 1000 + 100 * i + 20, cuda=True) for i in range(4)]
+    ev = fwd + bwd + [_Ev("nvjet_sm90_tst_192x192", 0, 50, cuda=True), _Ev("hopper_fwd_kernel", 0, 10)]  # host: no
+    got = training_profile.attention_kernels(ev, 2, fwd_flops=1e9, calls_per_pass=2)
+    assert got["forward"]["ms_per_step"] == pytest.approx(0.02) and got["forward"]["passes"] == 1
+    assert got["forward"]["tflops"] == pytest.approx(1e9 / 20e-6 / 1e12)            # 50 TFLOP/s
+    assert got["backward"]["tflops"] == pytest.approx(2.5e9 / 40e-6 / 1e12)
+    assert got["backward"]["kernels"] == ["attn_bwd_kv_kernel"]
+    twice = training_profile.attention_kernels(ev + fwd, 2, fwd_flops=1e9, calls_per_pass=2)["forward"]
+    assert twice["passes"] == 2 and twice["tflops"] == pytest.approx(2e9 / 40e-6 / 1e12)
+    row = {"size": "160m", "context": 8192, "attention": "sigmoid", "batch_size": 8, "step_ms": 1.0,
+           "categories": {c: {"share": 0.1} for c in training_profile.ORDER}, "attention_kernels": {"forward": twice}}
+    assert "| 160m | 8192 | sigmoid | 0.0 | 50 (2 passes) | – | – |" in training_profile._table([row])
