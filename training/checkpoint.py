@@ -40,9 +40,9 @@ RESUMABLE = frozenset({
     "run.dir", "run.max_steps", "run.ckpt_every", "run.keep_last", "run.log_every", "run.log_cell_ids",
     "run.tensorboard", "run.progress", "run.nan_policy", "run.zero_stage", "run.precision", "run.compile",
     "data.num_workers", "data.batch_size", "model.activation_checkpointing", "parallel.context_parallel_chunks",
-    "parallel.context_parallel_exchange",
+    "parallel.context_parallel_exchange", "run.prefetch",
 }) | {f"optim.{k}" for k in ("lr", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio", "grad_clip",
-                               "grad_accum")}
+                               "grad_accum", "device_skip")}
 
 
 class ResumeConfigError(ValueError):

@@ -76,6 +76,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1           # cosine decays to lr·min_lr_ratio at max_steps
     grad_clip: float | None = 1.0       # None or 0 → no clipping
     grad_accum: int = 1
+    device_skip: bool = False           # bf16 ZeRO-1/2: clip and skip non-finite updates on the GPU (training.guarded_adamw)
 
     def __post_init__(self):
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -6,7 +6,8 @@ Adam build); the LR schedule is DeepSpeed's ``WarmupCosineLR``: linear warm-up f
 fraction of the remaining steps. Update k (1-based) uses iteration k−1 (the scheduler is built at
 iteration 0 — built "before it has started", at −1, it logs a warning and sets LR 0 — and the trainer
 applies iteration 0 with ``scheduler.step(0)``): LR 0 at step 1, rising by ``lr/warmup_steps`` per step, then the cosine, which
-reaches ``lr·min_lr_ratio`` at step ``max_steps``. ``gradient_clipping: 0`` means no clipping in DeepSpeed.
+reaches ``lr·min_lr_ratio`` at step ``max_steps``. ``gradient_clipping: 0`` means no clipping in DeepSpeed. With ``optim.device_skip`` DeepSpeed neither clips nor
+checks the norm (``bf16.check_grad_overflow: false``): :class:`training.guarded_adamw.GuardedAdamW` does both.
 DeepSpeed's throughput timer is off: it is on by default and calls ``torch.cuda.synchronize()`` at the start of
 every forward and the end of every ``step()`` (``deepspeed.utils.timer.ThroughputTimer``); the trainer measures
 tokens/s itself.
@@ -46,4 +47,8 @@ def deepspeed_config(cfg: Config, world_size: int, cuda: bool) -> dict:
         "wall_clock_breakdown": False,
         "timers": {"throughput": {"enabled": False}},
     }
+    if o.device_skip:   # training.guarded_adamw clips and skips on the device instead (no host read in step())
+        ds["gradient_clipping"] = 0.0
+        ds["bf16"]["check_grad_overflow"] = False
+        ds["zero_allow_untested_optimizer"] = True     # DeepSpeed's ZeRO list has torch's AdamW, not subclasses
     return ds

@@ -23,7 +23,9 @@ Reads that remain inside DeepSpeed 0.19.8 (not ours; see docs/training.md): ever
 ``step()`` reads the global norm / overflow flag (``is_invalid_grad_norm``, ``has_overflow``) and, with clipping,
 the clip coefficient; ZeRO-3's backward epilogue synchronizes its reduce stream, ZeRO-1/2 with
 ``overlap_comm`` synchronize the device. Its throughput timer (a device sync per forward and per step) is
-switched off in :func:`training.deepspeed_config.deepspeed_config`.
+switched off in :func:`training.deepspeed_config.deepspeed_config`. ``optim.device_skip`` (bf16 ZeRO-1/2) moves the
+check and the clipping onto the device (:mod:`training.guarded_adamw`): no read in ``step()``; the updates it skipped
+are read with the logged values and before a save, where ``nan_policy`` acts on them.
 
 Context parallelism (``parallel.context_parallel_degree`` P, :mod:`training.parallel`): world = DP × P; data
 and masks come from the DP rank, each micro-batch is cut into P equal token shards after masking, the loss
@@ -62,9 +64,10 @@ from tqdm.auto import tqdm
 from training import checkpoint
 from training.compile import compile_blocks
 from training.config import Config
-from training.deepspeed_config import deepspeed_config
+from training.deepspeed_config import deepspeed_config, resolve_precision
 from training.distributed import init_distributed
 from training.encoder import build_model
+from training.guarded_adamw import GuardedAdamW
 from training.masking import choose_masked, mask_generator
 from training.metrics import MetricsLogger, device_peak_flops, effective_seq_len, flops_per_token, head_params
 from training.parallel import apply_context_parallel, backward_scale, init_parallel, shard_batch
@@ -122,11 +125,19 @@ class Trainer:
         self.n_params, self.n_params_nonemb = model.num_params(), model.num_params(non_embedding=True)
         self.n_params_head = head_params(model)
         cuda = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                                      fused=cuda or None)
+        if o.device_skip and not (resolve_precision(cfg, cuda) == "bf16" and r.zero_stage in (1, 2)):
+            raise ValueError(f"optim.device_skip needs bf16 with ZeRO stage 1 or 2 (DeepSpeed's ZeRO-1/2 optimizer); "
+                             f"got {resolve_precision(cfg, cuda)} with stage {r.zero_stage}")
+        groups = _param_groups(model, o.weight_decay)
+        optimizer = (GuardedAdamW(groups, clip=o.grad_clip, lr=o.lr, betas=o.betas, eps=o.eps) if o.device_skip else
+                     torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=cuda or None))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.parallel.dp, cuda),
             mpu=self.parallel.mpu)
+        self._guard = optimizer if o.device_skip else None
+        if self._guard is not None:
+            zero = self.engine.optimizer
+            optimizer.norm_source = lambda: zero._global_grad_norm
         # The scheduler is built at iteration 0 (training.deepspeed_config) and DeepSpeed steps it after each
         # update; applying iteration 0 here makes update k use iteration k−1 (LR 0 at step 1).
         if self.scheduler is not None:
@@ -139,6 +150,7 @@ class Trainer:
             self._record_config()
         dist.barrier()
         self.step, self.skipped_steps, self._stop = 0, 0, False
+        self._guard_seen, self._guard_checked = 0, 0    # device-skipped updates read so far; step of the last read
         if cuda:      # request_stop's all-reduced flag lands here without a blocking copy (_share_stop)
             self._stop_host, self._stop_event = torch.zeros(1).pin_memory(), torch.cuda.Event()
         self.callbacks = list(callbacks)
@@ -226,10 +238,10 @@ class Trainer:
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict()}
         checkpoint.save(self.engine, self.ckpt_dir, self.step, {"sigattn": state}, self.cfg.run.keep_last, self.cfg)
 
-    def _nonfinite(self, what: str, step: int) -> None:
+    def _nonfinite(self, what: str, step: int, at: bool = True) -> None:
         if self.cfg.run.nan_policy == "stop":
             last = checkpoint.latest_tag(self.ckpt_dir)
-            raise NonFiniteError(f"non-finite {what} at step {step}; stopping (nan_policy=stop). "
+            raise NonFiniteError(f"non-finite {what}{f' at step {step}' if at else ''}; stopping (nan_policy=stop). "
                                  f"Last good checkpoint: {self.ckpt_dir / last if last else 'none'}")
         self.skipped_steps += 1
 
@@ -288,12 +300,19 @@ class Trainer:
                             continue
                     with record_function("trainer/update"):
                         self.engine.step()
-                if self._plain_optimizer:
-                    skipped = not math.isfinite(grad_norm)
-                else:   # DeepSpeed's wrapped optimizers checked the norm (their own host read) and skipped the update
-                    skipped = bool(getattr(self.engine.optimizer, "overflow", False))
                 record = {"step": step, "lr": lr}
-                loss_bad = skipped and self._any_nonfinite(loss_sum)     # a bad step's extra read: which value
+                if self._guard is not None:   # skipped on the device: known when read, with the logged values
+                    skipped, loss_bad = False, False
+                    if logged:
+                        host = self._read(loss_sum, window, self.engine.get_global_grad_norm(), True,
+                                          self._guard.skipped)
+                        loss_bad = self._guard_news(step, host["skips"], record) and not math.isfinite(host["loss"])
+                else:
+                    if self._plain_optimizer:
+                        skipped = not math.isfinite(grad_norm)
+                    else:   # DeepSpeed's wrapped optimizers checked the norm (their own host read), skipped the update
+                        skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+                    loss_bad = skipped and self._any_nonfinite(loss_sum)     # a bad step's extra read: which value
                 if skipped:
                     self._nonfinite("loss" if loss_bad else "gradient norm", step)
                     record.update(skipped=True)
@@ -327,6 +346,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 stop = self._stop_agreed(stop_flag)
                 if stop or self._checkpoint_due(step):
+                    if self._guard is not None and self._guard_checked < step:   # no save after an unseen skip
+                        skips = self._guard.skipped
+                        self._guard_news(step, 0 if skips is None else int(skips.cpu()), record)
                     self._save()
                 for cb in self.callbacks:
                     cb(self, record)
@@ -391,21 +413,40 @@ class Trainer:
             flag = self._stop_host
         return bool(flag[0] > 0)
 
-    def _read(self, loss_sum: torch.Tensor, window: "_Window", grad_norm, logged: bool) -> dict:
+    def _read(self, loss_sum: torch.Tensor, window: "_Window", grad_norm, logged: bool,
+              skips: torch.Tensor | None = None) -> dict:
         """The step's one device→host copy: when ``logged``, Σ loss, tokens and cells since the last logged
-        step over all ranks (one all-reduce); and the gradient norm when it is a device tensor."""
+        step over all ranks (one all-reduce); the gradient norm when it is a device tensor; with ``optim.device_skip``
+        the count of updates skipped on the device (``skips``; the same on every rank: one global norm)."""
         parts, out = [], {}
         if logged:
             v = torch.stack([loss_sum, loss_sum.new_full((), window.tokens), loss_sum.new_full((), window.cells)])
             dist.all_reduce(v)
             parts.append(v)
+        if self._guard is not None:
+            parts.append(loss_sum.new_zeros(1) if skips is None else skips.reshape(1).to(loss_sum))
         if torch.is_tensor(grad_norm):
             parts.append(grad_norm.detach().reshape(1).to(device=loss_sum.device, dtype=torch.float64))
         vals = torch.cat(parts).cpu().tolist() if parts else []
         if logged:
             out.update(loss=vals[0], tokens=vals[1], cells=vals[2])
+        if self._guard is not None:
+            out["skips"] = int(vals[3 if logged else 0])
         out["grad_norm"] = vals[-1] if torch.is_tensor(grad_norm) else (None if grad_norm is None else float(grad_norm))
         return out
+
+    def _guard_news(self, step: int, total: int, record: dict) -> bool:
+        """``optim.device_skip``: act on the updates skipped on the device since the last read (``total`` is the
+        run's count so far): ``nan_policy`` stop raises, skip counts them. Whether any were new."""
+        new, first = total - self._guard_seen, self._guard_checked + 1
+        self._guard_seen, self._guard_checked = total, step
+        if new <= 0:
+            return False
+        where = f"step {step}" if first == step else f"{new} of steps {first}–{step}"
+        for _ in range(new):
+            self._nonfinite(f"loss or gradient norm (update skipped on the device) in {where}", step, at=False)
+        record.update(skipped=new)
+        return True
 
     def _any_nonfinite(self, loss_sum: torch.Tensor) -> bool:
         """Whether any rank's loss of this (skipped) step was NaN/Inf; read only on skipped steps."""

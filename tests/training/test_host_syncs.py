@@ -139,18 +139,22 @@ def _run(mode: DeviceReads, cfg) -> dict[int, Counter]:
 # preset), ZeRO-2 bf16 (400m/600m), ZeRO-3 bf16 with accumulation (1.4b), ZeRO-0 bf16 (DeepSpeed's bf16 wrapper):
 # DeepSpeed checks the norm itself, we read nothing on an unlogged step. ZeRO-0 fp32 is DeepSpeed's plain-optimizer
 # path: nothing there checks the norm, so the trainer reads it, once per step (its documented exception).
-@pytest.mark.parametrize("stage, precision, gas, unlogged", [(1, "fp32", 2, 0), (1, "bf16", 1, 0), (2, "bf16", 1, 0),
-                                                             (3, "bf16", 2, 0), (0, "bf16", 1, 0), (0, "fp32", 1, 1)])
-def test_unlogged_steps_read_no_device_value(tmp_path, reads, stage, precision, gas, unlogged):
+# With optim.device_skip (bf16 ZeRO-1/2, training.guarded_adamw) DeepSpeed reads nothing either: no read at all.
+@pytest.mark.parametrize("stage, precision, gas, unlogged, device_skip", [
+    (1, "fp32", 2, 0, False), (1, "bf16", 1, 0, False), (2, "bf16", 1, 0, False), (3, "bf16", 2, 0, False),
+    (0, "bf16", 1, 0, False), (0, "fp32", 1, 1, False), (1, "bf16", 2, 0, True), (2, "bf16", 1, 0, True)])
+def test_unlogged_steps_read_no_device_value(tmp_path, reads, stage, precision, gas, unlogged, device_skip):
     per_step = _run(reads, _cfg(tmp_path, **{"run.zero_stage": stage, "run.precision": precision,
-                                             "optim.grad_accum": gas}))
+                                             "optim.grad_accum": gas, "optim.device_skip": device_skip}))
     assert sorted(per_step) == list(range(1, STEPS + 1))
     for step, c in per_step.items():
         logged = step % LOG_EVERY == 0
         print(f"step {step} ({'logged' if logged else 'not logged'}): training {c['training']}, "
               f"DeepSpeed {c['other']} {c['where']} {c['deepspeed'] if step == 1 else ''}")
         assert c["training"] == (1 if logged else unlogged), (step, c["where"])
-    if (stage, precision) != (0, "fp32"):       # DeepSpeed's own norm check is seen (and counted apart)
+    if device_skip:
+        assert all(c["other"] == 0 for c in per_step.values()), {s: c["deepspeed"] for s, c in per_step.items()}
+    elif (stage, precision) != (0, "fp32"):     # DeepSpeed's own norm check is seen (and counted apart)
         assert all(c["other"] > 0 for c in per_step.values())
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [3, 6] and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in recs)
@@ -158,10 +162,11 @@ def test_unlogged_steps_read_no_device_value(tmp_path, reads, stage, precision, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage", [1, 2])
-def test_unlogged_cuda_steps_do_not_sync(tmp_path, stage):
+@pytest.mark.parametrize("stage, device_skip", [(1, False), (2, False), (1, True), (2, True)])
+def test_unlogged_cuda_steps_do_not_sync(tmp_path, stage, device_skip):
     """bf16 on CUDA under ``set_sync_debug_mode("error")`` for the unlogged steps after the first (2, 4, 5), except
-    inside ``engine.step()`` (DeepSpeed's ZeRO-1/2 optimizer reads the overflow flag and the global norm there).
+    inside ``engine.step()`` (DeepSpeed's ZeRO-1/2 optimizer reads the overflow flag and the global norm there);
+    with ``optim.device_skip`` inside it too (from step 2: step 1 builds the optimizer's state).
     ZeRO-2 runs without ``overlap_comm`` (DeepSpeed's default for stage 2), whose backward epilogue would
     synchronize; ZeRO-3 is left out for the same reason (its backward epilogue syncs its reduce stream)."""
     from training.trainer import Trainer
@@ -173,7 +178,8 @@ def test_unlogged_cuda_steps_do_not_sync(tmp_path, stage):
         torch.cuda.set_sync_debug_mode(state["mode"])
 
     try:
-        with Trainer(_cfg(tmp_path, **{"run.zero_stage": stage, "run.precision": "bf16", "data.batch_size": 8}),
+        with Trainer(_cfg(tmp_path, **{"run.zero_stage": stage, "run.precision": "bf16", "data.batch_size": 8,
+                                       "optim.device_skip": device_skip}),
                      callbacks=[mode_for_next_step]) as t:
             ds_step = t.engine.step
 
@@ -183,7 +189,8 @@ def test_unlogged_cuda_steps_do_not_sync(tmp_path, stage):
                     return ds_step(*a, **k)
                 finally:
                     torch.cuda.set_sync_debug_mode(state["mode"])
-            t.engine.step = step_tolerated              # step 1 (NCCL and cuBLAS set-up) runs unchecked
+            if not device_skip:
+                t.engine.step = step_tolerated          # step 1 (NCCL and cuBLAS set-up) runs unchecked
             assert t.train() == "finished"
             assert next(iter(t.loader))["input_ids"].is_pinned()     # batches come page-locked
     finally:

@@ -331,14 +331,15 @@ def test_resume_refuses_overrides_that_change_the_checkpoint_and_records_the_oth
     moved_cfg = dataclasses.replace(cfg2, data=dataclasses.replace(cfg2.data, mds=str(same)))
     assert check_resume(tmp_path / "checkpoints", moved_cfg) == {"data.mds": (corpus, str(same))}
 
-    t = make_trainer(corpus, tmp_path, **{"run.max_steps": 4, "run.log_every": 2, "optim.lr": 1e-3})
+    t = make_trainer(corpus, tmp_path, **{"run.max_steps": 4, "run.log_every": 2, "optim.lr": 1e-3, "run.prefetch": False})
     assert t.step == 2 and t.resume_changes == {"run.max_steps": (2, 4), "run.log_every": (1, 2),
-                                                "optim.lr": (3e-3, 1e-3)}
+                                                "optim.lr": (3e-3, 1e-3), "run.prefetch": (True, False)}
     assert t.train() == "finished"
     t.close()
     resumes = [json.loads(x) for x in (tmp_path / "resumes.jsonl").read_text().splitlines()]
     assert resumes == [{"tag": "step_00000002", "time": resumes[0]["time"],
-                        "changed": {"run.max_steps": [2, 4], "run.log_every": [1, 2], "optim.lr": [3e-3, 1e-3]}}]
+                        "changed": {"run.max_steps": [2, 4], "run.log_every": [1, 2], "optim.lr": [3e-3, 1e-3],
+                                    "run.prefetch": [True, False]}}]
     _, cfg_old, _ = load_for_inference(tmp_path / "checkpoints" / "step_00000002")
     _, cfg_new, _ = load_for_inference(tmp_path)
     assert cfg_old == cfg2 and cfg_old.run.max_steps == 2 and cfg_new.run.max_steps == 4 and cfg_new.optim.lr == 1e-3
