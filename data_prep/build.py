@@ -11,7 +11,8 @@ options and the given vocabulary; a re-run with the same fingerprint does nothin
 Atomic: everything is written into ``.DIR.tmp-<random>`` beside ``DIR``, under an exclusive
 lock (``.DIR.lock``, ``fcntl.flock``) that also lets a new build clear temp dirs left by a killed one; on success an existing
 ``DIR`` is renamed aside, the new one renamed into place and the old one deleted. A failure removes
-the temporary dir and leaves any finished corpus untouched.
+the temporary dir and leaves any finished corpus untouched. So ``DIR`` must be new, empty or a finished corpus
+(``manifest.json``): any other existing path is refused before anything is read, never replaced.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import xxhash
 from tqdm.auto import tqdm
 
 from data_prep.ingest import IngestJob, ingest_all
-from data_prep.labels import UNKNOWN, corpus_names, load_rows, save_codes  # noqa: F401  (UNKNOWN: re-exported)
+from data_prep.labels import UNKNOWN, corpus_names, load_rows, save_codes
 from data_prep.malloc_env import MALLOC_ENV
 from data_prep.split import ALGORITHM as SPLIT_ALGORITHM, SplitPlan
-from data_prep.source import Source, SourceError
+from data_prep.source import Source, SourceError, check_input
 from data_prep.vocab import (
     DEFAULT_SYMBOL_TABLE,
     DEFAULT_SYMBOL_TABLE_SOURCE,
@@ -109,10 +110,11 @@ def _dataset_names(paths: list[str]) -> list[str]:
 
 
 def mapping_warning(rec: dict) -> str | None:
-    """A clear warning when a dataset's mapped genes are few or hold few of its counts (None when fine)."""
+    """A clear warning when a dataset's mapped genes are few or hold few of its counts (None when fine; a
+    dataset that kept no cell is judged on its genes alone)."""
     genes, counts = rec["match_ratio"], rec["count_share_mapped"]
-    if genes >= WARN_GENE_SHARE and counts >= WARN_COUNT_SHARE:
-        return None
+    if genes >= WARN_GENE_SHARE and (counts >= WARN_COUNT_SHARE or rec["counts_total"] == 0):
+        return None  # (no kept cells, no counts: QC, not the mapping, is what to look at)
     how = rec["gene_key"]
     hint = ("symbols are matched to Ensembl IDs by name; symbols of an older or another annotation (or another "
             "species) do not match: give a file with Ensembl IDs, or --symbol-table with a table for its annotation"
@@ -120,6 +122,17 @@ def mapping_warning(rec: dict) -> str | None:
     return (f"{rec['name']}: only {rec['n_genes_mapped']}/{rec['n_genes']} genes ({genes:.1%}) holding "
             f"{counts:.1%} of the counts map to the vocabulary (via {how}); unmapped genes are left out of the "
             f"training data ({hint})")
+
+
+def _missing_label_warning(results: list[dict], names: list[str], label: str, option: str, key: str) -> str | None:
+    """A warning when no input's obs has the ``label`` column ``key`` (a misspelt key, most likely), naming
+    the columns the first input has; None when some input has it."""
+    if any(r["labels"][label]["present"] for r in results):
+        return None
+    cols = results[0]["obs_columns"]
+    return (f"{option} {key!r}: no input has this obs column, so every cell's {label.replace('_', ' ')} is "
+            f"{UNKNOWN!r} (obs columns of {names[0]}: {', '.join(map(repr, cols[:30])) or 'none'}"
+            f"{', …' if len(cols) > 30 else ''})")
 
 
 def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=print) -> dict:
@@ -139,13 +152,16 @@ def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=pri
     out = os.path.abspath(out)
     inputs = [os.path.abspath(p) for p in inputs]
     for p in inputs:
-        if not os.path.isfile(p):
-            raise SourceError(f"{p}: no such file")
+        check_input(p)
+    manifest_path = os.path.join(out, "manifest.json")
+    if os.path.lexists(out) and not os.path.isfile(manifest_path) and not (os.path.isdir(out) and not os.listdir(out)):
+        # a successful build replaces ``out`` whole: never a directory (or file) that is not a finished corpus
+        raise ValueError(f"{out} exists and is not a data_prep corpus (no manifest.json): refusing to replace it; "
+                         "give --out a new or empty directory")
     input_hashes = [file_xxh3(p) for p in inputs]
     vocab_hash = file_xxh3(opts.vocab) if opts.vocab else None
     table_hash = file_xxh3(opts.symbol_table if opts.symbol_table else DEFAULT_SYMBOL_TABLE)
     fp = _fingerprint(input_hashes, opts, vocab_hash, table_hash)
-    manifest_path = os.path.join(out, "manifest.json")
     if not opts.force and os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             old = json.load(f)
@@ -194,6 +210,11 @@ def _build_locked(out, inputs, input_hashes, opts, fp, t0, log) -> dict:
 
 
 def _swap_into_place(tmp: str, out: str) -> None:
+    # mkdtemp makes the directory 0700; the corpus gets a plain mkdir's mode (0777 less the umask), so a group
+    # that shares a cluster's file system can read it as it can the files inside
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     old = None
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
@@ -298,13 +319,21 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         if low:
             warnings_.append(low)
             log(f"WARNING: {low}")
+    for label, option, key in (("cell_type", "--cell-type-key", opts.cell_type_key),
+                               ("donor", "--donor-key", opts.donor_key)):
+        missing = _missing_label_warning(results, names, label, option, key)
+        if missing:
+            warnings_.append(missing)
+            log(f"WARNING: {missing}")
 
     timings["zarr"] = time.perf_counter() - t
     t = time.perf_counter()
 
     # Labels and split: corpus-wide codes and split codes, one dataset at a time, back to scratch.
     if sum(kept_rows) == 0:
-        raise SourceError("no cell passed QC in any input (check --min-genes)")
+        raise SourceError("no cell passed QC in any input: " + "; ".join(
+            f"{r['name']}: 0/{r['cells_in']} kept ({r['dropped_min_genes']} with < {opts.min_genes} expressed genes "
+            f"(--min-genes), {r['dropped_not_primary']} with is_primary_data False)" for r in datasets))
     ct_names, ct_luts = corpus_names([r["labels"]["cell_type"]["names"] for r in results])
     donor_names, donor_luts = corpus_names([[f"{name}/{d}" for d in r["labels"]["donor"]["names"]]
                                             for name, r in zip(names, results)])

@@ -37,7 +37,7 @@ def ingest_dataset(job: IngestJob, min_genes: int, chunk_cells: int, source: Sou
     With ``job.labels``, each obs column of ``job.label_keys`` (``{name: column}``) is coded
     (:func:`data_prep.labels.label_codes`) over the kept cells and its codes saved to
     ``job.labels/<name>.npy``; the result then holds, per name, its label names and whether obs has
-    the column. Nothing per cell is returned: the caller's memory does
+    the column, and obs's column names. Nothing per cell is returned: the caller's memory does
     not grow with the dataset.
 
     ``source``: the already open ``Source`` of ``job.path`` (else it is opened here). ``progress(n)``
@@ -74,7 +74,8 @@ def ingest_dataset(job: IngestJob, min_genes: int, chunk_cells: int, source: Sou
                 labels[name] = {"names": names, "present": key in src.obs.columns,
                                 "counts": np.bincount(codes[name], minlength=len(names)).tolist()}
             save_codes(job.labels, **codes)
-        return {"stats": dataclasses.asdict(stats), "n_kept": len(rows), "labels": labels, "nnz": int(writer.nnz),
+        return {"stats": dataclasses.asdict(stats), "n_kept": len(rows), "labels": labels,
+                "obs_columns": [str(c) for c in src.obs.columns], "nnz": int(writer.nnz),
                 "counts_total": counts_total, "counts_mapped": counts_mapped}
     finally:
         if source is None:

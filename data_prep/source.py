@@ -91,6 +91,15 @@ class SourceError(ValueError):
     """An input file that cannot be used as a raw-count dataset."""
 
 
+def check_input(path: str) -> None:
+    """Refuse a missing path, or a directory (an AnnData ``.zarr`` store, say), naming it."""
+    if os.path.isdir(path):
+        raise SourceError(f"{path}: is a directory, not an h5ad file (an AnnData .zarr store? convert it: "
+                          "anndata.read_zarr(path).write_h5ad(...))")
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: no such file")
+
+
 @dataclasses.dataclass
 class QCStats:
     cells_in: int = 0
@@ -202,24 +211,29 @@ class Source:
 
     def __init__(self, path: str | os.PathLike, load_obs: bool = True):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise SourceError(f"{self.path}: no such file")
+        check_input(self.path)
         try:
             self._file = h5py.File(self.path, "r")
             if self._file.attrs.get("encoding-type") == "anndata":
-                # current format: only obs/var are loaded, the matrices stay on disk
-                self.obs = ad.io.read_elem(self._file["obs"]) if load_obs else None
-                self.var = ad.io.read_elem(self._file["var"])
+                # current format: only obs/var are loaded, the matrices stay on disk; without X (anndata allows
+                # X = None, counts in a layer) the cells are counted on obs
                 x = self._matrix("X")
-                self.n_obs = len(self.obs) if load_obs else (x.shape[0] if x is not None else 0)
+                obs = ad.io.read_elem(self._file["obs"]) if load_obs or x is None else None
+                self.obs = obs if load_obs else None
+                self.var = ad.io.read_elem(self._file["var"])
+                self.n_obs = len(obs) if obs is not None else x.shape[0]
                 layers = list(self._file["layers"].keys()) if "layers" in self._file else []
                 candidates = count_candidates("raw/X" in self._file, layers)
+            elif not {"obs", "var"} <= set(self._file):
+                raise SourceError(
+                    f"{self.path}: an HDF5 file but not an h5ad (AnnData) file: no obs/var (top level: "
+                    f"{', '.join(sorted(self._file)[:8]) or 'empty'}). A 10x Genomics .h5 is converted with "
+                    "scanpy.read_10x_h5(path).write_h5ad(...).")
             else:  # legacy layouts (pre-0.7 anndata, e.g. raw.X/raw.var): anndata's backed reader knows them
                 self._file.close()
                 self._file = None
                 self._adata = ad.read_h5ad(self.path, backed="r")
                 self.obs, self.var = self._adata.obs, self._adata.var
-                x = self._adata.X
                 candidates = count_candidates(self._adata.raw is not None, list(self._adata.layers.keys()))
                 for key in (k for k in candidates if k in ("X", "raw/X")):   # CSC layers are skipped later
                     if getattr(anndata_matrix(self._adata, key), "format", None) == "csc":
@@ -231,8 +245,6 @@ class Source:
                               f"{type(e).__name__}: {e}") from e
         if self.obs is not None:
             self.n_obs = len(self.obs)
-        if x is None:
-            raise SourceError(f"{self.path}: has no X matrix")
         key, self.matrix = self._choose_matrix(candidates)
         self.count_source = source_name(key)
         self._rows = _CSRRows(self._file[key]) if getattr(self, "_file", None) is not None \
@@ -288,6 +300,9 @@ class Source:
                               f"{type(e).__name__}: {e}") from e
         if key is not None:
             return key, m
+        if not problems:
+            raise SourceError(f"{self.path}: no count matrix: no X, raw.X or layer of its {self.n_obs} cells × "
+                              f"{len(self.var)} genes")
         raise SourceError(
             f"{self.path}: no raw counts: " + "; ".join(problems) + " (looks normalised/log-transformed/scaled; "
             "looked in X, raw.X and every layer). Provide the file with raw integer counts.")

@@ -271,10 +271,11 @@ def test_symbol_only_dense_file_builds_with_the_default_gencode_table(tmp_path, 
 
     m = check(write_h5ad(tmp_path / "light.h5ad", X, var_names=syms), heavy_unknown=False)
     share_genes = n_known / len(syms)
-    assert bool(m["warnings"]) == (share_genes < 0.8 or m["datasets"][0]["count_share_mapped"] < 0.9)
+    mapping = [w for w in m["warnings"] if "map to the vocabulary" in w]  # (the others: no cell_type / donor_id)
+    assert bool(mapping) == (share_genes < 0.8 or m["datasets"][0]["count_share_mapped"] < 0.9)
     X[:, ~is_known] *= 1000                                      # unknown genes now hold most counts: warned
     m = check(write_h5ad(tmp_path / "heavy.h5ad", X, var_names=syms), heavy_unknown=True)
-    [w] = m["warnings"]
+    [w] = [w for w in m["warnings"] if "map to the vocabulary" in w]
     assert f"{n_known}/{len(syms)} genes" in w and "of the counts map" in w and "--symbol-table" in w
 
 
@@ -414,3 +415,83 @@ def test_cli_summary_and_error(tmp_path, rng):
     r = subprocess.run(cmd[:4] + [pbmc68k_reduced_path()] + cmd[5:], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "error:" in r.stderr and "no raw counts" in r.stderr
     shutil.rmtree(tmp_path / "c")
+
+
+# --- users' own files: odd layouts and mistakes ---------------------------------------------------
+
+def test_out_that_is_not_a_corpus_is_refused_and_left_untouched(tmp_path, rng):
+    """`--out` naming the data directory itself must not replace it (it used to be renamed aside and deleted)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    p = write_h5ad(data / "a.h5ad", synth_counts(rng, 40, 20))
+    (data / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a data_prep corpus"):
+        build([p], str(data), _opts(split_by="cell"), **QUIET)
+    assert sorted(x.name for x in data.iterdir()) == ["a.h5ad", "notes.txt"]
+    (tmp_path / "empty").mkdir()  # an empty directory, or a finished corpus, is fine
+    build([p], str(tmp_path / "empty"), _opts(split_by="cell"), **QUIET)
+    build([p], str(tmp_path / "empty"), _opts(split_by="cell", seed=1), **QUIET)
+
+
+def test_corpus_directory_gets_the_umask_mode_not_the_temporary_directorys(tmp_path, rng):
+    """The build writes into a mkdtemp directory (0700); the finished corpus must be readable as a mkdir'd one is
+    (a group sharing the cluster's file system), also after a rebuild replaced it."""
+    import os
+    import stat
+    p = write_h5ad(tmp_path / "a.h5ad", synth_counts(rng, 40, 20))
+    old = os.umask(0o022)
+    try:
+        for seed in (0, 1):
+            build([p], str(tmp_path / "c"), _opts(split_by="cell", seed=seed), **QUIET)
+            assert stat.S_IMODE(os.stat(tmp_path / "c").st_mode) == 0o755
+    finally:
+        os.umask(old)
+
+
+def test_counts_only_in_a_layer_of_a_file_without_x(tmp_path, rng):
+    """X = None (allowed by anndata) with the counts in a layer: found there, as the docs promise."""
+    counts = synth_counts(rng, 60, 25)
+    p = str(tmp_path / "nox.h5ad")
+    ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(60)]),
+               var=pd.DataFrame(index=[ensembl(i) for i in range(25)]), layers={"counts": counts}).write_h5ad(p)
+    m = build([p], str(tmp_path / "c"), _opts(split_by="cell"), **QUIET)
+    assert m["datasets"][0]["count_source"] == 'layers["counts"]'
+    z = ad.read_zarr(tmp_path / "c" / m["datasets"][0]["zarr"])
+    assert (z.X != counts[z.obs["source_row"].to_numpy()]).nnz == 0
+    p = str(tmp_path / "empty.h5ad")
+    ad.AnnData(obs=pd.DataFrame(index=["c0"]), var=pd.DataFrame(index=[ensembl(0)])).write_h5ad(p)
+    with pytest.raises(SourceError, match="no count matrix"):
+        build([p], str(tmp_path / "c2"), _opts(), **QUIET)
+
+
+def test_a_directory_or_a_non_anndata_hdf5_file_is_named_as_such(tmp_path, rng):
+    import h5py
+
+    store = tmp_path / "a.zarr"
+    ad.AnnData(X=synth_counts(rng, 10, 5)).write_zarr(store)
+    with pytest.raises(SourceError, match="is a directory, not an h5ad file"):
+        build([str(store)], str(tmp_path / "c"), _opts(), **QUIET)
+    tenx = tmp_path / "filtered_feature_bc_matrix.h5"  # a 10x Genomics HDF5 file
+    with h5py.File(tenx, "w") as f:
+        f.create_group("matrix")["shape"] = [5, 10]
+    with pytest.raises(SourceError, match=r"not an h5ad \(AnnData\) file.*matrix.*read_10x_h5"):
+        build([str(tenx)], str(tmp_path / "c"), _opts(), **QUIET)
+
+
+def test_a_label_column_no_input_has_is_warned_with_the_columns_there_are(tmp_path, rng):
+    paths = _donor_files(tmp_path, rng, n_files=2)
+    m = build(paths, str(tmp_path / "c"), _opts(cell_type_key="celltype", split_by="cell"), **QUIET)
+    [w] = m["warnings"]
+    assert "--cell-type-key 'celltype'" in w and "'unknown'" in w and "cell_type" in w and "donor_id" in w
+    assert m["labels"]["cell_type"] == ["unknown"]
+    m = build(paths, str(tmp_path / "c"), _opts(split_by="cell", seed=1), **QUIET)  # keys present: no warning
+    assert m["warnings"] == []
+
+
+def test_no_cell_passing_qc_says_why_and_warns_nothing_else(tmp_path, rng):
+    obs = pd.DataFrame({"is_primary_data": [False] * 50}, index=[f"c{i}" for i in range(50)])
+    p = write_h5ad(tmp_path / "np.h5ad", synth_counts(rng, 50, 20), obs=obs)
+    lines = []
+    with pytest.raises(SourceError, match=r"no cell passed QC.*np: 0/50 kept.*50 with is_primary_data False"):
+        build([p], str(tmp_path / "c"), _opts(), log=lines.append)
+    assert not [x for x in lines if "of the counts" in x]  # no "0.0% of the counts map" for a dataset without cells
