@@ -372,6 +372,13 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
                         compression=opts.compression, size_limit=opts.shard_mb << 20)
     shutil.rmtree(scratch)
     timings["split_and_mds"] = time.perf_counter() - t
+    fracs = {"val": opts.val_frac, "test": opts.test_frac}
+    empty = [k for k, n in mds["written"].items() if not n and fracs.get(k, 1.0) > 0]
+    if empty:   # a loader of such a split fails (data_prep.loader says why); say it now, at the build
+        msg = (f"split {', '.join(empty)} holds no cells ({offset} cells in all; val_frac {opts.val_frac}, test_frac "
+               f"{opts.test_frac}): a loader of it will refuse; build from more cells for a held-out split")
+        warnings_.append(msg)
+        log(f"WARNING: {msg}")
 
     return {
         "format_version": FORMAT_VERSION,

@@ -11,6 +11,7 @@ to the tokenizer is the dataset's epoch, so resumed runs see the same tokens.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import warnings
@@ -150,6 +151,11 @@ def build_loader(mds: str, split: str, *, tokenizer: CellTokenizer, batch_size: 
             raise ValueError(f"a remote MDS path ({remote_split}) needs a local cache dir: pass local=")
         if not os.path.isfile(os.path.join(remote_split, "index.json")):
             raise FileNotFoundError(f"no MDS index at {remote_split}/index.json (was the corpus built?)")
+        with open(os.path.join(remote_split, "index.json")) as f:
+            n = sum(shard.get("samples", 0) for shard in json.load(f).get("shards", []))
+        if n == 0:   # streaming's own error ("Stream contains no samples") names neither the split nor why
+            raise ValueError(f"the {split} split at {remote_split} holds no cells: the corpus had too few cells (or "
+                             f"donors) for its val/test fractions; build it from more cells, or use another split")
         kw = {"local": remote_split}
     else:
         kw = {"remote": remote_split, "local": os.path.join(os.fspath(local), split)}

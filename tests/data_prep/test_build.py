@@ -448,6 +448,17 @@ def test_corpus_directory_gets_the_umask_mode_not_the_temporary_directorys(tmp_p
         os.umask(old)
 
 
+def test_an_empty_held_out_split_is_warned_at_the_build_and_refused_by_the_loader(tmp_path, rng):
+    from data_prep.loader import build_loader
+    from data_prep.tokenize import CellTokenizer
+    p = write_h5ad(tmp_path / "a.h5ad", synth_counts(rng, 6, 20))
+    m = build([p], str(tmp_path / "c"), _opts(split_by="cell", val_frac=0.05, test_frac=0.05), **QUIET)
+    assert m["mds"]["n_cells"]["val"] == 0
+    assert any(w.startswith("split val") and "holds no cells" in w for w in m["warnings"]), m["warnings"]
+    with pytest.raises(ValueError, match="the val split at .* holds no cells"):
+        build_loader(str(tmp_path / "c"), "val", tokenizer=CellTokenizer(100, 16, 5), batch_size=2)
+
+
 def test_counts_only_in_a_layer_of_a_file_without_x(tmp_path, rng):
     """X = None (allowed by anndata) with the counts in a layer: found there, as the docs promise."""
     counts = synth_counts(rng, 60, 25)

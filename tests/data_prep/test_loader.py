@@ -208,6 +208,14 @@ def test_independent_processes_build_datasets_at_once(pbmc_corpus, tmp_path):
     assert not errors, errors[0]
 
 
+def test_an_empty_split_is_a_clear_error(tmp_path):
+    d = tmp_path / "mds" / "val"
+    d.mkdir(parents=True)
+    (d / "index.json").write_text(json.dumps({"version": 2, "shards": []}))
+    with pytest.raises(ValueError, match=r"the val split at .*mds/val holds no cells"):
+        build_loader(str(tmp_path), "val", tokenizer=CellTokenizer(100, 16, 5), batch_size=2)
+
+
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="index.json"):
         build_loader(str(tmp_path), "train", tokenizer=CellTokenizer(10, 4), batch_size=2)
