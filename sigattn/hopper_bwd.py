@@ -524,6 +524,9 @@ def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool | str = False, overl
         const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN=not varlen,
                      BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=probe, OVERLAP=overlap, SIG=SIG_BWD, **own)
         sig.update({k: "constexpr" for k in const})
-        out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                                   options={"num_warps": 8})
+        # the divisibility hints the JIT gives aligned pointers and ×16 strides at run time (else another kernel)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names)
+                 if sig.get(n, "").startswith("*") or (n.startswith("stride_") and sig.get(n) == "i32")}
+        out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const, attrs=attrs),
+                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     return out
