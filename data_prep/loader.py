@@ -53,9 +53,13 @@ def streaming_shm_lock(timeout_s: float = 600.0) -> Iterator[None]:
         return
     lock = FileLock(SHM_LOCK, timeout=timeout_s, mode=0o666)
     try:
-        lock.acquire()
+        try:
+            lock.acquire()
+        except PermissionError:   # another user's lock file we may not open: serialise this user's processes
+            lock = FileLock(f"{SHM_LOCK}.{os.getuid()}", timeout=timeout_s)
+            lock.acquire()
     except Timeout:
-        raise RuntimeError(f"waited {timeout_s:.0f} s for {SHM_LOCK}, held by another process building a "
+        raise RuntimeError(f"waited {timeout_s:.0f} s for {lock.lock_file}, held by another process building a "
                            "StreamingDataset; is one hung?") from None
     try:
         yield

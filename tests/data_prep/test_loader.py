@@ -208,6 +208,25 @@ def test_independent_processes_build_datasets_at_once(pbmc_corpus, tmp_path):
     assert not errors, errors[0]
 
 
+def test_shm_lock_falls_back_to_a_per_user_lock_when_the_shared_one_is_not_ours(monkeypatch, tmp_path):
+    import filelock
+
+    from data_prep import loader
+    monkeypatch.setattr(loader, "SHM_LOCK", str(tmp_path / "shared.lock"))
+    taken = []
+    acquire = filelock.FileLock.acquire
+
+    def refuse_shared(self, *a, **k):
+        if self.lock_file == str(tmp_path / "shared.lock"):
+            raise PermissionError(13, "Permission denied", self.lock_file)   # another user's 0644 file
+        taken.append(self.lock_file)
+        return acquire(self, *a, **k)
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse_shared)
+    with loader.streaming_shm_lock():
+        pass
+    assert taken == [f"{tmp_path / 'shared.lock'}.{os.getuid()}"]
+
+
 def test_an_empty_split_is_a_clear_error(tmp_path):
     d = tmp_path / "mds" / "val"
     d.mkdir(parents=True)
