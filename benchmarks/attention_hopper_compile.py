@@ -18,6 +18,7 @@ from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from sigattn import hopper_fwd  # noqa: E402
+from sigattn.hopper_bwd import aligned_attrs  # noqa: E402
 
 
 def compile_fwd(D, varlen, config=None, dtype="bf16", probe=0):
@@ -32,17 +33,9 @@ def compile_fwd(D, varlen, config=None, dtype="bf16", probe=0):
                  BLOCK_N=BN, D=D, STAGES=ST, CONSUMERS=C, PROBE=probe, SIG=SIG, DEPTH=DEPTH)
     for k, v in const.items():
         sig[k] = "constexpr"
-    src = GluonASTSource(hopper_fwd.hopper_fwd_kernel, sig, constexprs=const, attrs=aligned(hopper_fwd.hopper_fwd_kernel, sig))
+    src = GluonASTSource(hopper_fwd.hopper_fwd_kernel, sig, constexprs=const,
+                         attrs=aligned_attrs(hopper_fwd.hopper_fwd_kernel, sig))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8 if C == 1 else 4})
-
-
-def aligned(fn, sig: dict) -> dict:
-    """The ``tt.divisibility = 16`` hints Triton's JIT gives at run time to pointer arguments aligned to 16 bytes and
-    integer arguments divisible by 16 (the trainer's tensors and strides: 3·H·D, H·D, D). Without them an offline
-    build is another kernel: no load is vectorised or pipelined (the portable backward's Q/dO tiles went through
-    registers with no cp.async, and its register and spill figures of session 19 came from that build)."""
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-            if sig.get(n, "").startswith("*") or (n.startswith("stride_") and sig.get(n) == "i32")}
 
 
 def compile_portable_bwd(D, varlen, BM, BN, warps, stages, tma, dtype="bf16"):
@@ -60,7 +53,8 @@ def compile_portable_bwd(D, varlen, BM, BN, warps, stages, tma, dtype="bf16"):
     if not tma:
         const["DQd"] = None
     sig.update({k: "constexpr" for k in const})
-    src = ASTSource(triton_bwd.attn_bwd_kv_kernel, sig, constexprs=const, attrs=aligned(triton_bwd.attn_bwd_kv_kernel, sig))
+    src = ASTSource(triton_bwd.attn_bwd_kv_kernel, sig, constexprs=const,
+                    attrs=aligned_attrs(triton_bwd.attn_bwd_kv_kernel, sig))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 

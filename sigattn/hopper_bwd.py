@@ -491,6 +491,14 @@ def launch_bwd(do, q, k, v, seq_info, *, varlen: bool, max_seqlen: int, scale: f
     return dq, dk, dv
 
 
+def aligned_attrs(fn, sig: dict) -> dict:
+    """For an offline (AOT) build: the ``tt.divisibility = 16`` hints Triton's JIT gives at run time to pointer
+    arguments aligned to 16 bytes and stride arguments divisible by 16 (every tensor and stride the trainer passes).
+    Without them the build is another kernel: no load is vectorised or pipelined (no ``cp.async``)."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+            if sig.get(n, "").startswith("*") or (n.startswith("stride_") and sig.get(n) == "i32")}
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool | str = False, overlap: int = OVERLAP, probe: int = 0,
                       kv_blocks: tuple[int, int] | None = None):
@@ -524,9 +532,6 @@ def compiled_for_sm90(D: int, varlen: bool, dq_atomic: bool | str = False, overl
         const = dict(VARLEN=varlen, HAS_LENS=True, LOG_N_BIAS=True, FAST_SIGMOID=True, CLEAN=not varlen,
                      BLOCK_M=bm, BLOCK_N=bn, D=D, PROBE=probe, OVERLAP=overlap, SIG=SIG_BWD, **own)
         sig.update({k: "constexpr" for k in const})
-        # the divisibility hints the JIT gives aligned pointers and ×16 strides at run time (else another kernel)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names)
-                 if sig.get(n, "").startswith("*") or (n.startswith("stride_") and sig.get(n) == "i32")}
-        out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const, attrs=attrs),
+        out[name] = triton.compile(GluonASTSource(kern, sig, constexprs=const, attrs=aligned_attrs(kern, sig)),
                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     return out
