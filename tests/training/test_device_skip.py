@@ -155,3 +155,20 @@ def test_stop_policy_reads_before_a_save_and_keeps_the_last_good_checkpoint(corp
         t.train()
     assert latest_tag(tmp_path / "checkpoints") == "step_00000002"
     assert not (tmp_path / "checkpoints" / "step_00000004").exists()
+
+
+def test_stop_and_resume_trains_as_one_run(corpus, tmp_path):
+    """The optimizer's state (fused AdamW under DeepSpeed's ZeRO-1) goes through a checkpoint: 2 + 2 steps equal 4."""
+    kw = {**BF16, "optim.device_skip": True, "run.max_steps": 4, "run.ckpt_every": 2}
+    one = make_trainer(corpus, tmp_path / "one", **kw)
+    assert one.train() == "finished"
+    one.close()
+    first = make_trainer(corpus, tmp_path / "two", callbacks=[lambda tr, rec: rec["step"] == 1 and tr.request_stop()],
+                         **kw)                             # the same schedule; stops (and saves) after step 2
+    assert first.train() == "stopped" and first.step == 2
+    first.close()
+    second = make_trainer(corpus, tmp_path / "two", **kw)
+    assert second.step == 2 and second.train() == "finished"
+    a, b = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
