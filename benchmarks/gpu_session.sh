@@ -67,7 +67,9 @@
 #   project     launch.project --measure, 4 sizes x 3 contexts x 2 attentions         -> projection-measured/
 # Knobs: TRAIN_RUNS, TRAIN_STEPS, TRAIN_WORLD (e.g. "1 2 4": data-parallel rows), TRAIN_ATTENTION (default "sigmoid
 # softmax"), TRAIN_OVERRIDES (trainer overrides, e.g. "run.compile=true"), TRAIN_OUT (file name under $OUT, e.g.
-# training_compiled.json, to run the phase twice in one call), PROJECT_SIZES, and *_TIMEOUT per phase (seconds).
+# training_compiled.json, to run the phase twice in one call), TRAIN_VARIANTS (e.g. "noprefetch=run.prefetch=false
+# default= skip=optim.device_skip=true": the phase once per variant, training_<name>.json each), PROJECT_SIZES, and
+# *_TIMEOUT per phase (seconds).
 # CLOCKS=0 turns off the GPU clock sampling (see below).
 # Wheels for the packages the GPU image lacks (deepspeed, mosaicml-streaming, zarr, anndata, submitit, pydantic, ...,
 # triton-sigmoid) travel in .whl/: build the kit here with `bash benchmarks/gpu_wheels.sh`, carry ".whl".
@@ -129,11 +131,19 @@ for phase in "$@"; do
       timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention.py --d 64 --memory --cold-start \
         --out "$OUT/attention_d64.json" 2>&1 | grep -v "^benchmark:" | tail -40 ;;
     train)
-      ovr=(); for o in ${TRAIN_OVERRIDES:-}; do ovr+=(--override "$o"); done
-      timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs ${TRAIN_RUNS:-160m:2048 160m:8192 1.4b:8192} \
-        --steps "${TRAIN_STEPS:-200}" --world-sizes ${TRAIN_WORLD:-1} --attention ${TRAIN_ATTENTION:-sigmoid softmax} \
-        "${ovr[@]}" --out "$OUT/${TRAIN_OUT:-training_gpu.json}" 2>&1 \
-        | grep -v "it/s\]$" | tail -30 ;;
+      # TRAIN_VARIANTS="name=override,override name2= ...": one run of the phase per variant (its overrides, comma
+      # separated, added to TRAIN_OVERRIDES; none after '='), each into training_<name>.json, under one time limit each
+      if [ -n "${TRAIN_VARIANTS:-}" ]; then variants=($TRAIN_VARIANTS); else variants=("="); fi
+      for variant in "${variants[@]}"; do
+        name=${variant%%=*}; extra=${variant#*=}
+        ovr=(); for o in ${TRAIN_OVERRIDES:-} ${extra//,/ }; do ovr+=(--override "$o"); done
+        out=${name:+training_$name.json}
+        [ -n "$name" ] && echo "-- variant $name: ${ovr[*]:-no overrides}"
+        timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs ${TRAIN_RUNS:-160m:2048 160m:8192 1.4b:8192} \
+          --steps "${TRAIN_STEPS:-200}" --world-sizes ${TRAIN_WORLD:-1} --attention ${TRAIN_ATTENTION:-sigmoid softmax} \
+          "${ovr[@]}" --out "$OUT/${out:-${TRAIN_OUT:-training_gpu.json}}" 2>&1 \
+          | grep -v "it/s\]$" | tail -30
+      done ;;
     train-real)
       timeout "${TRAIN_TIMEOUT:-500}" python3 benchmarks/training_gpu.py --runs ${REAL_RUNS:-160m:2048 1.4b:8192} \
         --mds "${REAL_MDS:-runs/demo/corpus}" --steps "${TRAIN_STEPS:-200}" --out "$OUT/training_real.json" 2>&1 \

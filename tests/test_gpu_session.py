@@ -1,4 +1,5 @@
-"""benchmarks/gpu_clocks.py and its sampling in benchmarks/gpu_session.sh (with a stand-in nvidia-smi)."""
+"""benchmarks/gpu_session.sh on a CPU box: its clock sampling (benchmarks/gpu_clocks.py, a stand-in nvidia-smi) and
+its train phase's variants (a stand-in benchmarks/training_gpu.py)."""
 
 import json
 import os
@@ -50,8 +51,8 @@ esac
 """
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_gpu_session_samples_clocks_per_phase_and_stops_the_sampler(tmp_path):
+def _session(tmp_path):
+    """A copy of gpu_session.sh with what it needs, a stand-in nvidia-smi and the venv's python3 on PATH."""
     work = tmp_path / "repo"
     (work / "benchmarks").mkdir(parents=True)
     (work / "sigattn").mkdir()
@@ -65,7 +66,12 @@ def test_gpu_session_samples_clocks_per_phase_and_stops_the_sampler(tmp_path):
     (bin_ / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')   # the venv's (a link would lose it)
     (bin_ / "python3").chmod(0o755)
     out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", OUT=str(out))
+    return work, bin_, out, dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", OUT=str(out))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_session_samples_clocks_per_phase_and_stops_the_sampler(tmp_path):
+    work, bin_, out, env = _session(tmp_path)
     r = subprocess.run(["bash", "benchmarks/gpu_session.sh", "gluon-api"], cwd=work, env=env, capture_output=True,
                        text=True, timeout=120)
     assert "== phase gluon-api" in r.stdout, r.stdout + r.stderr
@@ -79,3 +85,33 @@ def test_gpu_session_samples_clocks_per_phase_and_stops_the_sampler(tmp_path):
     r = subprocess.run(["bash", "benchmarks/gpu_session.sh", "gluon-api"], cwd=work, env=dict(env, CLOCKS="0"),
                        capture_output=True, text=True, timeout=120)
     assert "== phase gluon-api" in r.stdout and "clocks gluon-api" not in r.stdout
+
+
+STUB_TRAIN = """import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+json.dump(sys.argv[1:], open(out, "w"))
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_train_variants_run_the_phase_once_each_with_their_overrides(tmp_path):
+    work, _, out, env = _session(tmp_path)
+    (work / "benchmarks" / "training_gpu.py").write_text(STUB_TRAIN)
+    env.update(CLOCKS="0", TRAIN_RUNS="160m:8192", TRAIN_OVERRIDES="run.log_every=5",
+               TRAIN_VARIANTS="noprefetch=run.prefetch=false default= both=optim.device_skip=true,run.prefetch=true")
+    r = subprocess.run(["bash", "benchmarks/gpu_session.sh", "train"], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert "== phase train" in r.stdout, r.stdout + r.stderr
+    overrides = {}
+    for name in ("noprefetch", "default", "both"):
+        argv = json.loads((out / f"training_{name}.json").read_text())
+        overrides[name] = [argv[i + 1] for i, a in enumerate(argv) if a == "--override"]
+        assert argv[argv.index("--runs") + 1] == "160m:8192"
+    assert overrides == {"noprefetch": ["run.log_every=5", "run.prefetch=false"], "default": ["run.log_every=5"],
+                         "both": ["run.log_every=5", "optim.device_skip=true", "run.prefetch=true"]}
+    # without variants: TRAIN_OVERRIDES as given (commas untouched), into TRAIN_OUT
+    env.pop("TRAIN_VARIANTS")
+    env.update(TRAIN_OVERRIDES="optim.betas=(0.9,0.95)", TRAIN_OUT="one.json")
+    subprocess.run(["bash", "benchmarks/gpu_session.sh", "train"], cwd=work, env=env, capture_output=True, timeout=120)
+    argv = json.loads((out / "one.json").read_text())
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--override"] == ["optim.betas=(0.9,0.95)"]
