@@ -135,6 +135,19 @@ def _missing_label_warning(results: list[dict], names: list[str], label: str, op
             f"{', …' if len(cols) > 30 else ''})")
 
 
+def _same_content_warning(names: list[str], input_hashes: list[str]) -> str | None:
+    """A warning when inputs have the same content (a file given twice, or through a link): their cells would be
+    trained on twice and could straddle the split. Not refused: a throughput benchmark may mean it."""
+    seen: dict[str, str] = {}
+    pairs = []
+    for name, h in zip(names, input_hashes):
+        if h in seen:
+            pairs.append(f"{name} = {seen[h]}")
+        seen.setdefault(h, name)
+    return (f"inputs with the same content ({'; '.join(pairs)}): every cell of theirs is in the corpus once per copy"
+            if pairs else None)
+
+
 def build(inputs: list[str], out: str, opts: BuildOptions | None = None, log=print) -> dict:
     """Build the corpus at ``out``; returns the manifest (existing one when up to date)."""
     opts = opts or BuildOptions()
@@ -325,6 +338,10 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         if missing:
             warnings_.append(missing)
             log(f"WARNING: {missing}")
+    twice = _same_content_warning(names, input_hashes)
+    if twice:
+        warnings_.append(twice)
+        log(f"WARNING: {twice}")
 
     timings["zarr"] = time.perf_counter() - t
     t = time.perf_counter()

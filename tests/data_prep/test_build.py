@@ -459,6 +459,18 @@ def test_an_empty_held_out_split_is_warned_at_the_build_and_refused_by_the_loade
         build_loader(str(tmp_path / "c"), "val", tokenizer=CellTokenizer(100, 16, 5), batch_size=2)
 
 
+def test_the_same_content_given_twice_is_warned(tmp_path, rng):
+    import shutil
+    p = write_h5ad(tmp_path / "a.h5ad", synth_counts(rng, 40, 20))
+    q = str(tmp_path / "copy.h5ad")
+    shutil.copy(p, q)
+    m = build([p, q], str(tmp_path / "c"), _opts(split_by="cell"), **QUIET)
+    (w,) = [w for w in m["warnings"] if w.startswith("inputs with the same content")]
+    assert "copy = a" in w and m["totals"]["cells_out"] == 2 * m["datasets"][0]["cells_out"] > 0
+    m = build([p], str(tmp_path / "d"), _opts(split_by="cell"), **QUIET)
+    assert not any("same content" in w for w in m["warnings"])
+
+
 def test_counts_only_in_a_layer_of_a_file_without_x(tmp_path, rng):
     """X = None (allowed by anndata) with the counts in a layer: found there, as the docs promise."""
     counts = synth_counts(rng, 60, 25)
