@@ -135,6 +135,30 @@ def _missing_label_warning(results: list[dict], names: list[str], label: str, op
             f"{', …' if len(cols) > 30 else ''})")
 
 
+ENSEMBL_SPECIES = {"ENSG": "human", "ENSMUSG": "mouse", "ENSRNOG": "rat", "ENSDARG": "zebrafish",
+                   "ENSMMUG": "macaque", "ENSMFAG": "macaque", "ENSSSCG": "pig", "ENSBTAG": "cattle"}
+
+
+def ensembl_prefix(gene_ids) -> str | None:
+    """The most common Ensembl gene-ID prefix (``ENSG``, ``ENSMUSG`` …) of these IDs; None for no Ensembl ID."""
+    prefixes = pd.Series(gene_ids, dtype=object).str.extract(r"^(ENS[A-Z]*G)\d", expand=False).dropna()
+    return None if prefixes.empty else str(prefixes.value_counts().index[0])
+
+
+def _species_warning(datasets: list[dict]) -> str | None:
+    """A warning when the inputs' genes come from more than one species (by Ensembl prefix): their genes share no
+    token, so the model learns each species' cells on disjoint inputs. Not refused: a cross-species corpus may be
+    meant."""
+    by = {}
+    for r in datasets:
+        if r["ensembl_prefix"]:
+            by.setdefault(r["ensembl_prefix"], []).append(r["name"])
+    if len(by) < 2:
+        return None
+    return ("inputs from more than one species share no gene tokens: " + "; ".join(
+        f"{ENSEMBL_SPECIES.get(p, p)} ({p}): {', '.join(n[:3])}{', …' if len(n) > 3 else ''}" for p, n in by.items()))
+
+
 def _same_content_warning(names: list[str], input_hashes: list[str]) -> str | None:
     """A warning when inputs have the same content (a file given twice, or through a link): their cells would be
     trained on twice and could straddle the split. Not refused: a throughput benchmark may mean it."""
@@ -293,7 +317,8 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         rec = {"name": name, "path": src.path, "xxh3_128": h, "count_source": src.count_source,
                "gene_key": id_source or f"symbols ({var_symbols(src.var)[1]})", "n_genes": len(vid),
                "n_genes_mapped": n_mapped, "match_ratio": round(ratio, 6),
-               "n_genes_duplicate": int(len(mapped) - len(np.unique(mapped)))}
+               "n_genes_duplicate": int(len(mapped) - len(np.unique(mapped))),
+               "ensembl_prefix": ensembl_prefix(np.asarray(vocab.gene_ids, dtype=object)[mapped])}
         log(f"{name}: {src.n_obs} cells × {len(vid)} genes, counts in {src.count_source}, "
             f"{n_mapped}/{len(vid)} genes mapped ({ratio:.1%}) via {rec['gene_key']}")
         if ratio < opts.min_match:
@@ -338,6 +363,10 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         if missing:
             warnings_.append(missing)
             log(f"WARNING: {missing}")
+    species = _species_warning(datasets)
+    if species:
+        warnings_.append(species)
+        log(f"WARNING: {species}")
     twice = _same_content_warning(names, input_hashes)
     if twice:
         warnings_.append(twice)

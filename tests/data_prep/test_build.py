@@ -471,6 +471,18 @@ def test_the_same_content_given_twice_is_warned(tmp_path, rng):
     assert not any("same content" in w for w in m["warnings"])
 
 
+def test_inputs_of_two_species_are_warned(tmp_path, rng):
+    h = write_h5ad(tmp_path / "h.h5ad", synth_counts(rng, 40, 20))
+    mouse = [f"ENSMUSG{i:011d}" for i in range(20)]
+    m_ = write_h5ad(tmp_path / "m.h5ad", synth_counts(rng, 40, 20), var_names=mouse)
+    m = build([h, m_], str(tmp_path / "c"), _opts(split_by="cell"), **QUIET)
+    assert [d["ensembl_prefix"] for d in m["datasets"]] == ["ENSG", "ENSMUSG"]
+    (w,) = [w for w in m["warnings"] if w.startswith("inputs from more than one species")]
+    assert "human (ENSG): h" in w and "mouse (ENSMUSG): m" in w
+    m = build([h], str(tmp_path / "d"), _opts(split_by="cell"), **QUIET)
+    assert not any("species" in w for w in m["warnings"])
+
+
 def test_counts_only_in_a_layer_of_a_file_without_x(tmp_path, rng):
     """X = None (allowed by anndata) with the counts in a layer: found there, as the docs promise."""
     counts = synth_counts(rng, 60, 25)
