@@ -151,19 +151,28 @@ def idle_by_phase(events, n_steps: int) -> dict[str, float]:
 
 def host_by_phase(events, n_steps: int, top: int = 4) -> dict[str, dict]:
     """Host time per step (ms) in each ``trainer/…`` scope, with the ops directly under it that took most of it
-    (inclusive times): what the host does while the GPU waits on that phase."""
+    (inclusive times): what the host does while the GPU waits on that phase; and ``cuda``: the CUDA runtime calls
+    anywhere under it (``cudaStreamSynchronize``, ``cudaHostAlloc``, ``cudaMemcpyAsync`` …), which say whether that
+    time is a wait for the GPU, a page-locked allocation or a copy."""
     out: dict[str, dict] = {}
     for e in events:
         if not e.name.startswith(PHASE) or _on_device(e):
             continue
-        d = out.setdefault(e.name[len(PHASE):], {"us": 0.0, "ops": {}})
+        d = out.setdefault(e.name[len(PHASE):], {"us": 0.0, "ops": {}, "cuda": {}})
         d["us"] += e.time_range.end - e.time_range.start
         for c in getattr(e, "cpu_children", None) or []:
             d["ops"][c.name] = d["ops"].get(c.name, 0.0) + (c.time_range.end - c.time_range.start)
+        stack = list(getattr(e, "cpu_children", None) or [])
+        while stack:
+            c = stack.pop()
+            if c.name.startswith("cuda") or c.name.startswith("cu"):      # runtime / driver API, not nested further
+                d["cuda"][c.name] = d["cuda"].get(c.name, 0.0) + (c.time_range.end - c.time_range.start)
+            else:
+                stack += list(getattr(c, "cpu_children", None) or [])
     n = max(1, n_steps)
-    return {name: {"ms_per_step": d["us"] / n / 1e3,
-                   "top": [{"name": k[:80], "ms_per_step": v / n / 1e3}
-                           for k, v in sorted(d["ops"].items(), key=lambda kv: -kv[1])[:top]]}
+    ranked = lambda m: [{"name": k[:80], "ms_per_step": v / n / 1e3}  # noqa: E731
+                        for k, v in sorted(m.items(), key=lambda kv: -kv[1])[:top]]
+    return {name: {"ms_per_step": d["us"] / n / 1e3, "top": ranked(d["ops"]), "cuda": ranked(d["cuda"])}
             for name, d in sorted(out.items(), key=lambda kv: -kv[1]["us"])}
 
 
@@ -334,6 +343,8 @@ def _table(rows: list[dict]) -> str:
             lines.append(f"- {r['size']} @ {r['context']} {r['attention']}: " + "; ".join(
                 f"{name} {d['ms_per_step']:.1f}"
                 + (" (" + ", ".join(f"{o['name']} {o['ms_per_step']:.1f}" for o in d["top"]) + ")" if d["top"] else "")
+                + (" [CUDA calls: " + ", ".join(f"{o['name']} {o['ms_per_step']:.1f}" for o in d.get("cuda", []))
+                   + "]" if d.get("cuda") else "")
                 for name, d in r["host_by_phase"].items()))
     return "\n".join(lines)
 

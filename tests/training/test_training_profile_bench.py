@@ -114,8 +114,12 @@ def test_gpu_breakdown_counts_the_host_step_once_and_annotations_as_nothing():
 
 
 def test_host_time_by_phase_names_the_ops_under_it():
-    # two steps; mask_copy 0–30 and 100–120 µs with its children (pin_memory 5–25 and 100–110, aten::to 25–30)
-    ev = [_Ev("trainer/mask_copy", 0, 30, children=[_Ev("aten::pin_memory", 5, 25), _Ev("aten::to", 25, 30)]),
+    # two steps; mask_copy 0–30 and 100–120 µs with its children (pin_memory 5–25 and 100–110, aten::to 25–30);
+    # CUDA runtime calls nested under them (a page-locked allocation, a copy inside aten::copy_, a sync)
+    alloc = _Ev("cudaHostAlloc", 6, 20)
+    copy = _Ev("aten::copy_", 25, 30, children=[_Ev("cudaMemcpyAsync", 26, 27), _Ev("cudaStreamSynchronize", 27, 29)])
+    ev = [_Ev("trainer/mask_copy", 0, 30, children=[_Ev("aten::pin_memory", 5, 25, children=[alloc]),
+                                                     _Ev("aten::to", 25, 30, children=[copy])]),
           _Ev("trainer/mask_copy", 100, 120, children=[_Ev("aten::pin_memory", 100, 110)]),
           _Ev("trainer/mask_copy", 0, 30, cuda=True), _Ev("trainer/forward", 30, 90)]
     got = training_profile.host_by_phase(ev, 2)
@@ -123,7 +127,14 @@ def test_host_time_by_phase_names_the_ops_under_it():
     assert got["mask_copy"]["ms_per_step"] == pytest.approx(25e-3)             # (30 + 20) / 2 µs, the device copy not
     assert got["mask_copy"]["top"] == [{"name": "aten::pin_memory", "ms_per_step": pytest.approx(15e-3)},
                                        {"name": "aten::to", "ms_per_step": pytest.approx(2.5e-3)}]
-    assert got["forward"] == {"ms_per_step": pytest.approx(30e-3), "top": []}
+    assert got["mask_copy"]["cuda"] == [{"name": "cudaHostAlloc", "ms_per_step": pytest.approx(7e-3)},
+                                        {"name": "cudaStreamSynchronize", "ms_per_step": pytest.approx(1e-3)},
+                                        {"name": "cudaMemcpyAsync", "ms_per_step": pytest.approx(0.5e-3)}]
+    assert got["forward"] == {"ms_per_step": pytest.approx(30e-3), "top": [], "cuda": []}
+    row = {"size": "160m", "context": 8192, "attention": "sigmoid", "batch_size": 8, "step_ms": 1.0,
+           "categories": {c: {"share": 0.1} for c in training_profile.ORDER}, "host_by_phase": got}
+    assert "mask_copy 0.0 (aten::pin_memory 0.0, aten::to 0.0) [CUDA calls: cudaHostAlloc 0.0," in \
+        training_profile._table([row])
 
 
 def test_attention_kernel_rates_count_passes_and_the_backward_convention():
