@@ -10,26 +10,12 @@ import pytest
 import torch
 
 from test_trainer import _nan_loss_once, make_trainer, records
-from trainer_helpers import pbmc_corpus, restore_env, set_env
 from training.guarded_adamw import GuardedAdamW
 
 BF16 = {"run.precision": "bf16", "run.zero_stage": 1}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    old = set_env()
-    yield pbmc_corpus(tmp_path_factory)
-    restore_env(old)
-
-
-@pytest.fixture(autouse=True)
-def _clean_streaming_shm():
-    yield
-    from data_prep._torchvision_shim import ensure_importable
-    ensure_importable()
-    from streaming.base.util import clean_stale_shared_memory
-    clean_stale_shared_memory()
+pytestmark = pytest.mark.usefixtures("clean_streaming_shm")   # the corpus fixture: tests/training/conftest.py
 
 
 def _params(rng_seed: int):

@@ -10,25 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_helpers import (ATTENTION_KINDS, by_step, pbmc_corpus, restore_env, set_env, skip_unless_sigattn,
-                             tiny_overrides)
+from trainer_helpers import ATTENTION_KINDS, by_step, skip_unless_sigattn, tiny_overrides
 from training.config import load_config
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    old = set_env()
-    yield pbmc_corpus(tmp_path_factory)
-    restore_env(old)
-
-
-@pytest.fixture(autouse=True)
-def _clean_streaming_shm():
-    yield
-    from data_prep._torchvision_shim import ensure_importable
-    ensure_importable()
-    from streaming.base.util import clean_stale_shared_memory
-    clean_stale_shared_memory()
+pytestmark = pytest.mark.usefixtures("clean_streaming_shm")   # the corpus fixture: tests/training/conftest.py
 
 
 def make_trainer(corpus, run_dir, callbacks=(), **extra):
