@@ -222,8 +222,9 @@ def attention_kernels(events, n_steps: int, fwd_flops: float | None, calls_per_p
     step over it gives the forward passes (2 where activation checkpointing recomputes the attention).
     """
     out = {}
+    attention = [e for e in _kernels(events) if category(e.name) == "attention"]
     for direction, pat, flops_per_call in (("forward", r"fwd|forward|fprop", 1.0), ("backward", r"bwd|backward|bprop", 2.5)):
-        ks = [e for e in _kernels(events) if category(e.name) == "attention" and re.search(pat, e.name.lower())]
+        ks = [e for e in attention if re.search(pat, e.name.lower())]
         if not ks:
             continue
         ms = sum(e.time_range.end - e.time_range.start for e in ks) / max(1, n_steps) / 1e3

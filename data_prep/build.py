@@ -342,6 +342,12 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
     with tqdm(total=sum(n_obs), desc="zarr", unit="cell", unit_scale=True, leave=False) as bar:
         results = ingest_all(jobs, opts.min_genes, opts.chunk_cells, opts.workers, progress=bar.update)
     kept_rows, warnings_ = [], []
+
+    def warn(msg: str | None) -> None:
+        if msg:
+            warnings_.append(msg)
+            log(f"WARNING: {msg}")
+
     for name, rec, res in zip(names, datasets, results):
         stats = res["stats"]
         rec.update(stats, zarr=f"zarr/{name}.zarr", nnz=res["nnz"])
@@ -353,24 +359,12 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
         rec["counts_total"], rec["counts_mapped"] = res["counts_total"], res["counts_mapped"]
         rec["count_share_mapped"] = round(res["counts_mapped"] / max(res["counts_total"], 1), 6)
         log(f"{name}: mapped genes {rec['match_ratio']:.1%} of genes, {rec['count_share_mapped']:.1%} of counts")
-        low = mapping_warning(rec)
-        if low:
-            warnings_.append(low)
-            log(f"WARNING: {low}")
+        warn(mapping_warning(rec))
     for label, option, key in (("cell_type", "--cell-type-key", opts.cell_type_key),
                                ("donor", "--donor-key", opts.donor_key)):
-        missing = _missing_label_warning(results, names, label, option, key)
-        if missing:
-            warnings_.append(missing)
-            log(f"WARNING: {missing}")
-    species = _species_warning(datasets)
-    if species:
-        warnings_.append(species)
-        log(f"WARNING: {species}")
-    twice = _same_content_warning(names, input_hashes)
-    if twice:
-        warnings_.append(twice)
-        log(f"WARNING: {twice}")
+        warn(_missing_label_warning(results, names, label, option, key))
+    warn(_species_warning(datasets))
+    warn(_same_content_warning(names, input_hashes))
 
     timings["zarr"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -421,10 +415,8 @@ def _build_into(tmp: str, inputs, input_hashes, opts: BuildOptions, sources: lis
     fracs = {"val": opts.val_frac, "test": opts.test_frac}
     empty = [k for k, n in mds["written"].items() if not n and fracs.get(k, 1.0) > 0]
     if empty:   # a loader of such a split fails (data_prep.loader says why); say it now, at the build
-        msg = (f"split {', '.join(empty)} holds no cells ({offset} cells in all; val_frac {opts.val_frac}, test_frac "
-               f"{opts.test_frac}): a loader of it will refuse; build from more cells for a held-out split")
-        warnings_.append(msg)
-        log(f"WARNING: {msg}")
+        warn(f"split {', '.join(empty)} holds no cells ({offset} cells in all; val_frac {opts.val_frac}, test_frac "
+             f"{opts.test_frac}): a loader of it will refuse; build from more cells for a held-out split")
 
     return {
         "format_version": FORMAT_VERSION,
