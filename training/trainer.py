@@ -150,7 +150,6 @@ class Trainer:
             self._record_config()
         dist.barrier()
         self.step, self.skipped_steps, self._stop = 0, 0, False
-        self._guard_seen, self._guard_checked = 0, 0    # device-skipped updates read so far; step of the last read
         if cuda:      # request_stop's all-reduced flag lands here without a blocking copy (_share_stop)
             self._stop_host, self._stop_event = torch.zeros(1).pin_memory(), torch.cuda.Event()
         self.callbacks = list(callbacks)
@@ -159,6 +158,7 @@ class Trainer:
             state = client["sigattn"]
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
             self.loader.load_state_dict(state["loader"])
+        self._guard_seen, self._guard_checked = 0, self.step   # device-skipped updates read so far; step last read
         if self.rank == 0:
             print(f"[sigattn] model {mcfg.preset or 'custom'} ({mcfg.attention}): {self.n_params:,} parameters "
                   f"({self.n_params_nonemb:,} non-embedding); world {self.world}"
