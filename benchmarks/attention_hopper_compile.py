@@ -176,20 +176,36 @@ def check_barriers(fwd_source: Path | None = None) -> dict:
     return out
 
 
-def resource_usage(k) -> str:
-    """Registers/spills per function from ``cuobjdump -res-usage`` (Triton's bundled copy) on the cubin."""
+def _on_cubin(k, tool: str, *args: str) -> str:
+    """stdout of one of Triton's bundled CUDA tools (``cuobjdump``, ``nvdisasm``) run on the kernel's cubin."""
     import os
     import subprocess
     import tempfile
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    exe = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     try:
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([str(exe), *args, f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
-    return " | ".join(line.strip() for line in out.splitlines() if "REG" in line)
+
+
+def resource_usage(k) -> str:
+    """Registers/spills per function from ``cuobjdump -res-usage`` (Triton's bundled copy) on the cubin."""
+    return " | ".join(line.strip() for line in _on_cubin(k, "cuobjdump", "-res-usage").splitlines() if "REG" in line)
+
+
+SASS_OPS = ("HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "F2FP", "LDGSTS", "LDG", "STL", "LDL")
+
+
+def sass_counts(k) -> dict[str, int]:
+    """How many of each SASS opcode in ``SASS_OPS`` the kernel holds (``nvdisasm``; every loop body once): the
+    tensor-core, MUFU and FMA-pipe instructions, cp.async loads and plain ones, spill stores and loads."""
+    import re
+
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", _on_cubin(k, "nvdisasm", "-c"))
+    return {op: ops.count(op) for op in SASS_OPS}
 
 
 def main():
@@ -207,6 +223,7 @@ def main():
                     help="with --portable-bwd: these tiles instead of the autotune set (e.g. 32,256,8,3)")
     ap.add_argument("--layouts", nargs="+", choices=("padded", "varlen"), default=["padded", "varlen"])
     ap.add_argument("--dq", nargs="+", choices=("atomics", "tma"), default=["atomics", "tma"])
+    ap.add_argument("--sass", action="store_true", help="with --portable-bwd: also count SASS opcodes (sass_counts)")
     ap.add_argument("--barriers", action="store_true",
                     help="check the shared-memory layout of every Hopper kernel (check_barriers): JSON on stdout")
     ap.add_argument("--fwd-source", type=Path, help="with --barriers: the forward kernel from this file instead")
@@ -236,7 +253,8 @@ def main():
                               f"{'varlen' if varlen else 'padded'} dQ by {'TMA' if tma else 'atomics'}: "
                               f"smem {k.metadata.shared} B; {resource_usage(k)}; global atomics "
                               f"{n_atomics}, "
-                              f"TMA reduces {ptx.count('cp.reduce.async.bulk.tensor')}", flush=True)
+                              f"TMA reduces {ptx.count('cp.reduce.async.bulk.tensor')}"
+                              + (f"; SASS {sass_counts(k)}" if args.sass else ""), flush=True)
         return
     if args.bwd:
         from sigattn import hopper_bwd

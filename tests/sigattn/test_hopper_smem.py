@@ -87,3 +87,20 @@ def test_the_check_fails_on_the_forward_as_it_was(tmp_path):
     varlen = [c for c in got if c.endswith("varlen")]
     assert varlen and all("%v_clean is initialised and never used" in got[c]["problems"] for c in varlen), got
     assert not any(got[c]["problems"] for c in got if c.endswith("padded"))   # the padded layout uses v_clean
+
+
+def test_offline_builds_pipeline_their_loads_as_the_jit_s_do():
+    """The offline build carries the JIT's alignment hints (``aligned_attrs``): without them the portable backward's
+    Q/dO tiles went global → registers → shared (no ``cp.async``, LDGSTS 0) and its register and spill figures were
+    another kernel's (session 19's)."""
+    import ast
+
+    if not _in_process() and not (GPU_TRITON / "triton").is_dir():
+        pytest.skip(f"needs Triton 3.6: `make test` installs it into {GPU_TRITON}")
+    env = dict(os.environ, PYTHONPATH=f"{GPU_TRITON}{os.pathsep}{ROOT}")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--portable-bwd", "--d", "64", "--layouts", "varlen", "--dq", "tma",
+                        "--tiles", "64,128,8,3", "--sass"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sass = ast.literal_eval(r.stdout.strip().splitlines()[-1].split("; SASS ", 1)[1])
+    assert sass["HGMMA"] > 0 and sass["LDGSTS"] > 0, sass
+    assert sass["MUFU"] >= 64, sass     # one per score: 32 per thread in each of the two loop bodies
